@@ -1,0 +1,47 @@
+"""slimkit: make neural networks smaller and faster, and show what was gained.
+
+Public verbs and configs only. Importing slimkit stays lean: torch-free helpers load
+on first use, and transformers / onnx are imported only by the code that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (loaded on first attribute access)
+_EXPORTS = {
+    "quantize_": "slimkit.api",
+    "prune_": "slimkit.api",
+    "factorize_": "slimkit.api",
+    "apply": "slimkit.api",
+    "apply_recipe": "slimkit.api",
+    "evaluate": "slimkit.api",
+    "load": "slimkit.core.io",
+    "save": "slimkit.core.io",
+    "tokenizer_of": "slimkit.core.io",
+    "CalibrationData": "slimkit.core.calibration",
+    "capture_inputs": "slimkit.core.calibration",
+    "iterate_blocks": "slimkit.core.calibration",
+    "Config": "slimkit.core.config",
+    "SlimkitError": "slimkit.core.errors",
+    "RTN": "slimkit.quantization.weight_only",
+    "Recipe": "slimkit.recipe.schema",
+    "CompressionReport": "slimkit.evaluation.report",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'slimkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,96 @@
+"""The public verbs: thin wrappers over one dispatcher (config type -> registered handler).
+
+Every verb changes the model in place and returns it, records the applied config on
+the model (it is saved with the checkpoint), and checks that the config belongs to the
+verb's family so ``quantize_(model, Wanda(...))`` is refused rather than half-done.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from slimkit.core.calibration import CalibrationData
+from slimkit.core.config import Config
+from slimkit.core.errors import ConfigError
+from slimkit.core.io import attach_info, load, model_info
+from slimkit.core.registry import Context, handler_for
+
+Progress = Callable[[str, float], None]
+
+
+def apply(model: nn.Module, config: Config, data: CalibrationData | None = None,
+          ctx: Context | None = None) -> nn.Module:
+    """Apply any registered technique ``config`` to ``model`` in place; returns the model."""
+    if not isinstance(config, Config):
+        raise ConfigError(f"expected a slimkit config (e.g. slimkit.RTN(bits=8)), got {type(config).__name__}")
+    handler = handler_for(config)
+    ctx = ctx or Context()
+    if data is not None:
+        ctx.data = data
+    handler(model, config, ctx)
+    info = model_info(model)
+    attach_info(model, steps=[*info.get("steps", []), config.to_dict()])
+    return model
+
+
+def _verb(family: str, model: nn.Module, config: Config, data: CalibrationData | None, ctx: Context | None) -> nn.Module:
+    if isinstance(config, Config) and config.family != family:
+        raise ConfigError(f"{type(config).__name__} is a {config.family!r} technique, not {family!r}: "
+                          f"use slimkit.{config.family}_ (or slimkit.apply)")
+    return apply(model, config, data, ctx)
+
+
+def quantize_(model: nn.Module, config: Config, data: CalibrationData | None = None,
+              ctx: Context | None = None) -> nn.Module:
+    """Quantize ``model`` in place with ``config`` (e.g. ``RTN(bits=8)``); calibration ``data`` when it needs it."""
+    return _verb("quantize", model, config, data, ctx)
+
+
+def prune_(model: nn.Module, config: Config, data: CalibrationData | None = None,
+           ctx: Context | None = None) -> nn.Module:
+    """Prune ``model`` in place with ``config``; calibration ``data`` when it needs it."""
+    return _verb("prune", model, config, data, ctx)
+
+
+def factorize_(model: nn.Module, config: Config, data: CalibrationData | None = None,
+               ctx: Context | None = None) -> nn.Module:
+    """Factorize ``model``'s layers in place with ``config``; calibration ``data`` when it needs it."""
+    return _verb("factorize", model, config, data, ctx)
+
+
+def apply_recipe(model: nn.Module | str, recipe: Any, data: CalibrationData | None = None,
+                 ctx: Context | None = None) -> nn.Module:
+    """Run every step of ``recipe`` (a Recipe, a YAML path or a shipped recipe name) on ``model`` in order.
+
+    Calibration data is built from the recipe's ``calibration`` section when a step needs
+    data and none is given. Returns the model (loaded first when given by name or path).
+    """
+    from slimkit.recipe.runner import run_recipe
+    from slimkit.recipe.schema import Recipe, resolve_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = resolve_recipe(os.fspath(recipe))
+    model = load(model)
+    run_recipe(model, recipe, data=data, ctx=ctx)
+    return model
+
+
+def evaluate(model: nn.Module | str, baseline: nn.Module | str | None = None, data: Any = None,
+             metrics: tuple[str, ...] | None = None) -> Any:
+    """Measure ``model`` (size on disk, parameters, FLOPs, latency, quality); with ``baseline``, compare the two.
+
+    ``data`` is evaluation data: a text file or folder path, a list of texts, or a prepared
+    ``EvalData``; by default the held-out split of the model's built-in corpus. Returns a
+    ``CompressionReport`` when a baseline is given, else a ``ModelMeasurement``.
+    """
+    from slimkit.evaluation.suite import compare, measure_model, resolve_eval_data
+
+    model = load(model)
+    eval_data = resolve_eval_data(model, data)
+    if baseline is None:
+        return measure_model(model, eval_data, metrics=metrics)
+    return compare(load(baseline), model, eval_data, metrics=metrics)

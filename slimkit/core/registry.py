@@ -1,0 +1,80 @@
+"""Config type -> handler: the one dispatch table behind every verb.
+
+Handlers register with ``@register(ConfigType)``. The built-in techniques are imported
+explicitly in ``_BUILTIN_MODULES`` the first time a lookup happens (no package walking,
+and ``import slimkit`` stays cheap).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimkit.core.config import Config
+from slimkit.core.errors import ConfigError
+
+Handler = Callable[[Any, Config, "Context"], None]
+
+_HANDLERS: dict[type[Config], Handler] = {}
+_TYPES: dict[str, type[Config]] = {}
+_loaded = False
+
+# Every module that registers a built-in technique; add a new technique's module here.
+_BUILTIN_MODULES = (
+    "slimkit.quantization.weight_only",
+)
+
+
+@dataclass
+class Context:
+    """What a handler gets besides the model and its config.
+
+    ``data`` is the CalibrationData (or None), ``notes`` collects lines for the report
+    (skipped layers and why), ``progress`` is a callable ``(description, fraction)``.
+    """
+
+    data: Any = None
+    notes: list[str] = field(default_factory=list)
+    progress: Callable[[str, float], None] | None = None
+
+    def note(self, line: str) -> None:
+        """Record a line that the run's report will show."""
+        self.notes.append(line)
+
+
+def register(config_type: type[Config]) -> Callable[[Handler], Handler]:
+    """Decorator: make ``fn(model, config, ctx)`` the handler of ``config_type``."""
+
+    def deco(fn: Handler) -> Handler:
+        if config_type in _HANDLERS:
+            raise RuntimeError(f"{config_type.__name__} already has a handler")
+        _HANDLERS[config_type] = fn
+        _TYPES[config_type.__name__] = config_type
+        return fn
+
+    return deco
+
+
+def _ensure_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in _BUILTIN_MODULES:
+            importlib.import_module(name)
+
+
+def config_types() -> dict[str, type[Config]]:
+    """The allow-list: config type name -> class, for every registered technique."""
+    _ensure_builtins()
+    return dict(_TYPES)
+
+
+def handler_for(config: Config) -> Handler:
+    """The handler registered for ``config``'s type; ConfigError if none is."""
+    _ensure_builtins()
+    try:
+        return _HANDLERS[type(config)]
+    except KeyError:
+        raise ConfigError(f"no handler is registered for {type(config).__name__}") from None

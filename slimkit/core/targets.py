@@ -1,0 +1,69 @@
+"""Choose which modules a technique touches: include and ignore by name, glob or regex.
+
+A pattern is one of
+- ``"re:<regex>"``: the regex must match the whole module name (``re.fullmatch``);
+- a glob with ``*``, ``?`` or ``[``: matched against the whole name (``fnmatch``);
+- a plain name: equal to the module name or to its trailing dotted part
+  (``"lm_head"`` matches ``"lm_head"`` and ``"model.lm_head"``, not ``"my_lm_head"``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from slimkit.core.errors import ConfigError
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether module ``name`` matches one include/ignore ``pattern``."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def check_patterns(patterns: Iterable[str], owner: str) -> None:
+    """Raise ConfigError if a ``re:`` pattern does not compile (``owner`` names the config field)."""
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise ConfigError(f"{owner}: patterns must be non-empty strings, got {p!r}")
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                raise ConfigError(f"{owner}: bad regex {p!r}: {exc}") from None
+
+
+def select_modules(
+    model: nn.Module,
+    types: tuple[type[nn.Module], ...],
+    include: Sequence[str] = (),
+    ignore: Sequence[str] = (),
+) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs of ``model`` of one of ``types``, kept by ``include``, dropped by ``ignore``.
+
+    An empty ``include`` keeps every module of the right type. An include pattern that
+    matches no module of those types is a ConfigError (a typo would otherwise silently
+    compress nothing); an ignore pattern that matches nothing is allowed.
+    """
+    candidates = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
+    if include:
+        unmatched = [p for p in include if not any(matches(n, p) for n, _ in candidates)]
+        if unmatched:
+            kinds = "/".join(t.__name__ for t in types)
+            sample = ", ".join(n for n, _ in candidates[:5])
+            raise ConfigError(f"include pattern(s) {unmatched} match no {kinds} module; names look like: {sample}")
+        candidates = [(n, m) for n, m in candidates if any(matches(n, p) for p in include)]
+    return [(n, m) for n, m in candidates if not any(matches(n, p) for p in ignore)]
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,223 @@
+"""Measure a whole model the way BENCHMARKS.md asks, and compare a compressed model with its baseline.
+
+Which quality figure a model gets depends on its kind:
+- causal-lm: perplexity on held-out text (default: the first ``DEFAULT_EVAL_TOKENS``
+  tokens of the stdlib corpus's eval split), sliding window of context 256, stride 128;
+- encoder: embedding fidelity (mean/min cosine, top-1 neighbour agreement) of
+  mean-pooled sentence embeddings against the baseline's, on held-out docstring sentences;
+- classifier: accuracy on the held-out split (digits: its test split).
+Size is the bytes on disk of the saved checkpoint; latency the median of timed runs
+after warm-up at the stated threads, batch and sequence length.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.core.errors import DataError
+from slimkit.core.io import model_info, save, tokenizer_of
+from slimkit.evaluation.measure import (
+    count_flops,
+    count_parameters,
+    layer_sparsity,
+    model_latency,
+    size_on_disk,
+)
+from slimkit.evaluation.quality import accuracy, embedding_fidelity, encode_sentences, perplexity
+from slimkit.evaluation.report import CompressionReport, ModelMeasurement, environment_info
+
+DEFAULT_EVAL_TOKENS = 65536
+PPL_CONTEXT, PPL_STRIDE = 256, 128
+LM_LATENCY_SHAPE = (1, 256)  # batch, sequence length of one timed forward (a prefill)
+ENCODER_LATENCY_SHAPE = (32, 128)
+CLASSIFIER_LATENCY_BATCH = 256
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".csv", ".html", ".c", ".h", ".js", ".ts"}
+DEFAULT_METRICS = {
+    "causal-lm": ("size", "params", "sparsity", "flops", "latency", "perplexity"),
+    "encoder": ("size", "params", "sparsity", "flops", "latency", "fidelity"),
+    "classifier": ("size", "params", "sparsity", "flops", "latency", "accuracy"),
+    "module": ("size", "params", "sparsity"),
+}
+
+
+@dataclass
+class EvalData:
+    """Held-out data for one model kind, with a description that goes into the report."""
+
+    kind: str
+    description: str
+    token_ids: torch.Tensor | None = None  # causal-lm: one 1-D stream
+    texts: list[str] | None = None  # encoder
+    inputs: torch.Tensor | None = None  # classifier
+    labels: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_user_texts(path: str | os.PathLike) -> list[str]:
+    """The texts of a text file, or of every text file under a folder (sorted by path)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"evaluation data {str(path)!r} not found: give a text file or a folder of text files")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"evaluation file {f} is not UTF-8 text") from None
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"evaluation data {str(path)!r} holds no text")
+    return texts
+
+
+def _paragraphs(texts: list[str]) -> list[str]:
+    out = []
+    for t in texts:
+        out.extend(p.strip() for p in t.split("\n\n") if len(p.split()) >= 3)
+    return out
+
+
+def resolve_eval_data(model: nn.Module, data: Any = None, max_tokens: int = DEFAULT_EVAL_TOKENS) -> EvalData:
+    """Evaluation data for ``model``: ``data`` as given (EvalData, path, list of texts) or the built-in held-out split."""
+    if isinstance(data, EvalData):
+        return data
+    kind = model_info(model)["kind"]
+    source = None
+    if isinstance(data, (str, os.PathLike)):
+        source = str(data)
+        data = read_user_texts(data)
+    if data is not None and not (isinstance(data, list) and all(isinstance(t, str) for t in data)):
+        raise DataError("evaluation data must be a text file or folder path, a list of texts, or EvalData")
+    if kind == "causal-lm":
+        return _lm_eval_data(model, data, source, max_tokens)
+    if kind == "encoder":
+        if data is None:
+            from slimkit.zoo.minilm import sample_texts
+
+            texts = sample_texts("eval", n=256, seed=0)
+            return EvalData(kind, f"{len(texts)} stdlib docstring sentences (eval split)", texts=texts)
+        texts = _paragraphs(data)[:512]
+        if len(texts) < 2:
+            raise DataError(f"evaluation data {source or ''} has fewer than 2 paragraphs to embed")
+        return EvalData(kind, f"{len(texts)} paragraphs of {source or 'given texts'}", texts=texts)
+    if kind == "classifier":
+        if data is not None:
+            raise DataError("a classifier is evaluated on its own held-out split; text data does not apply")
+        if getattr(model, "slimkit_arch", None) != "digits-cnn":
+            raise DataError("no built-in evaluation split for this classifier; pass EvalData(inputs=..., labels=...)")
+        from slimkit.zoo.digits import load_digits_split
+
+        x, y = load_digits_split("test")
+        return EvalData(kind, f"digits test split, {len(y)} images", inputs=x, labels=y)
+    return EvalData(kind, "no quality data for a generic module")
+
+
+def _lm_eval_data(model: nn.Module, texts: list[str] | None, source: str | None, max_tokens: int) -> EvalData:
+    from slimkit.core.calibration import tokenize_texts
+
+    tokenizer = tokenizer_of(model)
+    if tokenizer is None:
+        raise DataError("this causal LM has no tokenizer attached; load it from a folder with tokenizer files")
+    if texts is None:
+        from slimkit.zoo.corpus import load_split
+
+        texts, source = load_split("eval"), "stdlib eval split"
+    ids = tokenize_texts(texts, tokenizer)[:max_tokens]
+    if len(ids) < 2:
+        raise DataError(f"evaluation text from {source} gives fewer than 2 tokens")
+    desc = f"{source}, first {len(ids):,} tokens, context {PPL_CONTEXT}, stride {PPL_STRIDE}"
+    return EvalData("causal-lm", desc, token_ids=ids)
+
+
+def latency_inputs(model: nn.Module, data: EvalData) -> tuple[Any, int, int | None]:
+    """Fixed, seeded inputs for timing and FLOPs: (inputs, batch size, sequence length or None)."""
+    g = torch.Generator().manual_seed(0)
+    if data.kind == "causal-lm":
+        batch, seq = LM_LATENCY_SHAPE
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2))
+        return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)}, batch, seq
+    if data.kind == "encoder":
+        batch, seq = ENCODER_LATENCY_SHAPE
+        texts = (data.texts * batch)[:batch]
+        enc = tokenizer_of(model)(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        return dict(enc), batch, seq
+    if data.kind == "classifier" and data.inputs is not None:
+        x = data.inputs[:CLASSIFIER_LATENCY_BATCH]
+        return x, len(x), None
+    raise DataError(f"no latency inputs for a {data.kind!r} model")
+
+
+def _size_bytes(model: nn.Module, saved_dir: str | os.PathLike | None) -> int:
+    if saved_dir is not None:
+        return size_on_disk(saved_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, Path(tmp) / "model")
+        return size_on_disk(Path(tmp) / "model")
+
+
+def layer_bits(model: nn.Module) -> dict[str, float]:
+    """Measured stored bits per weight of every quantized layer (modules exposing ``weight_bits_per_element``)."""
+    return {n: float(m.weight_bits_per_element()) for n, m in model.named_modules()
+            if hasattr(m, "weight_bits_per_element")}
+
+
+@torch.no_grad()
+def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | None = None, name: str | None = None,
+                  saved_dir: str | os.PathLike | None = None, reference: torch.Tensor | None = None) -> ModelMeasurement:
+    """Every requested figure of ``model`` (default: all that apply to its kind), measured now.
+
+    ``saved_dir``: the saved checkpoint whose bytes count as the size (saved to a temporary
+    folder when not given). ``reference``: the baseline's sentence embeddings (encoders).
+    """
+    info = model_info(model)
+    kind = data.kind
+    metrics = tuple(metrics or DEFAULT_METRICS.get(kind, DEFAULT_METRICS["module"]))
+    model.eval()
+    params = count_parameters(model)
+    m = ModelMeasurement(name=name or str(info.get("source") or type(model).__name__), kind=kind,
+                         size_bytes=None, params_total=params.total, params_nonzero=params.nonzero, flops=None,
+                         latency=None, quality={}, layer_sparsity={}, layer_bits=layer_bits(model),
+                         details={"quality data": data.description})
+    if "size" in metrics:
+        m.size_bytes = _size_bytes(model, saved_dir)
+    if "sparsity" in metrics:
+        m.layer_sparsity = layer_sparsity(model)
+    if {"flops", "latency"} & set(metrics) and kind in ("causal-lm", "encoder", "classifier"):
+        inputs, batch, seq = latency_inputs(model, data)
+        if "flops" in metrics:
+            m.flops = count_flops(model, inputs)
+        if "latency" in metrics:
+            m.latency = model_latency(model, inputs, warmup=3, runs=10, threads=torch.get_num_threads(),
+                                      batch_size=batch, seq_len=seq)
+    if "perplexity" in metrics and kind == "causal-lm":
+        ppl = perplexity(model, data.token_ids, context=PPL_CONTEXT, stride=PPL_STRIDE)
+        m.quality["perplexity"] = ppl.perplexity
+        m.details["perplexity tokens"] = ppl.tokens
+    if "accuracy" in metrics and kind == "classifier":
+        m.quality["accuracy"] = accuracy(model, data.inputs, data.labels)
+    if "fidelity" in metrics and kind == "encoder":
+        emb = encode_sentences(model, tokenizer_of(model), data.texts)
+        data.extra.setdefault("reference_embeddings", emb if reference is None else reference)
+        ref = reference if reference is not None else data.extra["reference_embeddings"]
+        fid = embedding_fidelity(emb, ref)
+        m.quality.update({"mean_cosine": fid.mean_cosine, "min_cosine": fid.min_cosine,
+                          "top1_agreement": fid.top1_agreement})
+    return m
+
+
+def compare(baseline: nn.Module, model: nn.Module, data: EvalData, metrics: tuple[str, ...] | None = None,
+            saved_dir: str | os.PathLike | None = None, notes: list[str] | None = None) -> CompressionReport:
+    """Measure ``baseline`` and ``model`` on the same data and return their CompressionReport."""
+    base = measure_model(baseline, data, metrics, name="baseline")
+    reference = data.extra.get("reference_embeddings")
+    comp = measure_model(model, data, metrics, name="compressed", saved_dir=saved_dir, reference=reference)
+    return CompressionReport(baseline=base, compressed=comp, steps=list(model_info(model).get("steps", [])),
+                             notes=list(notes or []), environment=environment_info())
