@@ -89,7 +89,7 @@ def compress(
         with ui.step("measuring baseline and compressed model"):
             report = compare(baseline, compressed, data, metrics=rec.evaluate or None, saved_dir=tmp / "model",
                              notes=ctx.notes)
-            report.details = {"model": model_name, "recipe": rec.source or "", "output": str(out)}
+            report.environment.update({"model": model_name, "recipe": rec.source or "", "output": str(out)})
         report.write(tmp)
     _print_report(ui, report, out)
 
@@ -188,7 +188,7 @@ def zoo_train(
     if name == "stdlib-coder":
         from slimkit.zoo.stdlib_coder import train
 
-        train(out, minutes=minutes)
+        train(out, minutes=minutes, log=lambda line: print(line, flush=True))
     elif name == "digits-cnn":
         from slimkit.zoo.digits import train_digits
 

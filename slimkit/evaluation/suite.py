@@ -130,7 +130,14 @@ def _lm_eval_data(model: nn.Module, texts: list[str] | None, source: str | None,
         from slimkit.zoo.corpus import load_split
 
         texts, source = load_split("eval"), "stdlib eval split"
-    ids = tokenize_texts(texts, tokenizer)[:max_tokens]
+    # Tokenize file by file and stop once enough tokens are in: the result is the same prefix.
+    parts, count = [], 0
+    for text in texts:
+        parts.append(tokenize_texts([text], tokenizer))
+        count += len(parts[-1])
+        if count >= max_tokens:
+            break
+    ids = torch.cat(parts)[:max_tokens]
     if len(ids) < 2:
         raise DataError(f"evaluation text from {source} gives fewer than 2 tokens")
     desc = f"{source}, first {len(ids):,} tokens, context {PPL_CONTEXT}, stride {PPL_STRIDE}"

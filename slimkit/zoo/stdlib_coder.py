@@ -111,7 +111,7 @@ def train(
     lr: float = 2e-3,
     seed: int = 0,
     student: bool = False,
-    log=print,
+    log=print,  # the CLI and __main__ pass a flushing printer so background logs stay current
 ) -> dict:
     """Train stdlib-coder from scratch and write it (safetensors, config, tokenizer, training log) to ``out_dir``.
 
@@ -210,4 +210,4 @@ if __name__ == "__main__":  # pragma: no cover - used to train the shipped model
     ap.add_argument("--minutes", type=float, default=60.0)
     a = ap.parse_args()
     torch.set_num_threads(2)
-    train(a.out, minutes=a.minutes)
+    train(a.out, minutes=a.minutes, log=lambda line: print(line, flush=True))

@@ -1,0 +1,128 @@
+"""The `slimkit` command end to end on a tiny model folder, and its handling of user mistakes."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+from slimkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    """A folder with a tiny random-init Llama and a small byte-level BPE tokenizer trained here."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slimkit.zoo.stdlib_coder import train_tokenizer, wrap_tokenizer
+
+    texts = ["def add(a, b):\n    return a + b\n" * 20, "class Point:\n    x: int = 0\n" * 20]
+    tokenizer = wrap_tokenizer(train_tokenizer(texts, vocab_size=300))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=0, bos_token_id=0, pad_token_id=1)
+    folder = tmp_path_factory.mktemp("tiny") / "hf"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def slimkit_cli(*args):
+    """Run the CLI's entry point in this process (a subprocess would re-import torch each time)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["slimkit", *map(str, args)]
+    with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def test_entry_point_runs_as_a_program():
+    r = subprocess.run([sys.executable, "-m", "slimkit.cli", "compress", "--model", "/no/such/dir"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_compress_writes_model_and_reports_and_eval_reproduces(tiny_lm_dir, tmp_path):
+    out = tmp_path / "out"
+    r = slimkit_cli("compress", "--model", tiny_lm_dir, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert sorted(p.name for p in out.iterdir()) == ["model", "report.html", "report.json", "report.md"]
+    assert report["compressed"]["size_bytes"] < 0.5 * report["baseline"]["size_bytes"]
+    ppl = report["compressed"]["quality"]["perplexity"]
+    # `slimkit eval DIR` reproduces the report's perplexity from the saved checkpoint
+    r = slimkit_cli("eval", out / "model", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["quality"]["perplexity"] == pytest.approx(ppl, rel=1e-6)
+
+
+def test_eval_on_users_text_file(tiny_lm_dir, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("def mul(a, b):\n    return a * b\n" * 40)
+    r = slimkit_cli("eval", tiny_lm_dir, "--data", text, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["quality"]["perplexity"] > 1.0 and "mine.txt" in got["details"]["quality data"]
+
+
+def _assert_user_error(r, needle, out):
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_unknown_recipe_key_exits_2(tiny_lm_dir, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("version: 1\nstages:\n  - name: q\n    steps:\n      - {type: RTN, bitz: 8}\n")
+    out = tmp_path / "out"
+    _assert_user_error(slimkit_cli("compress", "--model", tiny_lm_dir, "--recipe", recipe, "--out", out),
+                       "unknown key 'bitz'", out)
+
+
+def test_missing_model_exits_2(tmp_path):
+    out = tmp_path / "out"
+    _assert_user_error(slimkit_cli("compress", "--model", tmp_path / "no-such-model", "--out", out), "not found", out)
+
+
+def test_truncated_weights_exit_2(tiny_lm_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_lm_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "out"
+    _assert_user_error(slimkit_cli("compress", "--model", broken, "--out", out), "corrupt or truncated", out)
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tiny_lm_dir, tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    r = slimkit_cli("compress", "--model", tiny_lm_dir, "--out", tmp_path)
+    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_zoo_list_json():
+    r = slimkit_cli("zoo", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    names = [row["name"] for row in json.loads(r.stdout)]
+    assert names == ["stdlib-coder", "stdlib-coder-student", "digits-cnn", "minilm"]
