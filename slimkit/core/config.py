@@ -19,12 +19,14 @@ class Config:
     """Base of every algorithm config.
 
     Subclasses are frozen dataclasses that set ``family`` (the verb that applies them:
-    "quantize", "prune", "factorize", ...) and override ``validate`` to check their fields.
+    "quantize", "prune", "factorize", ...), ``needs_data`` when they calibrate, and
+    override ``validate`` to check their fields.
     List-valued fields are stored as tuples so configs stay hashable and immutable.
     """
 
     family: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    needs_data: ClassVar[bool] = False  # True when the handler needs CalibrationData (GPTQ, Wanda, ...)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -36,6 +36,14 @@ META_FILE = "slimkit.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-file progress bars and info logs; slimkit shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 # -- what slimkit knows about a model beyond its weights ------------------------------
 def attach_info(model: nn.Module, kind: str | None = None, source: str | None = None,
                 tokenizer: Any = None, steps: list[dict] | None = None) -> nn.Module:
@@ -114,6 +122,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) ->
     }
     with atomic_dir(out_dir) as tmp:
         if arch["kind"] == "transformers":
+            quiet_transformers()
             model.config.save_pretrained(tmp)
         # save_model drops the duplicates of tied tensors and load_model restores them.
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -201,6 +210,7 @@ def _build_architecture(folder: Path, arch: dict[str, Any], skeleton: nn.Module 
     if kind == "transformers":
         import transformers
 
+        quiet_transformers()
         cls = getattr(transformers, str(arch.get("class")), None)
         if cls is None or not isinstance(cls, type):
             raise ModelLoadError(f"{folder}: transformers has no model class {arch.get('class')!r}")
@@ -266,6 +276,7 @@ def _load_tokenizer(folder: Path) -> Any:
 def _load_hf_folder(folder: Path) -> nn.Module:
     import transformers
 
+    quiet_transformers()
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:

@@ -223,8 +223,11 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
 def compare(baseline: nn.Module, model: nn.Module, data: EvalData, metrics: tuple[str, ...] | None = None,
             saved_dir: str | os.PathLike | None = None, notes: list[str] | None = None) -> CompressionReport:
     """Measure ``baseline`` and ``model`` on the same data and return their CompressionReport."""
-    base = measure_model(baseline, data, metrics, name="baseline")
+    base_name = str(model_info(baseline).get("source") or type(baseline).__name__)
+    steps = [s.get("type", "?") for s in model_info(model).get("steps", [])]
+    base = measure_model(baseline, data, metrics, name=base_name)
     reference = data.extra.get("reference_embeddings")
-    comp = measure_model(model, data, metrics, name="compressed", saved_dir=saved_dir, reference=reference)
+    comp = measure_model(model, data, metrics, name=" + ".join(steps) or "compressed", saved_dir=saved_dir,
+                         reference=reference)
     return CompressionReport(baseline=base, compressed=comp, steps=list(model_info(model).get("steps", [])),
                              notes=list(notes or []), environment=environment_info())

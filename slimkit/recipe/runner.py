@@ -49,7 +49,7 @@ def calibration_from_spec(model: nn.Module, spec: CalibrationSpec) -> Calibratio
 
 def needs_data(recipe: Recipe) -> bool:
     """Whether any step of ``recipe`` needs calibration data."""
-    return any(getattr(step, "needs_data", False) for step in recipe.steps)
+    return any(step.needs_data for step in recipe.steps)
 
 
 def run_recipe(model: nn.Module, recipe: Recipe, data: CalibrationData | None = None,

@@ -35,8 +35,9 @@ def _load_stdlib_coder() -> nn.Module:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     from slimkit.core.errors import ModelLoadError
-    from slimkit.core.io import attach_info
+    from slimkit.core.io import attach_info, quiet_transformers
 
+    quiet_transformers()
     folder = DATA_DIR / "stdlib-coder"
     if not (folder / "model.safetensors").exists():
         raise ModelLoadError(f"stdlib-coder weights are missing from {folder}; reinstall slimkit or run "
@@ -68,9 +69,10 @@ def _load_digits() -> nn.Module:
 
 
 def _load_minilm() -> nn.Module:
-    from slimkit.core.io import attach_info
+    from slimkit.core.io import attach_info, quiet_transformers
     from slimkit.zoo.minilm import load_pretrained
 
+    quiet_transformers()
     model, tokenizer = load_pretrained()
     return attach_info(model, kind="encoder", source="minilm", tokenizer=tokenizer)
 

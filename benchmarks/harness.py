@@ -1,0 +1,324 @@
+"""The shared benchmark protocol (see BENCHMARKS.md in the shared notes).
+
+- ``set_threads(2)``: the thread count every timing runs at (torch intra-op threads, plus
+  ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for libraries that read them at start-up).
+- ``timed(fn)``: ``warmup`` untimed calls, then the median (and spread) of ``runs`` timed
+  calls, through slimkit's own ``measure_latency`` so benchmarks and reports time alike.
+- ``saved_size(...)``: bytes on disk of a saved artifact, every file counted.
+- ``environment()``: where and how a run happened (date, CPU, versions, threads, command).
+- ``Table``: a GitHub-markdown table; ``write_section``: replace one marked section of a
+  markdown file (``<!-- bench:NAME:start -->`` ... ``<!-- bench:NAME:end -->``) atomically.
+
+Benchmarks are not tests: these helpers measure, they never assert a target.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS_FILE = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+# Written only when the markdown file does not exist yet.
+DEFAULT_HEADER = (
+    "# slimkit benchmarks\n\n"
+    "Every table below is written by a script in `benchmarks/` (run as `python -m benchmarks.<script>`); "
+    "each section opens with the date, the machine and the exact command of the run that produced it.\n"
+)
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+# ---------------------------------------------------------------------------------------
+# Threads and timing
+# ---------------------------------------------------------------------------------------
+
+
+def set_threads(n: int = 2) -> int:
+    """Run torch (and OpenMP/MKL, where read after this call) on ``n`` threads; returns torch's count.
+
+    The environment variables only reach libraries that have not started their thread
+    pools yet, so call this first thing in a benchmark's ``main``.
+    """
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    for key in _THREAD_ENV:
+        os.environ[key] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:
+        pass  # may be set only once per process, before any inter-op work; intra-op is what matters
+    return torch.get_num_threads()
+
+
+def timed(fn: Callable[[], Any], warmup: int = 3, runs: int = 10, **kw: Any):
+    """``slimkit.evaluation.measure.measure_latency(fn, ...)`` at the current torch thread count.
+
+    Keyword arguments (``batch_size``, ``seq_len``) describe one call. Returns LatencyStats
+    (median_ms, min/max/mean, runs, warmup, threads, ...).
+    """
+    import torch
+
+    from slimkit.evaluation.measure import measure_latency
+
+    kw.setdefault("threads", torch.get_num_threads())
+    return measure_latency(fn, warmup=warmup, runs=runs, **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# Size on disk
+# ---------------------------------------------------------------------------------------
+
+
+def saved_size(model_or_save_fn: Any) -> int:
+    """Bytes on disk of a saved artifact, all files counted.
+
+    Given an ``nn.Module``: the folder ``slimkit.save`` writes. Given a callable: it is
+    called with a fresh, empty directory (a ``Path``) and must write its files there.
+    The temporary directory is removed afterwards.
+    """
+    from torch import nn
+
+    from slimkit.evaluation.measure import size_on_disk
+
+    with tempfile.TemporaryDirectory(prefix="slimkit-bench-") as tmp:
+        if isinstance(model_or_save_fn, nn.Module):
+            from slimkit.core.io import save
+
+            target = Path(tmp) / "model"
+            save(model_or_save_fn, target)
+            return size_on_disk(target)
+        if not callable(model_or_save_fn):
+            raise TypeError(f"saved_size takes an nn.Module or a callable(dir), got {type(model_or_save_fn).__name__}")
+        folder = Path(tmp) / "artifact"
+        folder.mkdir()
+        model_or_save_fn(folder)
+        size = size_on_disk(folder)
+        if size == 0:
+            raise RuntimeError("the save function wrote nothing into the directory it was given")
+        return size
+
+
+# ---------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _slimkit_version() -> str:
+    """slimkit's version, with the git commit of the checkout when there is one (read-only git call)."""
+    import subprocess
+
+    import slimkit
+
+    version = slimkit.__version__
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(slimkit.__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version} (git {commit})" if commit else version
+
+
+def command_line() -> str:
+    """The command that started this process, as one would type it (``python -m pkg.mod args``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        args = ["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    else:
+        args = ["python", *sys.argv]
+    return shlex.join(args)
+
+
+def environment() -> dict[str, Any]:
+    """Date, machine, CPU, cores, package versions, thread count and command of this run."""
+    import torch
+
+    flags = _cpu_flags()
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f in flags]
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.system()} {platform.machine()} ({platform.node()})",
+        "cpu": _cpu_model() + (f" [{', '.join(simd)}]" if simd else ""),
+        "cores": f"{usable} usable of {os.cpu_count()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "onnxruntime": _version("onnxruntime"),
+        "torchao": _version("torchao"),
+        "slimkit": _slimkit_version(),
+        "threads": torch.get_num_threads(),
+        "command": command_line(),
+    }
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """One markdown line stating an ``environment()`` dict."""
+    return (
+        f"Run {env['date']} on {env['cpu']}, {env['cores']} cores, {env['threads']} torch threads; "
+        f"slimkit {env['slimkit']}, Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"torchao {env['torchao']}, onnxruntime {env['onnxruntime']}. Command: `{env['command']}`"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    """A value as table-cell text: None -> an em dash, pipes escaped, newlines flattened."""
+    if value is None:
+        return "—"
+    text = str(value).replace("\r\n", " ").replace("\n", " ").replace("|", "\\|")
+    return text.strip()
+
+
+class Table:
+    """A GitHub-markdown table: a header row, an alignment row, then the rows.
+
+    ``align`` is one letter per column: ``l`` (default), ``r`` or ``c``.
+
+    >>> t = Table(["name", "ms"], align="lr"); t.add("fp32", "1.5"); print(t.to_markdown())
+    | name | ms |
+    |:-----|---:|
+    | fp32 | 1.5 |
+    """
+
+    def __init__(self, headers: Sequence[Any], rows: Iterable[Sequence[Any]] = (), align: str | None = None):
+        if not headers:
+            raise ValueError("a table needs at least one column")
+        self.headers = [_cell(h) for h in headers]
+        align = align or "l" * len(self.headers)
+        if len(align) != len(self.headers) or set(align) - set("lrc"):
+            raise ValueError(f"align must be one of l/r/c per column ({len(self.headers)}), got {align!r}")
+        self.align = align
+        self.rows: list[list[str]] = []
+        for row in rows:
+            self.add(*row)
+
+    def add(self, *cells: Any) -> Table:
+        """Append a row; it must have one cell per column."""
+        if len(cells) != len(self.headers):
+            raise ValueError(f"row has {len(cells)} cells, the table has {len(self.headers)} columns")
+        self.rows.append([_cell(c) for c in cells])
+        return self
+
+    def to_markdown(self) -> str:
+        """The table as GitHub markdown (no trailing newline)."""
+        rule = {"l": ":---", "r": "---:", "c": ":---:"}
+        lines = ["| " + " | ".join(self.headers) + " |",
+                 "|" + "|".join(rule[a] for a in self.align) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def to_text(self) -> str:
+        """The same table with padded columns, for a terminal (still valid markdown)."""
+        widths = [max(len(h), 3, *(len(r[i]) for r in self.rows)) for i, h in enumerate(self.headers)]
+
+        def fmt(cells: list[str]) -> str:
+            out = []
+            for c, w, a in zip(cells, widths, self.align):
+                out.append(c.rjust(w) if a == "r" else c.center(w) if a == "c" else c.ljust(w))
+            return "| " + " | ".join(out) + " |"
+
+        rule = {"l": lambda w: ":" + "-" * (w + 1), "r": lambda w: "-" * (w + 1) + ":",
+                "c": lambda w: ":" + "-" * w + ":"}
+        lines = [fmt(self.headers), "|" + "|".join(rule[a](w) for a, w in zip(self.align, widths)) + "|"]
+        lines += [fmt(r) for r in self.rows]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _markers(name: str) -> tuple[str, str]:
+    if not _NAME.match(name):
+        raise ValueError(f"section name must be letters, digits, '.', '_' or '-', got {name!r}")
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+
+
+def replace_section(text: str, section_name: str, markdown: str) -> str:
+    """``text`` with the body of section ``section_name`` replaced by ``markdown`` (appended if absent).
+
+    Everything outside the two markers is kept byte for byte. A file holding a start
+    marker without its end marker (or either twice) is refused with ValueError rather
+    than guessed at.
+    """
+    start, end = _markers(section_name)
+    body = markdown.strip("\n")
+    if start in body or end in body:
+        raise ValueError(f"the markdown of section {section_name!r} must not contain its own markers")
+    block = f"{start}\n{body}\n{end}"
+    n_start, n_end = text.count(start), text.count(end)
+    if n_start == n_end == 0:
+        if not text.strip():
+            return block + "\n"
+        return text.rstrip("\n") + "\n\n" + block + "\n"
+    if n_start != 1 or n_end != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"section {section_name!r} markers are unbalanced ({n_start} start, {n_end} end); "
+                         "fix the file by hand")
+    i, j = text.index(start), text.index(end) + len(end)
+    return text[:i] + block + text[j:]
+
+
+def write_section(path: str | os.PathLike, section_name: str, markdown: str,
+                  header: str = DEFAULT_HEADER) -> Path:
+    """Replace (or append) section ``section_name`` of the markdown file ``path``, atomically.
+
+    A file that does not exist yet starts with ``header``. Returns the path.
+    """
+    from slimkit.core.atomic import atomic_write_text
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else header
+    atomic_write_text(path, replace_section(text, section_name, markdown))
+    return path
