@@ -422,6 +422,7 @@ class CompressionReport:
             direction = QUALITY_DIRECTIONS.get(metric)
             ax.set_xlabel("size on disk (MB)")
             ax.set_ylabel(metric + (f" ({direction} is better)" if direction else ""))
+            ax.ticklabel_format(axis="y", useOffset=False)  # show real values, not "+2.88e2" offsets
             ax.margins(y=0.25)
             ax.set_xlim(0, x_max)
             ax.grid(alpha=0.3)

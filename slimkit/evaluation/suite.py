@@ -171,9 +171,17 @@ def _size_bytes(model: nn.Module, saved_dir: str | os.PathLike | None) -> int:
 
 
 def layer_bits(model: nn.Module) -> dict[str, float]:
-    """Measured stored bits per weight of every quantized layer (modules exposing ``weight_bits_per_element``)."""
-    return {n: float(m.weight_bits_per_element()) for n, m in model.named_modules()
-            if hasattr(m, "weight_bits_per_element")}
+    """Stored bits per weight element of every Linear/Conv/Embedding-like layer, measured from its tensors.
+
+    Quantized layers report their own (codes + scales + zeros); float layers their dtype's width.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "weight_bits_per_element"):
+            out[name] = float(m.weight_bits_per_element())
+        elif isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)):
+            out[name] = float(m.weight.element_size() * 8)
+    return out
 
 
 @torch.no_grad()

