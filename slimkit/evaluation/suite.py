@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class EvalData:
     texts: list[str] | None = None  # encoder
     inputs: torch.Tensor | None = None  # classifier
     labels: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def read_user_texts(path: str | os.PathLike) -> list[str]:
@@ -190,7 +189,8 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
     """Every requested figure of ``model`` (default: all that apply to its kind), measured now.
 
     ``saved_dir``: the saved checkpoint whose bytes count as the size (saved to a temporary
-    folder when not given). ``reference``: the baseline's sentence embeddings (encoders).
+    folder when not given). ``reference``: the baseline's sentence embeddings; an encoder's
+    fidelity is measured only against one (``compare`` supplies it).
     """
     info = model_info(model)
     kind = data.kind
@@ -218,11 +218,8 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
         m.details["perplexity tokens"] = ppl.tokens
     if "accuracy" in metrics and kind == "classifier":
         m.quality["accuracy"] = accuracy(model, data.inputs, data.labels)
-    if "fidelity" in metrics and kind == "encoder":
-        emb = encode_sentences(model, tokenizer_of(model), data.texts)
-        data.extra.setdefault("reference_embeddings", emb if reference is None else reference)
-        ref = reference if reference is not None else data.extra["reference_embeddings"]
-        fid = embedding_fidelity(emb, ref)
+    if "fidelity" in metrics and kind == "encoder" and reference is not None:
+        fid = embedding_fidelity(encode_sentences(model, tokenizer_of(model), data.texts), reference)
         m.quality.update({"mean_cosine": fid.mean_cosine, "min_cosine": fid.min_cosine,
                           "top1_agreement": fid.top1_agreement})
     return m
@@ -234,7 +231,11 @@ def compare(baseline: nn.Module, model: nn.Module, data: EvalData, metrics: tupl
     base_name = str(model_info(baseline).get("source") or type(baseline).__name__)
     steps = [s.get("type", "?") for s in model_info(model).get("steps", [])]
     base = measure_model(baseline, data, metrics, name=base_name)
-    reference = data.extra.get("reference_embeddings")
+    reference = None
+    if data.kind == "encoder" and "fidelity" in (metrics or DEFAULT_METRICS["encoder"]):
+        # Fidelity is measured against the baseline's own embeddings of the same sentences.
+        with torch.no_grad():
+            reference = encode_sentences(baseline, tokenizer_of(baseline), data.texts)
     comp = measure_model(model, data, metrics, name=" + ".join(steps) or "compressed", saved_dir=saved_dir,
                          reference=reference)
     return CompressionReport(baseline=base, compressed=comp, steps=list(model_info(model).get("steps", [])),

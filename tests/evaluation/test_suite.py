@@ -68,6 +68,7 @@ def test_encoder_fidelity_against_itself_is_perfect():
     report = compare(tiny, copy.deepcopy(tiny), data, metrics=("fidelity",))
     assert report.compressed.quality["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert report.compressed.quality["top1_agreement"] == 1.0
+    assert "mean_cosine" not in report.baseline.quality  # no reference to compare the baseline with
 
 
 def test_layer_bits_float_and_quantized():
