@@ -39,6 +39,7 @@ LM_LATENCY_SHAPE = (1, 256)  # batch, sequence length of one timed forward (a pr
 ENCODER_LATENCY_SHAPE = (32, 128)
 CLASSIFIER_LATENCY_BATCH = 256
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".csv", ".html", ".c", ".h", ".js", ".ts"}
+QUALITY_METRICS = {"perplexity", "accuracy", "fidelity"}
 DEFAULT_METRICS = {
     "causal-lm": ("size", "params", "sparsity", "flops", "latency", "perplexity"),
     "encoder": ("size", "params", "sparsity", "flops", "latency", "fidelity"),
@@ -212,13 +213,16 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
         if "latency" in metrics:
             m.latency = model_latency(model, inputs, warmup=3, runs=10, threads=torch.get_num_threads(),
                                       batch_size=batch, seq_len=seq)
-    if "perplexity" in metrics and kind == "causal-lm":
+    # The recipe names a quality figure; each kind answers with its own (a recipe written for
+    # an LM, run with --model digits-cnn, still reports accuracy).
+    wants_quality = bool(set(metrics) & QUALITY_METRICS)
+    if wants_quality and kind == "causal-lm":
         ppl = perplexity(model, data.token_ids, context=PPL_CONTEXT, stride=PPL_STRIDE)
         m.quality["perplexity"] = ppl.perplexity
         m.details["perplexity tokens"] = ppl.tokens
-    if "accuracy" in metrics and kind == "classifier":
+    if wants_quality and kind == "classifier":
         m.quality["accuracy"] = accuracy(model, data.inputs, data.labels)
-    if "fidelity" in metrics and kind == "encoder" and reference is not None:
+    if wants_quality and kind == "encoder" and reference is not None:
         fid = embedding_fidelity(encode_sentences(model, tokenizer_of(model), data.texts), reference)
         m.quality.update({"mean_cosine": fid.mean_cosine, "min_cosine": fid.min_cosine,
                           "top1_agreement": fid.top1_agreement})
@@ -232,7 +236,7 @@ def compare(baseline: nn.Module, model: nn.Module, data: EvalData, metrics: tupl
     steps = [s.get("type", "?") for s in model_info(model).get("steps", [])]
     base = measure_model(baseline, data, metrics, name=base_name)
     reference = None
-    if data.kind == "encoder" and "fidelity" in (metrics or DEFAULT_METRICS["encoder"]):
+    if data.kind == "encoder" and set(metrics or DEFAULT_METRICS["encoder"]) & QUALITY_METRICS:
         # Fidelity is measured against the baseline's own embeddings of the same sentences.
         with torch.no_grad():
             reference = encode_sentences(baseline, tokenizer_of(baseline), data.texts)

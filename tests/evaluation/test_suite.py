@@ -74,3 +74,9 @@ def test_encoder_fidelity_against_itself_is_perfect():
 def test_layer_bits_float_and_quantized():
     model = torch.nn.Sequential(torch.nn.Linear(16, 4), torch.nn.Linear(4, 2).half())
     assert layer_bits(model) == {"0": 32.0, "1": 16.0}
+
+
+def test_any_quality_metric_gives_the_kinds_own_figure():
+    model = slimkit.load("digits-cnn")
+    m = measure_model(model, resolve_eval_data(model), metrics=("perplexity",))  # an LM recipe's list
+    assert set(m.quality) == {"accuracy"}
