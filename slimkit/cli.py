@@ -11,7 +11,7 @@ import copy
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -41,14 +41,30 @@ class _Ui:
         self.err = Console(stderr=True)
 
     @contextlib.contextmanager
-    def step(self, description: str) -> Iterator[None]:
-        """Show a spinner with elapsed time while a step runs; print how long it took."""
+    def step(self, description: str) -> Iterator[Callable[[str, float], None]]:
+        """Show a progress bar while a step runs and print how long it took.
+
+        Yields ``update(detail, fraction)``: a step that knows its progress (perplexity
+        windows, layers quantized) fills the bar; one that does not shows a pulsing bar.
+        """
         if self.quiet:
-            yield
+            yield lambda detail, fraction: None
             return
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
         start = time.perf_counter()
-        with self.err.status(f"{description}..."):
-            yield
+        if not self.err.is_terminal:  # a log file gets the "done" lines, not bar redraws
+            yield lambda detail, fraction: None
+            self.err.print(f"done {description} ({time.perf_counter() - start:.1f}s)", highlight=False)
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            task = bar.add_task(description, total=None)
+
+            def update(detail: str, fraction: float) -> None:
+                bar.update(task, total=1.0, completed=fraction, description=f"{description}: {detail}")
+
+            yield update
         self.err.print(f"[green]done[/] {description} ({time.perf_counter() - start:.1f}s)")
 
 
@@ -68,6 +84,7 @@ def compress(
     """Compress a model with a recipe and print a before/after table of measured figures."""
     from slimkit.core.atomic import atomic_dir
     from slimkit.core.io import load, save
+    from slimkit.core.registry import Context
     from slimkit.evaluation.suite import compare, resolve_eval_data
     from slimkit.recipe.runner import run_recipe
     from slimkit.recipe.schema import resolve_recipe
@@ -79,16 +96,16 @@ def compress(
     with ui.step(f"loading {model_name}"):
         baseline = load(model_name)
         compressed = copy.deepcopy(baseline)
-    with ui.step(f"applying {', '.join(type(s).__name__ for s in rec.steps)}"):
-        ctx = run_recipe(compressed, rec)
+    with ui.step(f"applying {', '.join(type(s).__name__ for s in rec.steps)}") as update:
+        ctx = run_recipe(compressed, rec, ctx=Context(progress=update))
     with ui.step("loading evaluation data"):
         data = resolve_eval_data(baseline)
     with atomic_dir(out) as tmp:
         with ui.step(f"saving to {out / 'model'}"):
             save(compressed, tmp / "model")
-        with ui.step("measuring baseline and compressed model"):
+        with ui.step("measuring baseline and compressed model") as update:
             report = compare(baseline, compressed, data, metrics=rec.evaluate or None, saved_dir=tmp / "model",
-                             notes=ctx.notes)
+                             notes=ctx.notes, progress=update)
             report.environment.update({"model": model_name, "recipe": rec.source or "", "output": str(out)})
         report.write(tmp)
     _print_report(ui, report, out)
@@ -123,11 +140,14 @@ def eval_cmd(
         base = load(baseline) if baseline else None
     with ui.step("loading evaluation data"):
         eval_data = resolve_eval_data(base if base is not None else m, str(data) if data else None)
-    with ui.step("measuring"):
+    with ui.step("measuring") as update:
         if base is not None:
-            _print_report(ui, compare(base, m, eval_data), None)
-            return
-        measurement = measure_model(m, eval_data, name=model)
+            report = compare(base, m, eval_data, progress=update)
+        else:
+            measurement = measure_model(m, eval_data, name=model, progress=update)
+    if base is not None:
+        _print_report(ui, report, None)
+        return
     if as_json:
         print(json.dumps(measurement.to_dict(), indent=2))
     else:

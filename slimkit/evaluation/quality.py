@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,19 +28,24 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """Logits from a model output: a tensor, an object with ``.logits``, or a tuple (first item)."""
+def _output_tensor(out: Any, attribute: str, what: str) -> torch.Tensor:
+    """The ``attribute`` tensor of a model output (``.logits``, ``.last_hidden_state``), its first tuple item, or itself."""
     if isinstance(out, torch.Tensor):
         return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
+    value = getattr(out, attribute, None)
+    if isinstance(value, torch.Tensor):
+        return value
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise UnsupportedError(
-        f"cannot find logits in a model output of type {type(out).__name__}: expected a tensor, "
-        "an object with .logits, or a tuple whose first item is the logits"
+        f"cannot find {what} in a model output of type {type(out).__name__}: expected a tensor, "
+        f"an object with .{attribute}, or a tuple whose first item is it"
     )
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """Logits from a model output: a tensor, an object with ``.logits``, or a tuple (first item)."""
+    return _output_tensor(out, "logits", "logits")
 
 
 class _EvalMode:
@@ -106,6 +111,7 @@ def perplexity(
     context: int = 256,
     stride: int = 128,
     batch_size: int = 8,
+    progress: Callable[[float], None] | None = None,
 ) -> PerplexityResult:
     """Sliding-window perplexity of a causal LM on one tokenized text.
 
@@ -117,6 +123,7 @@ def perplexity(
     ``context`` moves by ``context - 1`` (the stride recorded in the result). The model is
     called as ``model(input_ids=batch)``; windows of equal length are batched
     ``batch_size`` at a time. NLL is taken in float64 from float32 logits.
+    ``progress(fraction)`` is called after each batch of windows.
     """
     ids = torch.as_tensor(token_ids)
     if ids.dim() != 1:
@@ -155,6 +162,8 @@ def perplexity(
                 target = ids[first:e].unsqueeze(-1)
                 total_nll += -logp.gather(-1, target).sum().cpu()
                 counted += e - first
+            if progress is not None:
+                progress(min(1.0, (i + batch_size) / len(windows)))
     if counted != n - 1:  # the window arithmetic guarantees this; a miss here is a bug
         raise AssertionError(f"perplexity predicted {counted} tokens, expected {n - 1}")
     nll = float(total_nll) / counted
@@ -205,17 +214,7 @@ def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 def _hidden(out: Any) -> torch.Tensor:
     """Token states from an encoder output: ``.last_hidden_state``, a tuple's first item, or a tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    hidden = getattr(out, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise UnsupportedError(
-        f"cannot find token states in an encoder output of type {type(out).__name__}: expected "
-        ".last_hidden_state or a tuple whose first item is it"
-    )
+    return _output_tensor(out, "last_hidden_state", "token states")
 
 
 def encode_sentences(

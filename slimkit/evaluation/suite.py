@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from slimkit.evaluation.measure import (
 from slimkit.evaluation.quality import accuracy, embedding_fidelity, encode_sentences, perplexity
 from slimkit.evaluation.report import CompressionReport, ModelMeasurement, environment_info
 
+Progress = Callable[[str, float], None]  # (what is being measured, fraction done)
 DEFAULT_EVAL_TOKENS = 65536
 PPL_CONTEXT, PPL_STRIDE = 256, 128
 LM_LATENCY_SHAPE = (1, 256)  # batch, sequence length of one timed forward (a prefill)
@@ -186,13 +188,16 @@ def layer_bits(model: nn.Module) -> dict[str, float]:
 
 @torch.no_grad()
 def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | None = None, name: str | None = None,
-                  saved_dir: str | os.PathLike | None = None, reference: torch.Tensor | None = None) -> ModelMeasurement:
+                  saved_dir: str | os.PathLike | None = None, reference: torch.Tensor | None = None,
+                  progress: Progress | None = None) -> ModelMeasurement:
     """Every requested figure of ``model`` (default: all that apply to its kind), measured now.
 
     ``saved_dir``: the saved checkpoint whose bytes count as the size (saved to a temporary
     folder when not given). ``reference``: the baseline's sentence embeddings; an encoder's
-    fidelity is measured only against one (``compare`` supplies it).
+    fidelity is measured only against one (``compare`` supplies it). ``progress(detail,
+    fraction)`` is called as the measurement advances.
     """
+    progress = progress or (lambda detail, fraction: None)
     info = model_info(model)
     kind = data.kind
     metrics = tuple(metrics or DEFAULT_METRICS.get(kind, DEFAULT_METRICS["module"]))
@@ -203,6 +208,7 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
                          latency=None, quality={}, layer_sparsity={}, layer_bits=layer_bits(model),
                          details={"quality data": data.description})
     if "size" in metrics:
+        progress("size on disk", 0.0)
         m.size_bytes = _size_bytes(model, saved_dir)
     if "sparsity" in metrics:
         m.layer_sparsity = layer_sparsity(model)
@@ -211,13 +217,16 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
         if "flops" in metrics:
             m.flops = count_flops(model, inputs)
         if "latency" in metrics:
+            progress("latency", 0.0)
             m.latency = model_latency(model, inputs, warmup=3, runs=10, threads=torch.get_num_threads(),
                                       batch_size=batch, seq_len=seq)
     # The recipe names a quality figure; each kind answers with its own (a recipe written for
     # an LM, run with --model digits-cnn, still reports accuracy).
     wants_quality = bool(set(metrics) & QUALITY_METRICS)
     if wants_quality and kind == "causal-lm":
-        ppl = perplexity(model, data.token_ids, context=PPL_CONTEXT, stride=PPL_STRIDE)
+        progress("perplexity", 0.0)
+        ppl = perplexity(model, data.token_ids, context=PPL_CONTEXT, stride=PPL_STRIDE,
+                         progress=lambda done: progress("perplexity", done))
         m.quality["perplexity"] = ppl.perplexity
         m.details["perplexity tokens"] = ppl.tokens
     if wants_quality and kind == "classifier":
@@ -230,17 +239,20 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
 
 
 def compare(baseline: nn.Module, model: nn.Module, data: EvalData, metrics: tuple[str, ...] | None = None,
-            saved_dir: str | os.PathLike | None = None, notes: list[str] | None = None) -> CompressionReport:
+            saved_dir: str | os.PathLike | None = None, notes: list[str] | None = None,
+            progress: Progress | None = None) -> CompressionReport:
     """Measure ``baseline`` and ``model`` on the same data and return their CompressionReport."""
+    progress = progress or (lambda detail, fraction: None)
     base_name = str(model_info(baseline).get("source") or type(baseline).__name__)
     steps = [s.get("type", "?") for s in model_info(model).get("steps", [])]
-    base = measure_model(baseline, data, metrics, name=base_name)
+    base = measure_model(baseline, data, metrics, name=base_name,
+                         progress=lambda detail, f: progress(f"baseline {detail}", f))
     reference = None
     if data.kind == "encoder" and set(metrics or DEFAULT_METRICS["encoder"]) & QUALITY_METRICS:
         # Fidelity is measured against the baseline's own embeddings of the same sentences.
         with torch.no_grad():
             reference = encode_sentences(baseline, tokenizer_of(baseline), data.texts)
     comp = measure_model(model, data, metrics, name=" + ".join(steps) or "compressed", saved_dir=saved_dir,
-                         reference=reference)
+                         reference=reference, progress=lambda detail, f: progress(f"compressed {detail}", f))
     return CompressionReport(baseline=base, compressed=comp, steps=list(model_info(model).get("steps", [])),
                              notes=list(notes or []), environment=environment_info())
