@@ -192,8 +192,13 @@ def measure_latency(
     threads: int | None = None,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    min_warmup_s: float = 0.0,
 ) -> LatencyStats:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``runs`` calls timed with ``perf_counter``.
+    """Time ``fn()``: untimed warm-up calls, then ``runs`` calls timed with ``perf_counter``.
+
+    Warm-up lasts at least ``warmup`` calls and at least ``min_warmup_s`` seconds: on these
+    machines the first seconds of a process can run several times slower (allocator and
+    thread-pool start-up), and a fixed count of fast calls does not cover them.
 
     With ``threads`` set, torch's intra-op thread count is set for the measurement and
     restored afterwards; the count actually in force is recorded either way.
@@ -216,8 +221,11 @@ def measure_latency(
         torch.set_num_threads(threads)
     try:
         used = torch.get_num_threads()
-        for _ in range(warmup):
+        warm_start = time.perf_counter()
+        done = 0
+        while done < warmup or (time.perf_counter() - warm_start < min_warmup_s and done < 1000):
             fn()
+            done += 1
         times_ms = []
         for _ in range(runs):
             start = time.perf_counter()

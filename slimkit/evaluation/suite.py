@@ -218,8 +218,8 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
             m.flops = count_flops(model, inputs)
         if "latency" in metrics:
             progress("latency", 0.0)
-            m.latency = model_latency(model, inputs, warmup=3, runs=10, threads=torch.get_num_threads(),
-                                      batch_size=batch, seq_len=seq)
+            m.latency = model_latency(model, inputs, warmup=3, runs=10, min_warmup_s=2.0,
+                                      threads=torch.get_num_threads(), batch_size=batch, seq_len=seq)
     # The recipe names a quality figure; each kind answers with its own (a recipe written for
     # an LM, run with --model digits-cnn, still reports accuracy).
     wants_quality = bool(set(metrics) & QUALITY_METRICS)
