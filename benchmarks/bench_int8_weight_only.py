@@ -3,6 +3,7 @@
     python -m benchmarks.bench_int8_weight_only            # full run, writes BENCHMARKS.md
     python -m benchmarks.bench_int8_weight_only --quick    # smoke test: few runs/tokens, never written
     python -m benchmarks.bench_int8_weight_only --no-write # full run, printed only
+    (--no-compile skips the torch.compile latency rows)
 
 Two models, each as fp32 and as every variant below, all measured in this process:
 
@@ -21,13 +22,23 @@ qconfig and per-channel qconfig.
 Sizes are bytes on disk of each tool's own saved artifact, compared with fp32 saved the
 same way: slimkit rows the ``slimkit.save`` folder, torchao safetensors through its
 ``torchao.prototype.safetensors`` flattening, torch.ao ``torch.save(state_dict)``.
-Timings run on 2 threads, warm-up 3, median of 20 timed calls (``--quick``: 1 and 3).
+Timings run on 2 threads, warm-up 3, median of 20 timed calls (``--quick``: 1 and 4), on
+the same inputs for all variants, interleaved in 4 rounds (``--quick``: 2) that alternate
+over the variants so that a machine slowing down mid-run weighs on all of them alike. The
+main tables are eager PyTorch; fp32, slimkit RTN and torchao are also timed under
+``torch.compile`` (torchao's documented speed path) in a table of their own.
+
+A peer that fails is reported in its row with the stage and the exception; a failure of
+the fp32 or slimkit rows stops the run from writing BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -55,10 +66,11 @@ class Settings:
     runs: int
     lm_tokens: int
     n_texts: int
+    rounds: int  # timed calls are spread over this many interleaved rounds (runs % rounds == 0)
 
 
-FULL = Settings(quick=False, warmup=3, runs=20, lm_tokens=65536, n_texts=256)
-QUICK = Settings(quick=True, warmup=1, runs=3, lm_tokens=4096, n_texts=64)
+FULL = Settings(quick=False, warmup=3, runs=20, lm_tokens=65536, n_texts=256, rounds=4)
+QUICK = Settings(quick=True, warmup=1, runs=4, lm_tokens=4096, n_texts=64, rounds=2)
 
 
 @dataclass
@@ -160,7 +172,7 @@ def build_variants(name: str) -> list[tuple[Variant, Callable[[Variant], nn.Modu
         (Variant("slimkit RTN int8 w-only, Linear (lm_head incl.)" if name == LM_NAME
                  else "slimkit RTN int8 w-only, Linear", "slimkit"), _slimkit_rtn(name, embeddings=False)),
         (Variant("slimkit RTN int8 w-only, Linear + embeddings", "slimkit"), _slimkit_rtn(name, embeddings=True)),
-        (Variant("torchao Int8WeightOnlyConfig() (eager)", "torchao"), _torchao_int8wo(name)),
+        (Variant("torchao Int8WeightOnlyConfig()", "torchao"), _torchao_int8wo(name)),
         (Variant("torch.ao quantize_dynamic qint8, per-tensor (default) — dynamic W8A8", "torch.ao"),
          _torch_ao_dynamic(name, per_channel=False)),
         (Variant("torch.ao quantize_dynamic qint8, per-channel — dynamic W8A8", "torch.ao"),
@@ -205,23 +217,21 @@ def measure_size(v: Variant, fp32: nn.Module) -> None:
         v.size = harness.saved_size(_slimkit_save(v.model, rec))
         ref: dict[str, int] = {}
         v.size_ref = harness.saved_size(_slimkit_save(fp32, ref))
-        v.artifact = (f"`slimkit.save` folder (safetensors {rec['weights']:,} B + config, tokenizer, slimkit.json)")
+        v.artifact = f"`slimkit.save` folder (model.safetensors: {rec['weights']:,} B)"
     elif v.family == "torchao":
         try:
             v.size = harness.saved_size(_torchao_safetensors(v.model))
             v.size_ref = harness.saved_size(_torchao_safetensors(fp32))
-            v.artifact = "safetensors via `torchao.prototype.safetensors` (weights only)"
+            v.artifact = "safetensors via `torchao.prototype.safetensors`"
         except Exception as exc:  # prototype API: fall back to torchao's documented torch.save path
             v.notes.append(f"torchao safetensors export failed ({_why('save', exc)}); size is torch.save")
             v.size = harness.saved_size(_torch_save(v.model))
             v.size_ref = harness.saved_size(_torch_save(fp32))
-            v.artifact = "`torch.save(state_dict)` (weights only, pickle)"
+            v.artifact = "`torch.save(state_dict)`"
     else:
         v.size = harness.saved_size(_torch_save(v.model))
         v.size_ref = harness.saved_size(_torch_save(fp32))
-        v.artifact = "`torch.save(state_dict)` (weights only, pickle; no safetensors form for packed params)"
-    if v.family != "fp32":
-        v.artifact += f"; fp32 saved alike: {v.size_ref:,} B"
+        v.artifact = "`torch.save(state_dict)`"
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -283,27 +293,94 @@ def _measure_common(variants: list[Variant]) -> None:
         _guard(v, "bits", lambda: measure_bits(v))
 
 
+def _forward(model: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def call() -> None:
+        with torch.no_grad():
+            model(**inputs)
+
+    return call
+
+
 def _time_all(variants: list[Variant], shape: tuple[int, int], inputs: dict[str, torch.Tensor],
-              settings: Settings) -> Any:
-    """Time every variant back to back on the same inputs; then fp32 once more as a drift check."""
-    def forward(model: nn.Module) -> Callable[[], None]:
-        def call() -> None:
-            with torch.no_grad():
-                model(**inputs)
-        return call
-
-    for v in variants:
-        print(f"  timing {shape[0]}x{shape[1]}: {v.label}", flush=True)
-        stats = _guard(v, f"forward at {shape[0]}x{shape[1]}",
-                       lambda: harness.timed(forward(v.model), warmup=settings.warmup, runs=settings.runs,
-                                             batch_size=shape[0], seq_len=shape[1]))
-        if stats is not None:
-            v.latency[shape] = stats
-    return harness.timed(forward(variants[0].model), warmup=settings.warmup, runs=settings.runs,
-                         batch_size=shape[0], seq_len=shape[1])
+              settings: Settings) -> dict[str, list[float]]:
+    """Time every variant that runs on the same inputs, interleaved in rounds; returns the round medians."""
+    ok = []
+    for v in variants:  # one guarded call first: a peer that fails here is reported, not timed
+        _guard(v, f"forward at {shape[0]}x{shape[1]}", _forward(v.model, inputs))
+        if not v.error:
+            ok.append(v)
+    print(f"  timing {shape[0]}x{shape[1]}: {len(ok)} variants, {settings.rounds} interleaved rounds", flush=True)
+    result = harness.timed_interleaved({v.label: _forward(v.model, inputs) for v in ok}, warmup=settings.warmup,
+                                       runs=settings.runs, rounds=settings.rounds,
+                                       batch_size=shape[0], seq_len=shape[1])
+    for v in ok:
+        v.latency[shape] = result.stats[v.label]
+    return result.round_medians
 
 
-def run_lm(settings: Settings) -> dict[str, Any]:
+@dataclass
+class CompiledRow:
+    """Latency of one variant under ``torch.compile`` at one shape."""
+
+    label: str
+    shape: tuple[int, int]
+    first_call_s: float | None = None
+    latency: Any = None
+    error: str | None = None
+
+
+def _time_compiled(variants: list[Variant], shape_inputs: list[tuple[tuple[int, int], dict[str, torch.Tensor]]],
+                   settings: Settings) -> list[CompiledRow]:
+    """torchao's documented speed path, applied alike to fp32, slimkit RTN (Linear) and torchao.
+
+    ``torch.compile(model, dynamic=False)``: inductor, default mode, one static graph per
+    shape. Dynamo's caches are reset before each shape, so each row is a fresh compile
+    (and three models per shape stay far below the recompile limit that would silently
+    fall back to eager); graph breaks are counted and noted. The first call (tracing +
+    compiling) is timed apart; then the compiled models are timed interleaved like the
+    eager ones.
+    """
+    from torch._dynamo.utils import counters
+
+    rows = []
+    chosen = [variants[0], next(v for v in variants if v.family == "slimkit"),
+              next(v for v in variants if v.family == "torchao")]
+    for shape, inputs in shape_inputs:
+        torch._dynamo.reset()
+        ready = {}
+        for v in chosen:
+            row = CompiledRow(f"{v.label} + torch.compile", shape)
+            rows.append(row)
+            if v.error:
+                row.error = f"eager row could not run ({v.error})"
+                continue
+            print(f"  compiling {shape[0]}x{shape[1]}: {v.label}", flush=True)
+            try:
+                counters.clear()
+                compiled = torch.compile(v.model, dynamic=False)
+                start = time.perf_counter()
+                _forward(compiled, inputs)()
+                row.first_call_s = time.perf_counter() - start
+                breaks = sum(counters["graph_break"].values())
+                if breaks:
+                    reasons = "; ".join(list(counters["graph_break"])[:3])
+                    v.notes.append(f"torch.compile at {shape[0]}×{shape[1]}: {breaks} graph break(s): {reasons}")
+                ready[row.label] = (row, _forward(compiled, inputs))
+            except Exception as exc:  # e.g. no C++ compiler for inductor: a result to report
+                row.error = _why("torch.compile", exc)
+                print(f"  ! {row.label}: {row.error}", file=sys.stderr)
+        if ready:
+            print(f"  timing compiled {shape[0]}x{shape[1]}: {len(ready)} variants", flush=True)
+            result = harness.timed_interleaved({k: fn for k, (_, fn) in ready.items()}, warmup=settings.warmup,
+                                               runs=settings.runs, rounds=settings.rounds,
+                                               batch_size=shape[0], seq_len=shape[1])
+            for label, (row, _) in ready.items():
+                row.latency = result.stats[label]
+    torch._dynamo.reset()
+    return rows
+
+
+def run_lm(settings: Settings, compile_rows: bool) -> dict[str, Any]:
     from slimkit.evaluation.quality import perplexity
     from slimkit.evaluation.suite import PPL_CONTEXT, PPL_STRIDE, resolve_eval_data
 
@@ -318,16 +395,19 @@ def run_lm(settings: Settings) -> dict[str, Any]:
         if res is not None:
             v.quality["perplexity"] = res.perplexity
     vocab = int(fp32.config.vocab_size)
-    drift = {}
+    drift, shape_inputs = {}, []
     for shape in LM_SHAPES:
         g = torch.Generator().manual_seed(0)
         inputs = {"input_ids": torch.randint(0, vocab, shape, generator=g)}
+        shape_inputs.append((shape, inputs))
         drift[shape] = _time_all(variants, shape, inputs, settings)
+    compiled = _time_compiled(variants, shape_inputs, settings) if compile_rows else []
     n_params = sum(p.numel() for p in fp32.parameters())
-    return {"variants": variants, "data": data.description, "drift": drift, "params": n_params}
+    return {"variants": variants, "data": data.description, "drift": drift, "params": n_params,
+            "compiled": compiled, "shapes": LM_SHAPES}
 
 
-def run_encoder(settings: Settings) -> dict[str, Any]:
+def run_encoder(settings: Settings, compile_rows: bool) -> dict[str, Any]:
     from slimkit.core.io import tokenizer_of
     from slimkit.evaluation.quality import embedding_fidelity, encode_sentences
     from slimkit.evaluation.suite import latency_inputs, resolve_eval_data
@@ -349,8 +429,10 @@ def run_encoder(settings: Settings) -> dict[str, Any]:
     inputs, batch, seq = latency_inputs(fp32, data)  # texts cycled to 32, padding="max_length" 128
     assert (batch, seq) == ENCODER_SHAPE and inputs["input_ids"].shape == ENCODER_SHAPE
     drift = {ENCODER_SHAPE: _time_all(variants, ENCODER_SHAPE, inputs, settings)}
+    compiled = _time_compiled(variants, [(ENCODER_SHAPE, inputs)], settings) if compile_rows else []
     n_params = sum(p.numel() for p in fp32.parameters())
-    return {"variants": variants, "n_texts": len(data.texts), "drift": drift, "params": n_params}
+    return {"variants": variants, "n_texts": len(data.texts), "drift": drift, "params": n_params,
+            "compiled": compiled, "shapes": (ENCODER_SHAPE,)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,7 +451,8 @@ def _ms(stats: Any) -> str | None:
 
 
 def _size_cells(v: Variant) -> list[Any]:
-    return [v.artifact, None if v.size is None else f"{v.size:,}", _ratio(v.size, v.size_ref),
+    return [v.artifact, None if v.size is None else f"{v.size:,}",
+            None if v.size_ref is None else f"{v.size_ref:,}", _ratio(v.size, v.size_ref),
             None if v.bits is None else f"{v.bits:.2f}"]
 
 
@@ -380,7 +463,8 @@ def _failed_row(v: Variant, n_cols: int) -> list[Any]:
 def lm_table(result: dict[str, Any]) -> harness.Table:
     variants = result["variants"]
     fp32 = variants[0]
-    headers = ["method", "artifact measured", "size on disk (B)", "size vs fp32", "bits/weight (quantized layers)",
+    headers = ["method", "artifact measured", "size on disk (B)", "fp32 saved alike (B)", "size vs fp32",
+               "bits/weight (quantized layers)",
                "perplexity (Δ vs fp32)"]
     for b, s in LM_SHAPES:
         headers += [f"latency b{b}×{s} (ms)", f"vs fp32 b{b}"]
@@ -409,7 +493,8 @@ def encoder_table(result: dict[str, Any]) -> harness.Table:
     variants = result["variants"]
     fp32 = variants[0]
     b, s = ENCODER_SHAPE
-    headers = ["method", "artifact measured", "size on disk (B)", "size vs fp32", "bits/weight (quantized layers)",
+    headers = ["method", "artifact measured", "size on disk (B)", "fp32 saved alike (B)", "size vs fp32",
+               "bits/weight (quantized layers)",
                "mean cosine", "min cosine", "top-1 agreement", f"latency b{b}×{s} (ms)", "vs fp32"]
     t = harness.Table(headers, align="ll" + "r" * (len(headers) - 2))
     for v in variants:
@@ -426,76 +511,120 @@ def encoder_table(result: dict[str, Any]) -> harness.Table:
     return t
 
 
-def _notes(variants: list[Variant]) -> list[str]:
-    lines = []
+def _notes(model: str, variants: list[Variant]) -> list[str]:
+    """One line per distinct note, naming the rows it came from."""
+    by_note: dict[str, list[str]] = {}
     for v in variants:
-        for n in dict.fromkeys(v.notes):
-            lines.append(f"- {v.label}: {n}")
-    return lines
+        for n in v.notes:
+            # torch's deprecation warnings end in a "(Triggered internally at <build path>)" aside.
+            n = n.split(" (Triggered internally")[0].strip()
+            labels = by_note.setdefault(n, [])
+            if v.label not in labels:
+                labels.append(v.label)
+    return [f"- {model}, {'; '.join(labels)}: {n}" for n, labels in by_note.items()]
+
+
+def compiled_table(result: dict[str, Any]) -> harness.Table:
+    fp32 = result["variants"][0]
+    eager = {v.label: v for v in result["variants"]}
+    base = {row.shape: row.latency for row in result["compiled"] if row.label.startswith(fp32.label + " ")}
+    t = harness.Table(["method", "batch × seq", "first call incl. compile (s)", "latency (ms)",
+                       "vs fp32 eager", "vs fp32 compiled", "vs same method eager"], align="llrrrrr")
+    for row in result["compiled"]:
+        b, s = row.shape
+        if row.error:
+            t.add(row.label, f"{b}×{s}", f"**could not run** — {row.error}", None, None, None, None)
+            continue
+        ms = row.latency.median_ms
+        own = eager.get(row.label.removesuffix(" + torch.compile"))
+        own_ms = own.latency.get(row.shape) if own else None
+        ref, ref_c = fp32.latency.get(row.shape), base.get(row.shape)
+        t.add(row.label, f"{b}×{s}", f"{row.first_call_s:.1f}", f"{ms:.1f}",
+              _ratio(ms, ref and ref.median_ms), _ratio(ms, ref_c and ref_c.median_ms),
+              _ratio(ms, own_ms and own_ms.median_ms))
+    return t
 
 
 def _drift_line(result: dict[str, Any], shapes: tuple[tuple[int, int], ...]) -> str:
     fp32 = result["variants"][0]
     parts = []
     for shape in shapes:
-        first, again = fp32.latency.get(shape), result["drift"].get(shape)
-        if first is not None and again is not None:
-            parts.append(f"b{shape[0]}×{shape[1]} {first.median_ms:.1f} ms first, {again.median_ms:.1f} ms after "
-                         f"all variants ({again.median_ms / first.median_ms:.2f}×)")
-    return "Drift check, fp32 timed again at the end: " + "; ".join(parts) + "." if parts else ""
+        medians = result["drift"].get(shape, {}).get(fp32.label)
+        if medians:
+            parts.append(f"b{shape[0]}×{shape[1]} " + ", ".join(f"{m:.1f}" for m in medians) + " ms")
+    if not parts:
+        return ""
+    return ("Drift check, fp32's median in each interleaved round: " + "; ".join(parts)
+            + ". Every row was timed in each of these rounds, so drift falls on all rows alike.")
+
+
+def _compiled_block(result: dict[str, Any], settings: Settings) -> list[str]:
+    if not result["compiled"]:
+        return []
+    return [
+        "Under `torch.compile(model, dynamic=False)` (inductor, default mode, a fresh compile per row with "
+        "a cold private cache; torchao's `quantize_` also set its recommended inductor options, which then "
+        "hold for every compiled row), same inputs, timed like the eager rows (interleaved among "
+        "themselves) after the first call; quality and size are those of the eager rows:",
+        "",
+        compiled_table(result).to_markdown(),
+        "",
+    ]
 
 
 def render(lm: dict[str, Any], enc: dict[str, Any], env: dict[str, Any], settings: Settings,
            seconds: float) -> str:
     b, s = ENCODER_SHAPE
     timing = (f"{THREADS} threads, warm-up {settings.warmup}, median of {settings.runs} timed calls "
-              f"(`slimkit.evaluation.measure.measure_latency`)")
+              f"(`slimkit.evaluation.measure.measure_latency`) taken in {settings.rounds} rounds that "
+              f"alternate over all rows ({settings.runs // settings.rounds} calls per row per round)")
     out = [
         "## int8 weight-only: slimkit RTN vs fp32, torchao and torch.ao",
         "",
-        harness.environment_line(env) + f" The whole run took {seconds:.0f} s.",
+        f"The whole run took {seconds:.0f} s (1-min load average at its end, its own 2 threads included: {harness.load_average()}). "
+        + harness.environment_line(env),
         "",
         f"### stdlib-coder (zoo causal LM, {lm['params'] / 1e6:.2f}M parameters)",
         "",
         f"Perplexity: {lm['data']} (sliding windows, every token predicted once). "
-        f"Latency: one forward of seeded random token ids at batch 1 × seq 256 and batch 8 × seq 256, {timing}.",
+        f"Latency (eager PyTorch): one forward of seeded random token ids at batch 1 × seq 256 and batch 8 × seq 256, {timing}.",
         "",
         lm_table(lm).to_markdown(),
         "",
         _drift_line(lm, LM_SHAPES),
         "",
+        *_compiled_block(lm, settings),
         f"### MiniLM (all-MiniLM-L6-v2, {enc['params'] / 1e6:.2f}M parameters)",
         "",
         f"Quality: mean-pooled sentence embeddings of {enc['n_texts']} eval-split docstring sentences "
         "(`sample_texts(\"eval\", 256, seed=0)`, max_length 128) vs the fp32 model's: mean and min cosine, "
-        f"and top-1 nearest-neighbour agreement. Latency: one forward at batch {b} × seq {s} "
+        f"and top-1 nearest-neighbour agreement. Latency (eager PyTorch): one forward at batch {b} × seq {s} "
         f"(padding to max_length {s}), {timing}.",
         "",
         encoder_table(enc).to_markdown(),
         "",
         _drift_line(enc, (ENCODER_SHAPE,)),
         "",
+        *_compiled_block(enc, settings),
     ]
-    notes = _notes(lm["variants"]) + _notes(enc["variants"])
+    notes = _notes("stdlib-coder", lm["variants"]) + _notes("MiniLM", enc["variants"])
     if notes:
         out += ["Notes from the run:", "", *notes, ""]
     out += [
-        "**Reading the table.** Every figure is measured in this one run on this machine; the ratios "
-        "(\"vs fp32\") compare rows of the same run. *Size on disk* is the bytes of every file each tool's "
-        "saved artifact holds, and *size vs fp32* divides it by the fp32 model saved the same way (slimkit "
-        "rows: the `slimkit.save` folder, which also carries config, tokenizer and slimkit.json, so its "
-        "ratio sits above the weights-only ratio; torchao: safetensors through its prototype flattening; "
-        "torch.ao: `torch.save` of the state dict, a pickle). *Bits/weight* counts the stored codes plus "
-        "scales (and zero points) of the quantized layers only; float layers (norms, biases, unquantized "
-        "embeddings) are left out of it but not out of the size. Quality compares with the fp32 model "
-        "on held-out data never used to choose anything. Latency is eager PyTorch on CPU "
-        f"({THREADS} threads): slimkit's `QuantLinear` dequantizes its int8 weight to float32 on every "
-        "forward and then runs the float matmul, so it is expected to be *slower* than fp32, and the "
-        "table shows by how much, untuned. torchao's int8 weight-only is likewise run eagerly here (its "
-        "documented speed path is `torch.compile`, not used for any row), and torch.ao's "
-        "`quantize_dynamic` is a different technique (int8 activations quantized at run time, fbgemm "
-        "int8 GEMM), listed for orientation. slimkit's int8 speed is meant to come from the ONNX "
-        "export run with ONNX Runtime's int8 kernels (a later issue), not from these PyTorch modules.",
+        "**Reading the table.** All figures come from this one run; every \"vs fp32\" ratio compares rows "
+        "of that run. *Size on disk*: bytes of every file of each tool's saved artifact, divided by fp32 "
+        "saved the same way (slimkit: the `slimkit.save` folder, whose config, tokenizer and slimkit.json "
+        "files raise its ratio a little above the weights-only one; torchao: safetensors through its "
+        "prototype flattening; torch.ao: `torch.save` of the state dict). *Bits/weight*: stored codes plus "
+        "scales (and zero points) of the quantized layers only; float tensors left unquantized count in "
+        "the size, not here. Quality is measured against fp32 on held-out data that nothing was tuned on. "
+        f"Latency is eager PyTorch on {THREADS} threads: slimkit's `QuantLinear` dequantizes its int8 "
+        "weight to float32 on every forward and then runs the float matmul, so it is expected to be "
+        "*slower* than fp32; it is reported as measured, untuned. `torch.compile`, torchao's documented "
+        "speed path, is timed apart for fp32, slimkit and torchao alike. torch.ao `quantize_dynamic` is a "
+        "different technique (activations quantized to int8 at run time, int8 GEMM through fbgemm), shown "
+        "for orientation. slimkit's int8 speed is to come from ONNX Runtime's int8 kernels through the "
+        "ONNX export (a later issue), not from these PyTorch modules.",
     ]
     return "\n".join(out).replace("\n\n\n", "\n\n")
 
@@ -509,16 +638,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_int8_weight_only", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: fewer runs and tokens; never written")
     parser.add_argument("--no-write", action="store_true", help="print the tables only; leave BENCHMARKS.md alone")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile latency rows")
     parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     harness.set_threads(THREADS)
     torch.manual_seed(0)
+    # A cold, private inductor cache: "first call incl. compile" never reuses an earlier run's work.
+    inductor_cache = tempfile.mkdtemp(prefix="slimkit-bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
     settings = QUICK if args.quick else FULL
     env = harness.environment()
     start = time.perf_counter()
-    lm = run_lm(settings)
-    enc = run_encoder(settings)
+    try:
+        lm = run_lm(settings, compile_rows=not args.no_compile)
+        enc = run_encoder(settings, compile_rows=not args.no_compile)
+    finally:
+        shutil.rmtree(inductor_cache, ignore_errors=True)
     seconds = time.perf_counter() - start
     markdown = render(lm, enc, env, settings, seconds)
 
@@ -527,8 +663,17 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(encoder_table(enc).to_text())
     print()
+    for result in (lm, enc):
+        if result["compiled"]:
+            print(compiled_table(result).to_text())
+            print()
     print(markdown)
     print(f"\nrun took {seconds:.0f} s")
+    own_failures = [f"{v.label}: {v.error}" for r in (lm, enc) for v in r["variants"]
+                    if v.error and v.family in ("fp32", "slimkit")]
+    if own_failures:
+        print("fp32/slimkit rows failed, BENCHMARKS.md not written:\n  " + "\n  ".join(own_failures), file=sys.stderr)
+        return 1
     if args.quick or args.no_write:
         print("(not written: " + ("--quick" if args.quick else "--no-write") + ")")
     else:

@@ -3,7 +3,9 @@
 - ``set_threads(2)``: the thread count every timing runs at (torch intra-op threads, plus
   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for libraries that read them at start-up).
 - ``timed(fn)``: ``warmup`` untimed calls, then the median (and spread) of ``runs`` timed
-  calls, through slimkit's own ``measure_latency`` so benchmarks and reports time alike.
+  calls, through slimkit's own ``measure_latency`` so benchmarks and reports time alike;
+  ``timed_interleaved(fns)``: the same for several functions in alternating rounds, so
+  that a machine slowing down mid-run does not favour whichever was timed last.
 - ``saved_size(...)``: bytes on disk of a saved artifact, every file counted.
 - ``environment()``: where and how a run happened (date, CPU, versions, threads, command).
 - ``Table``: a GitHub-markdown table; ``write_section``: replace one marked section of a
@@ -14,6 +16,7 @@ Benchmarks are not tests: these helpers measure, they never assert a target.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -75,6 +78,55 @@ def timed(fn: Callable[[], Any], warmup: int = 3, runs: int = 10, **kw: Any):
 
     kw.setdefault("threads", torch.get_num_threads())
     return measure_latency(fn, warmup=warmup, runs=runs, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interleaved:
+    """Result of ``timed_interleaved``: pooled stats per name, and each round's median per name (drift)."""
+
+    stats: dict[str, Any]
+    round_medians: dict[str, list[float]]
+
+
+def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 3, runs: int = 20, rounds: int = 4,
+                      **kw: Any) -> Interleaved:
+    """Time several functions in alternating rounds, so drift on a shared machine falls on all alike.
+
+    Round r calls every function in turn (order reversed on odd rounds): ``warmup`` untimed
+    calls in the first round and one in later rounds (caches re-warm after the others ran),
+    then ``runs / rounds`` calls, each timed by ``measure_latency``. A function's stats pool
+    its ``runs`` timed calls (median, mean, min, max); ``round_medians`` shows how the
+    machine drifted. Keyword arguments (``batch_size``, ``seq_len``) describe one call.
+    """
+    import statistics
+
+    import torch
+
+    from slimkit.evaluation.measure import LatencyStats, measure_latency
+
+    if rounds < 1 or runs < rounds or runs % rounds:
+        raise ValueError(f"runs ({runs}) must be a positive multiple of rounds ({rounds})")
+    names = list(fns)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    round_medians: dict[str, list[float]] = {n: [] for n in names}
+    threads = torch.get_num_threads()
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            for _ in range(warmup if r == 0 else 1):
+                fns[name]()
+            block = [measure_latency(fns[name], warmup=0, runs=1, threads=threads).median_ms
+                     for _ in range(runs // rounds)]
+            samples[name] += block
+            round_medians[name].append(statistics.median(block))
+    stats = {}
+    batch = kw.get("batch_size")
+    for name, times in samples.items():
+        median = statistics.median(times)
+        stats[name] = LatencyStats(
+            median_ms=median, mean_ms=statistics.fmean(times), min_ms=min(times), max_ms=max(times), runs=runs,
+            warmup=warmup, threads=threads, batch_size=batch, seq_len=kw.get("seq_len"),
+            throughput=None if not batch or median <= 0 else batch / (median / 1e3))
+    return Interleaved(stats, round_medians)
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,6 +223,14 @@ def command_line() -> str:
     return shlex.join(args)
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (other work on the machine distorts timings), or None where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def environment() -> dict[str, Any]:
     """Date, machine, CPU, cores, package versions, thread count and command of this run."""
     import torch
@@ -193,6 +253,7 @@ def environment() -> dict[str, Any]:
         "torchao": _version("torchao"),
         "slimkit": _slimkit_version(),
         "threads": torch.get_num_threads(),
+        "load_average_1min": load_average(),
         "command": command_line(),
     }
 
@@ -202,7 +263,8 @@ def environment_line(env: dict[str, Any]) -> str:
     return (
         f"Run {env['date']} on {env['cpu']}, {env['cores']} cores, {env['threads']} torch threads; "
         f"slimkit {env['slimkit']}, Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"torchao {env['torchao']}, onnxruntime {env['onnxruntime']}. Command: `{env['command']}`"
+        f"torchao {env['torchao']}, onnxruntime {env['onnxruntime']}; 1-min load average at start "
+        f"{env['load_average_1min']}. Command: `{env['command']}`"
     )
 
 
@@ -224,9 +286,10 @@ class Table:
 
     ``align`` is one letter per column: ``l`` (default), ``r`` or ``c``.
 
-    >>> t = Table(["name", "ms"], align="lr"); t.add("fp32", "1.5"); print(t.to_markdown())
+    >>> t = Table(["name", "ms"], align="lr").add("fp32", "1.5")
+    >>> print(t.to_markdown())
     | name | ms |
-    |:-----|---:|
+    |:---|---:|
     | fp32 | 1.5 |
     """
 

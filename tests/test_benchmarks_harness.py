@@ -119,3 +119,20 @@ def test_saved_size_counts_every_file(tmp_path):
     assert saved_size(save) == 123
     with pytest.raises(RuntimeError):
         saved_size(lambda folder: None)
+
+
+def test_timed_interleaved_alternates_order_and_pools_runs():
+    from benchmarks.harness import timed_interleaved
+
+    calls = []
+    result = timed_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               warmup=2, runs=4, rounds=2, batch_size=8, seq_len=16)
+    # round 0: a (2 warm-up + 2 timed), b (same); round 1 reversed: b (1 + 2), a (1 + 2)
+    assert "".join(calls) == "aaaabbbbbbbaaa"
+    for name in "ab":
+        stats = result.stats[name]
+        assert stats.runs == 4 and stats.batch_size == 8 and stats.seq_len == 16
+        assert stats.min_ms <= stats.median_ms <= stats.max_ms
+        assert len(result.round_medians[name]) == 2
+    with pytest.raises(ValueError):
+        timed_interleaved({"a": lambda: None}, runs=5, rounds=2)
