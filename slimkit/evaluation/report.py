@@ -103,7 +103,7 @@ class ModelMeasurement:
 
 
 def environment_info() -> dict[str, Any]:
-    """Where a measurement ran: slimkit/torch/python versions, platform, CPUs, torch threads, date."""
+    """Where a measurement ran: slimkit/torch/python versions, platform, CPUs, torch threads, load average, date."""
     try:
         import slimkit
 
@@ -118,6 +118,8 @@ def environment_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Other work on the machine slows timed runs: a load above the thread count flags it.
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
