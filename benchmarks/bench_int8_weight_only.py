@@ -302,8 +302,8 @@ def _forward(model: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> Call
 
 
 def _time_all(variants: list[Variant], shape: tuple[int, int], inputs: dict[str, torch.Tensor],
-              settings: Settings) -> dict[str, list[float]]:
-    """Time every variant that runs on the same inputs, interleaved in rounds; returns the round medians."""
+              settings: Settings) -> harness.Interleaved:
+    """Time every variant that runs on the same inputs, interleaved in rounds (stats go on the variants)."""
     ok = []
     for v in variants:  # one guarded call first: a peer that fails here is reported, not timed
         _guard(v, f"forward at {shape[0]}x{shape[1]}", _forward(v.model, inputs))
@@ -315,7 +315,7 @@ def _time_all(variants: list[Variant], shape: tuple[int, int], inputs: dict[str,
                                        batch_size=shape[0], seq_len=shape[1])
     for v in ok:
         v.latency[shape] = result.stats[v.label]
-    return result.round_medians
+    return result
 
 
 @dataclass
@@ -330,7 +330,7 @@ class CompiledRow:
 
 
 def _time_compiled(variants: list[Variant], shape_inputs: list[tuple[tuple[int, int], dict[str, torch.Tensor]]],
-                   settings: Settings) -> list[CompiledRow]:
+                   settings: Settings) -> tuple[list[CompiledRow], dict[tuple[int, int], float | None]]:
     """torchao's documented speed path, applied alike to fp32, slimkit RTN (Linear) and torchao.
 
     ``torch.compile(model, dynamic=False)``: inductor, default mode, one static graph per
@@ -343,6 +343,7 @@ def _time_compiled(variants: list[Variant], shape_inputs: list[tuple[tuple[int, 
     from torch._dynamo.utils import counters
 
     rows = []
+    compiled_load: dict[tuple[int, int], float | None] = {}
     chosen = [variants[0], next(v for v in variants if v.family == "slimkit"),
               next(v for v in variants if v.family == "torchao")]
     for shape, inputs in shape_inputs:
@@ -376,8 +377,9 @@ def _time_compiled(variants: list[Variant], shape_inputs: list[tuple[tuple[int, 
                                                batch_size=shape[0], seq_len=shape[1])
             for label, (row, _) in ready.items():
                 row.latency = result.stats[label]
+            compiled_load[shape] = result.other_load
     torch._dynamo.reset()
-    return rows
+    return rows, compiled_load
 
 
 def run_lm(settings: Settings, compile_rows: bool) -> dict[str, Any]:
@@ -401,10 +403,10 @@ def run_lm(settings: Settings, compile_rows: bool) -> dict[str, Any]:
         inputs = {"input_ids": torch.randint(0, vocab, shape, generator=g)}
         shape_inputs.append((shape, inputs))
         drift[shape] = _time_all(variants, shape, inputs, settings)
-    compiled = _time_compiled(variants, shape_inputs, settings) if compile_rows else []
+    compiled, compiled_load = _time_compiled(variants, shape_inputs, settings) if compile_rows else ([], {})
     n_params = sum(p.numel() for p in fp32.parameters())
     return {"variants": variants, "data": data.description, "drift": drift, "params": n_params,
-            "compiled": compiled, "shapes": LM_SHAPES}
+            "compiled": compiled, "compiled_load": compiled_load, "shapes": LM_SHAPES}
 
 
 def run_encoder(settings: Settings, compile_rows: bool) -> dict[str, Any]:
@@ -429,10 +431,11 @@ def run_encoder(settings: Settings, compile_rows: bool) -> dict[str, Any]:
     inputs, batch, seq = latency_inputs(fp32, data)  # texts cycled to 32, padding="max_length" 128
     assert (batch, seq) == ENCODER_SHAPE and inputs["input_ids"].shape == ENCODER_SHAPE
     drift = {ENCODER_SHAPE: _time_all(variants, ENCODER_SHAPE, inputs, settings)}
-    compiled = _time_compiled(variants, [(ENCODER_SHAPE, inputs)], settings) if compile_rows else []
+    compiled, compiled_load = (_time_compiled(variants, [(ENCODER_SHAPE, inputs)], settings) if compile_rows
+                               else ([], {}))
     n_params = sum(p.numel() for p in fp32.parameters())
     return {"variants": variants, "n_texts": len(data.texts), "drift": drift, "params": n_params,
-            "compiled": compiled, "shapes": (ENCODER_SHAPE,)}
+            "compiled": compiled, "compiled_load": compiled_load, "shapes": (ENCODER_SHAPE,)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -545,17 +548,23 @@ def compiled_table(result: dict[str, Any]) -> harness.Table:
     return t
 
 
+def _load_text(fraction: float | None) -> str:
+    return "unknown" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def _drift_line(result: dict[str, Any], shapes: tuple[tuple[int, int], ...]) -> str:
     fp32 = result["variants"][0]
     parts = []
     for shape in shapes:
-        medians = result["drift"].get(shape, {}).get(fp32.label)
+        timing = result["drift"].get(shape)
+        medians = timing.round_medians.get(fp32.label) if timing else None
         if medians:
-            parts.append(f"b{shape[0]}×{shape[1]} " + ", ".join(f"{m:.1f}" for m in medians) + " ms")
+            parts.append(f"b{shape[0]}×{shape[1]}: fp32's median per round " + ", ".join(f"{m:.1f}" for m in medians)
+                         + f" ms; other processes took {_load_text(timing.other_load)} of the CPUs meanwhile")
     if not parts:
         return ""
-    return ("Drift check, fp32's median in each interleaved round: " + "; ".join(parts)
-            + ". Every row was timed in each of these rounds, so drift falls on all rows alike.")
+    return ("Drift check (every row is timed in every round, so drift falls on all rows alike): "
+            + "; ".join(parts) + ".")
 
 
 def _compiled_block(result: dict[str, Any], settings: Settings) -> list[str]:
@@ -568,6 +577,9 @@ def _compiled_block(result: dict[str, Any], settings: Settings) -> list[str]:
         "themselves) after the first call; quality and size are those of the eager rows:",
         "",
         compiled_table(result).to_markdown(),
+        "",
+        "Share of the CPUs other processes took while the compiled rows were timed: "
+        + ", ".join(f"{_load_text(f)} ({b}×{s_})" for (b, s_), f in result["compiled_load"].items()) + ".",
         "",
     ]
 

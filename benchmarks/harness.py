@@ -24,6 +24,7 @@ import re
 import shlex
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -80,12 +81,54 @@ def timed(fn: Callable[[], Any], warmup: int = 3, runs: int = 10, **kw: Any):
     return measure_latency(fn, warmup=warmup, runs=runs, **kw)
 
 
+class OtherLoad:
+    """Context manager: the share of the machine's CPU time that went to anything but this process.
+
+    From ``/proc/stat`` (busy jiffies of all CPUs, steal included: a hypervisor taking the
+    CPU away distorts timings as much as a neighbour process) minus this process's own CPU
+    time (``os.times``), over the wall time of the block times the CPU count. ``fraction``
+    is None where /proc/stat cannot be read (not Linux).
+    """
+
+    fraction: float | None = None
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
+        busy = sum(fields[:8]) - fields[3] - fields[4]
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self) -> OtherLoad:
+        self._busy, self._own, self._wall = self._busy_seconds(), self._own_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = self._busy_seconds()
+        wall = time.perf_counter() - self._wall
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        others = (busy - self._busy) - (self._own_seconds() - self._own)
+        self.fraction = max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Interleaved:
-    """Result of ``timed_interleaved``: pooled stats per name, and each round's median per name (drift)."""
+    """Result of ``timed_interleaved``: pooled stats per name, each round's median per name
+    (drift), and the share of CPU time other processes took meanwhile (None if unknown)."""
 
     stats: dict[str, Any]
     round_medians: dict[str, list[float]]
+    other_load: float | None = None
 
 
 def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 3, runs: int = 20, rounds: int = 4,
@@ -110,14 +153,15 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 3, runs: 
     samples: dict[str, list[float]] = {n: [] for n in names}
     round_medians: dict[str, list[float]] = {n: [] for n in names}
     threads = torch.get_num_threads()
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            for _ in range(warmup if r == 0 else 1):
-                fns[name]()
-            block = [measure_latency(fns[name], warmup=0, runs=1, threads=threads).median_ms
-                     for _ in range(runs // rounds)]
-            samples[name] += block
-            round_medians[name].append(statistics.median(block))
+    with OtherLoad() as load:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else reversed(names):
+                for _ in range(warmup if r == 0 else 1):
+                    fns[name]()
+                block = [measure_latency(fns[name], warmup=0, runs=1, threads=threads).median_ms
+                         for _ in range(runs // rounds)]
+                samples[name] += block
+                round_medians[name].append(statistics.median(block))
     stats = {}
     batch = kw.get("batch_size")
     for name, times in samples.items():
@@ -126,7 +170,7 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 3, runs: 
             median_ms=median, mean_ms=statistics.fmean(times), min_ms=min(times), max_ms=max(times), runs=runs,
             warmup=warmup, threads=threads, batch_size=batch, seq_len=kw.get("seq_len"),
             throughput=None if not batch or median <= 0 else batch / (median / 1e3))
-    return Interleaved(stats, round_medians)
+    return Interleaved(stats, round_medians, load.fraction)
 
 
 # ---------------------------------------------------------------------------------------

@@ -136,3 +136,11 @@ def test_timed_interleaved_alternates_order_and_pools_runs():
         assert len(result.round_medians[name]) == 2
     with pytest.raises(ValueError):
         timed_interleaved({"a": lambda: None}, runs=5, rounds=2)
+
+
+def test_other_load_is_a_fraction_of_the_machine():
+    from benchmarks.harness import OtherLoad
+
+    with OtherLoad() as load:
+        sum(range(200_000))  # some CPU of our own, which must not count as "other"
+    assert load.fraction is None or 0.0 <= load.fraction <= 1.5  # jiffy rounding can overshoot a little
