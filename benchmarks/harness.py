@@ -30,6 +30,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from slimkit.evaluation.measure import load_average  # the one definition, shared with slimkit's reports
+
 BENCHMARKS_FILE = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 # Written only when the markdown file does not exist yet.
@@ -162,14 +164,9 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 3, runs: 
                          for _ in range(runs // rounds)]
                 samples[name] += block
                 round_medians[name].append(statistics.median(block))
-    stats = {}
-    batch = kw.get("batch_size")
-    for name, times in samples.items():
-        median = statistics.median(times)
-        stats[name] = LatencyStats(
-            median_ms=median, mean_ms=statistics.fmean(times), min_ms=min(times), max_ms=max(times), runs=runs,
-            warmup=warmup, threads=threads, batch_size=batch, seq_len=kw.get("seq_len"),
-            throughput=None if not batch or median <= 0 else batch / (median / 1e3))
+    stats = {name: LatencyStats.from_samples(times, warmup=warmup, threads=threads, batch_size=kw.get("batch_size"),
+                                             seq_len=kw.get("seq_len"))
+             for name, times in samples.items()}
     return Interleaved(stats, round_medians, load.fraction)
 
 
@@ -265,14 +262,6 @@ def command_line() -> str:
     else:
         args = ["python", *sys.argv]
     return shlex.join(args)
-
-
-def load_average() -> float | None:
-    """The 1-minute load average (other work on the machine distorts timings), or None where unknown."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def environment() -> dict[str, Any]:

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,18 @@ class LatencyStats:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_samples(cls, times_ms: Sequence[float], *, warmup: int, threads: int, batch_size: int | None = None,
+                     seq_len: int | None = None) -> LatencyStats:
+        """Summarize timed calls (ms): median, mean, min, max and, with ``batch_size``, items/s at the median."""
+        median = statistics.median(times_ms)
+        throughput = None
+        if batch_size is not None and median > 0:  # a zero median has no meaningful rate
+            throughput = batch_size / (median / 1e3)
+        return cls(median_ms=median, mean_ms=statistics.fmean(times_ms), min_ms=min(times_ms), max_ms=max(times_ms),
+                   runs=len(times_ms), warmup=warmup, threads=threads, batch_size=batch_size, seq_len=seq_len,
+                   throughput=throughput)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyStats:
         """Rebuild from ``to_dict`` output; unknown or missing keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -223,6 +235,7 @@ def measure_latency(
         used = torch.get_num_threads()
         warm_start = time.perf_counter()
         done = 0
+        # The 1000-call cap bounds warm-up for functions far faster than min_warmup_s.
         while done < warmup or (time.perf_counter() - warm_start < min_warmup_s and done < 1000):
             fn()
             done += 1
@@ -235,22 +248,7 @@ def measure_latency(
         if threads is not None:
             torch.set_num_threads(previous)
 
-    median = statistics.median(times_ms)
-    throughput = None
-    if batch_size is not None and median > 0:  # a zero median has no meaningful rate
-        throughput = batch_size / (median / 1e3)
-    return LatencyStats(
-        median_ms=median,
-        mean_ms=statistics.fmean(times_ms),
-        min_ms=min(times_ms),
-        max_ms=max(times_ms),
-        runs=runs,
-        warmup=warmup,
-        threads=used,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        throughput=throughput,
-    )
+    return LatencyStats.from_samples(times_ms, warmup=warmup, threads=used, batch_size=batch_size, seq_len=seq_len)
 
 
 def _infer_shape(inputs: Any) -> tuple[int | None, int | None]:
@@ -268,6 +266,17 @@ def _infer_shape(inputs: Any) -> tuple[int | None, int | None]:
     if isinstance(first, torch.Tensor) and first.dim() >= 2:
         return first.shape[0], None
     return None, None
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none.
+
+    Other work on the machine slows timed runs; a load above the thread count flags it.
+    """
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def model_latency(model: nn.Module, inputs: Any, **kw: Any) -> LatencyStats:

@@ -25,7 +25,7 @@ import torch
 
 from slimkit.core.atomic import atomic_write_text
 from slimkit.core.errors import DataError, closest
-from slimkit.evaluation.measure import LatencyStats
+from slimkit.evaluation.measure import LatencyStats, load_average
 
 QUALITY_DIRECTIONS = {
     "perplexity": "lower",
@@ -118,8 +118,7 @@ def environment_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        # Other work on the machine slows timed runs: a load above the thread count flags it.
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "load_average_1min": load_average(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -20,13 +20,12 @@ pool, a flatten and a Linear head. All plain ``nn`` modules in ``features``
 Training (``train_digits``): the train split only, with random shifts of up to
 one pixel, AdamW and a one-cycle schedule for a fixed number of epochs; no
 model selection at all, so neither calibration nor test accuracy steers it.
-Reproduce the shipped weights with ``python -m slimkit.zoo.digits OUT_DIR``.
+Reproduce the shipped weights with ``slimkit zoo train digits-cnn --out OUT_DIR`` (1 thread).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -258,20 +257,3 @@ def _load_from(folder: Path) -> DigitsCNN:
 def load_pretrained() -> DigitsCNN:
     """The shipped digits-cnn, weights loaded strictly, in eval mode."""
     return _load_from(DATA_DIR)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m slimkit.zoo.digits OUT_DIR [EPOCHS]`` retrains and prints the summary."""
-    args = sys.argv[1:] if argv is None else argv
-    if not 1 <= len(args) <= 2:
-        print("usage: python -m slimkit.zoo.digits OUT_DIR [EPOCHS]", file=sys.stderr)
-        return 2
-    # One thread: the shipped figures were produced this way, and it keeps runs reproducible.
-    torch.set_num_threads(1)
-    kwargs = {"epochs": int(args[1])} if len(args) == 2 else {}
-    print(json.dumps(train_digits(args[0], **kwargs), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

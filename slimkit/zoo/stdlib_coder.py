@@ -17,13 +17,17 @@ at least 1% between checks. The eval split is never looked at while training.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from slimkit.zoo import corpus
+
+_logger = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -111,12 +115,14 @@ def train(
     lr: float = 2e-3,
     seed: int = 0,
     student: bool = False,
-    log=print,  # the CLI and __main__ pass a flushing printer so background logs stay current
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train stdlib-coder from scratch and write it (safetensors, config, tokenizer, training log) to ``out_dir``.
 
+    Progress lines go to ``log`` (default: this module's logger at INFO).
     Returns the training summary that is also written to ``training.json``.
     """
+    log = log or _logger.info
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -207,8 +213,9 @@ def unigram_perplexity(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_si
     return float(torch.exp(-log_p[eval_ids[1:]].mean()))  # the same tokens the LM predicts (all but the first)
 
 
-def document(model_dir: str | Path, log=print) -> dict:
+def document(model_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
     """Measure the shipped model on the eval split and the unigram baseline; write ``eval.json`` beside it."""
+    log = log or _logger.info
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     from slimkit.evaluation.quality import perplexity
@@ -230,14 +237,3 @@ def document(model_dir: str | Path, log=print) -> dict:
     (model_dir / "eval.json").write_text(json.dumps(summary, indent=2))
     log(json.dumps(summary, indent=2))
     return summary
-
-
-if __name__ == "__main__":  # pragma: no cover - used to train the shipped model
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--minutes", type=float, default=60.0)
-    a = ap.parse_args()
-    torch.set_num_threads(2)
-    train(a.out, minutes=a.minutes, log=lambda line: print(line, flush=True))
