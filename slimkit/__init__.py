@@ -28,8 +28,14 @@ _EXPORTS = {
     "Config": "slimkit.core.config",
     "SlimkitError": "slimkit.core.errors",
     "RTN": "slimkit.quantization.weight_only",
+    "DynamicQuant": "slimkit.quantization.ptq",
+    "StaticQuant": "slimkit.quantization.ptq",
+    "CastPrecision": "slimkit.quantization.mixed",
+    "QAT": "slimkit.quantization.qat",
+    "fold_batchnorm": "slimkit.quantization.fold",
     "Recipe": "slimkit.recipe.schema",
     "CompressionReport": "slimkit.evaluation.report",
+    "export_onnx": "slimkit.export.onnx",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

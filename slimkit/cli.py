@@ -25,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="slimkit: make neural networks smaller and faster, and measure what was gained.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Built-in models that need no download.")
 app.add_typer(zoo_app, name="zoo")
+export_app = typer.Typer(no_args_is_help=True, help="Export a model for deployment (ONNX).")
+app.add_typer(export_app, name="export")
 
 DEFAULT_MODEL = "stdlib-coder"
 DEFAULT_RECIPE = "int8-weight-only"
@@ -219,6 +221,50 @@ def zoo_train(
         log(json.dumps(train_digits(out), indent=2))
     else:
         raise SlimkitError(f"cannot train {name!r}: choose stdlib-coder or digits-cnn")
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    source: str = typer.Argument(..., help="Zoo name, slimkit checkpoint folder or Hugging Face folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The .onnx file (default: SOURCE/model.onnx for a folder, ./NAME.onnx for a zoo model)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run ONNX Runtime beside PyTorch and report the max abs difference."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary."),
+) -> None:
+    """Export a model to ONNX (quantized layers as int8 QDQ graphs) and check it against PyTorch."""
+    from slimkit.core.io import load
+    from slimkit.export.onnx import OPS_OF_INTEREST, check_onnx, export_onnx, ort_op_counts
+    from slimkit.zoo import ZOO
+
+    ui = _Ui(quiet, as_json)
+    with ui.step(f"loading {source}"):
+        model = load(source)
+    if out is None:
+        out = Path(f"{source}.onnx") if source in ZOO else Path(source) / "model.onnx"
+    with ui.step(f"exporting to {out}"):
+        result = export_onnx(model, out)
+    diff, kernels = None, None
+    if check:
+        with ui.step("checking with ONNX Runtime"):
+            diff = check_onnx(model, out)
+            kernels = ort_op_counts(out)
+    ops = result.op_counts()
+    summary = {"path": str(out), "size_bytes": result.size_bytes, "ops": ops, "ort_ops": kernels,
+               "max_abs_diff": diff, "notes": list(result.notes)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+
+    def shown(counts: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k in OPS_OF_INTEREST) or "none"
+
+    ui.out.print(f"wrote {out} ({result.size_bytes:,} bytes)", highlight=False, soft_wrap=True)
+    ui.out.print(f"ops: {shown(ops)}", highlight=False, soft_wrap=True)
+    if kernels is not None:
+        ui.out.print(f"ONNX Runtime kernels: {shown(kernels)}", highlight=False, soft_wrap=True)
+        ui.out.print(f"max abs diff vs PyTorch: {diff:.3g}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        ui.out.print(f"  note: {note}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

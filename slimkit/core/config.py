@@ -91,6 +91,8 @@ class Config:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Config):  # a nested config (e.g. QAT's base) as its own type-tagged dict
+        return value.to_dict()
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

@@ -24,6 +24,9 @@ _loaded = False
 # Every module that registers a built-in technique; add a new technique's module here.
 _BUILTIN_MODULES = (
     "slimkit.quantization.weight_only",
+    "slimkit.quantization.ptq",
+    "slimkit.quantization.mixed",
+    "slimkit.quantization.qat",
 )
 
 

@@ -67,3 +67,33 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def check_layer_map(mapping: object, owner: str, check_value) -> None:
+    """Validate a per-layer map ``{pattern: value, ..., "default": value}`` (e.g. bits per layer).
+
+    ``check_value(value)`` returns an error string or None. The map needs a ``"default"``
+    entry so every layer gets a value; patterns follow ``matches``.
+    """
+    if not isinstance(mapping, dict) or not mapping:
+        raise ConfigError(f"{owner}: a per-layer map must be a non-empty mapping of pattern -> value")
+    if "default" not in mapping:
+        raise ConfigError(f"{owner}: the per-layer map {mapping!r} needs a 'default' entry for the layers no pattern matches")
+    check_patterns([k for k in mapping if k != "default"], owner)
+    for key, value in mapping.items():
+        problem = check_value(value)
+        if problem:
+            raise ConfigError(f"{owner}[{key!r}]: {problem}")
+
+
+def value_for(name: str, setting):
+    """The value a per-layer setting gives module ``name``: the setting itself, or from a map.
+
+    In a map, the first pattern (in order) that matches ``name`` wins, else ``"default"``.
+    """
+    if not isinstance(setting, dict):
+        return setting
+    for pattern, value in setting.items():
+        if pattern != "default" and matches(name, pattern):
+            return value
+    return setting["default"]

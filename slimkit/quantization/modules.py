@@ -1,14 +1,22 @@
-"""Weight-only quantized layers: QuantLinear and QuantEmbedding.
+"""Quantized layers: QuantLinear, QuantConv2d and QuantEmbedding.
 
-Both hold integer codes and float32 scales as buffers (so ``state_dict`` carries exactly
-what is stored on disk) and dequantize on the fly in ``forward``: simple and exact; the
-fast path is the ONNX export with real int8/int4 kernels.
+All hold integer weight codes and float32 scales as buffers (so ``state_dict`` carries
+exactly what is stored on disk) and dequantize on the fly in ``forward``: simple and exact;
+the fast path is the ONNX export with real int8 kernels (``slimkit.export.onnx``).
 
-Stored tensors (rows = out_features or num_embeddings, cols = in_features or embedding_dim):
-- ``qweight``: 8 bit: the codes themselves, (rows, cols) int8 (symmetric) or uint8
-  (asymmetric); 4/2 bit: uint8 (rows, ceil(cols·bits/8)) packed by ``primitives.pack``
-  (first code in the low bits, signed codes offset by 2^(bits−1)).
+Stored tensors (rows = out_features / out_channels / num_embeddings, cols = in_features /
+in_channels·kh·kw / embedding_dim):
+- ``qweight``: 8/16 bit: the codes themselves, (rows, cols) ``code_dtype``; 4/2/1 bit:
+  uint8 (rows, ceil(cols·bits/8)) packed by ``primitives.pack`` (first code in the low
+  bits, signed codes offset by 2^(bits−1), binary ±1 as bit 0/1).
 - ``scale``: float32 (rows, n_groups); ``zero``: uint8 (rows, n_groups), asymmetric only.
+
+QuantLinear and QuantConv2d can also quantize their *input* (``act_mode``):
+- ``"static"``: one frozen per-tensor scale/zero (``act_scale``, ``act_zero``) found by an
+  observer on calibration data;
+- ``"dynamic"``: a per-tensor range measured on each batch at run time.
+The input is then fake-quantized (quantize, dequantize) before the float matmul, which is
+exactly what an int8 kernel computes up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -21,16 +29,23 @@ from torch import nn
 
 from slimkit.core.modules import SlimkitModule, register_module_type
 from slimkit.quantization.primitives import (
+    BITS,
     QuantizedWeight,
     code_dtype,
     dequantize_weight,
+    fake_quantize,
     pack,
     packed_size,
     qrange,
     quantize_weight,
+    scale_zero_from_range,
     split_groups,
     unpack,
 )
+
+# Bit widths stored one code per element (not packed).
+UNPACKED_BITS = (8, 16)
+ACT_MODES = (None, "static", "dynamic")
 
 
 class _QuantWeightMixin:
@@ -41,22 +56,23 @@ class _QuantWeightMixin:
     symmetric: bool
 
     def _init_storage(self, rows: int, cols: int, device: torch.device | str | None) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
         qrange(self.bits, self.symmetric)  # raises for an impossible bits/symmetric pair
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits!r}")
         n_groups, _ = split_groups(cols, self.group_size)
-        if self.bits == 8:
-            qweight = torch.zeros(rows, cols, dtype=code_dtype(self.symmetric), device=device)
+        if self.bits in UNPACKED_BITS:
+            qweight = torch.zeros(rows, cols, dtype=code_dtype(self.symmetric, self.bits), device=device)
         else:
             qweight = torch.zeros(rows, packed_size(cols, self.bits), dtype=torch.uint8, device=device)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", torch.ones(rows, n_groups, dtype=torch.float32, device=device))
-        zero = None if self.symmetric else torch.zeros(rows, n_groups, dtype=torch.uint8, device=device)
+        zero_dtype = torch.uint8 if self.bits <= 8 else torch.int32
+        zero = None if self.symmetric else torch.zeros(rows, n_groups, dtype=zero_dtype, device=device)
         self.register_buffer("zero", zero)
 
     def _store(self, qw: QuantizedWeight) -> None:
         """Copy a ``QuantizedWeight`` into the buffers (packing below 8 bits)."""
-        q = qw.q if self.bits == 8 else pack(qw.q, self.bits, symmetric=self.symmetric)
+        q = qw.q if self.bits in UNPACKED_BITS else pack(qw.q, self.bits, symmetric=self.symmetric)
         self.qweight.copy_(q)
         self.scale.copy_(qw.scale)
         if self.zero is not None:
@@ -64,7 +80,11 @@ class _QuantWeightMixin:
 
     def _codes(self, qweight: torch.Tensor, cols: int) -> torch.Tensor:
         """Unpacked codes of (gathered rows of) ``qweight``."""
-        return qweight if self.bits == 8 else unpack(qweight, self.bits, cols, symmetric=self.symmetric)
+        return qweight if self.bits in UNPACKED_BITS else unpack(qweight, self.bits, cols, symmetric=self.symmetric)
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked (rows, cols) integer codes of the whole weight."""
+        return self._codes(self.qweight, self._cols)
 
     def weight_bits_per_element(self) -> float:
         """Measured storage bits per weight element: bytes of qweight, scale and zero × 8 / (rows·cols)."""
@@ -77,11 +97,68 @@ class _QuantWeightMixin:
             return self._rows * self._cols, int(torch.count_nonzero(self.dense_weight()))
 
 
-@register_module_type
-class QuantLinear(_QuantWeightMixin, SlimkitModule):
-    """A Linear whose weight is stored as 8/4/2-bit codes with per-channel or per-group scales.
+class _InputQuantMixin:
+    """Optional quantization of a layer's input: none, static (frozen scale) or dynamic (per batch)."""
 
-    ``forward`` dequantizes the weight to the input's dtype and calls ``F.linear``.
+    act_mode: str | None
+    act_bits: int
+    act_symmetric: bool
+
+    def _init_input_quant(self, act_mode: str | None, act_bits: int, act_symmetric: bool, device) -> None:
+        if act_mode not in ACT_MODES:
+            raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
+        if act_mode is not None and act_bits not in (8, 16):
+            raise ValueError(f"activations are quantized to 8 or 16 bits, got {act_bits!r}")
+        self.act_mode, self.act_bits, self.act_symmetric = act_mode, act_bits, act_symmetric
+        if act_mode == "static":
+            self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
+            self.register_buffer("act_zero", torch.zeros((), dtype=torch.int32, device=device))
+        else:
+            self.act_scale = self.act_zero = None
+
+    def set_input_qparams(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Freeze the static input scale and zero point (0-dim tensors from an observer)."""
+        if self.act_mode != "static":
+            raise ValueError("set_input_qparams needs act_mode='static'")
+        self.act_scale.copy_(scale.reshape(()))
+        self.act_zero.copy_(zero.reshape(()))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` rounded onto the input grid (static or per-batch dynamic), still a float tensor."""
+        if self.act_mode is None:
+            return x
+        if self.act_mode == "static":
+            scale, zero = self.act_scale, self.act_zero
+        else:
+            lo, hi = torch.aminmax(x.detach().float())
+            scale, zero = scale_zero_from_range(lo, hi, self.act_bits, self.act_symmetric)
+        return fake_quantize(x, scale, None if self.act_symmetric else zero, self.act_bits, self.act_symmetric)
+
+    def _input_spec(self) -> dict[str, Any]:
+        return {"act_mode": self.act_mode, "act_bits": self.act_bits, "act_symmetric": self.act_symmetric}
+
+    def _input_repr(self) -> str:
+        if self.act_mode is None:
+            return ""
+        kind = "symmetric" if self.act_symmetric else "asymmetric"
+        return f", act={self.act_mode} int{self.act_bits} {kind}"
+
+
+def _input_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    """Input-quantization constructor arguments from a spec (absent in weight-only specs)."""
+    return {
+        "act_mode": spec.get("act_mode"),
+        "act_bits": int(spec.get("act_bits", 8)),
+        "act_symmetric": bool(spec.get("act_symmetric", False)),
+    }
+
+
+@register_module_type
+class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
+    """A Linear whose weight is stored as 16/8/4/2/1-bit codes with per-channel or per-group scales.
+
+    ``forward`` optionally quantizes the input (``act_mode``), dequantizes the weight to
+    the input's dtype and calls ``F.linear``.
     """
 
     def __init__(
@@ -93,11 +170,15 @@ class QuantLinear(_QuantWeightMixin, SlimkitModule):
         group_size: int | None = None,
         symmetric: bool = True,
         device: torch.device | str | None = None,
+        act_mode: str | None = None,
+        act_bits: int = 8,
+        act_symmetric: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self._init_storage(out_features, in_features, device)
+        self._init_input_quant(act_mode, act_bits, act_symmetric, device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @property
@@ -110,19 +191,31 @@ class QuantLinear(_QuantWeightMixin, SlimkitModule):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, bits: int = 8, group_size: int | None = None, symmetric: bool = True
+        cls,
+        linear: nn.Linear,
+        bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        *,
+        weight: QuantizedWeight | None = None,
+        act_mode: str | None = None,
+        act_bits: int = 8,
+        act_symmetric: bool = False,
     ) -> QuantLinear:
-        """Round-to-nearest quantize ``linear``'s weight; the bias is copied as a float Parameter."""
+        """Quantize ``linear``'s weight (RTN unless ``weight`` gives ready codes); the bias stays a float Parameter."""
         with torch.no_grad():
-            qw = quantize_weight(linear.weight, bits, group_size=group_size, symmetric=symmetric)
+            qw = weight or quantize_weight(linear.weight, bits, group_size=group_size, symmetric=symmetric)
             mod = cls(
                 linear.in_features,
                 linear.out_features,
                 bias=linear.bias is not None,
-                bits=bits,
-                group_size=group_size,
-                symmetric=symmetric,
+                bits=qw.bits,
+                group_size=qw.group_size,
+                symmetric=qw.symmetric,
                 device=linear.weight.device,
+                act_mode=act_mode,
+                act_bits=act_bits,
+                act_symmetric=act_symmetric,
             )
             mod._store(qw)
             if linear.bias is not None:
@@ -132,12 +225,11 @@ class QuantLinear(_QuantWeightMixin, SlimkitModule):
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized (out, in) weight, computed in float32 then cast to ``dtype``."""
-        codes = self._codes(self.qweight, self.in_features)
-        return dequantize_weight(codes, self.scale, self.zero, self.group_size).to(dtype)
+        return dequantize_weight(self.codes(), self.scale, self.zero, self.group_size).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight(x.dtype), bias)
+        return F.linear(self.quantize_input(x), self.dense_weight(x.dtype), bias)
 
     def slimkit_spec(self) -> dict[str, Any]:
         """Constructor arguments as JSON data (see ``SlimkitModule``)."""
@@ -148,6 +240,7 @@ class QuantLinear(_QuantWeightMixin, SlimkitModule):
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
+            **self._input_spec(),
         }
 
     @classmethod
@@ -160,12 +253,124 @@ class QuantLinear(_QuantWeightMixin, SlimkitModule):
             bits=int(spec["bits"]),
             group_size=None if spec["group_size"] is None else int(spec["group_size"]),
             symmetric=bool(spec["symmetric"]),
+            **_input_kwargs(spec),
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
+            f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}" + self._input_repr()
+        )
+
+
+@register_module_type
+class QuantConv2d(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
+    """A Conv2d whose kernel is stored as codes, one scale per output channel (or per group of its flattened inputs).
+
+    The (out, in/groups, kh, kw) kernel is quantized as a (out, in/groups·kh·kw) matrix, so
+    every weight code layout, packing and scale of QuantLinear applies unchanged.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+        bias: bool = True,
+        bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        device: torch.device | str | None = None,
+        act_mode: str | None = None,
+        act_bits: int = 8,
+        act_symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self._init_storage(out_channels, self._cols, device)
+        self._init_input_quant(act_mode, act_bits, act_symmetric, device)
+        self.bias = nn.Parameter(torch.zeros(out_channels, device=device)) if bias else None
+
+    @property
+    def _rows(self) -> int:
+        return self.out_channels
+
+    @property
+    def _cols(self) -> int:
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        *,
+        weight: QuantizedWeight | None = None,
+        act_mode: str | None = None,
+        act_bits: int = 8,
+        act_symmetric: bool = False,
+    ) -> QuantConv2d:
+        """Quantize ``conv``'s kernel (RTN unless ``weight`` gives ready codes for the flattened kernel)."""
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"only zero padding given as numbers is supported, got {conv.padding_mode!r} / {conv.padding!r}")
+        with torch.no_grad():
+            flat = conv.weight.reshape(conv.out_channels, -1)  # (out, in/groups·kh·kw)
+            qw = weight or quantize_weight(flat, bits, group_size=group_size, symmetric=symmetric)
+            mod = cls(
+                conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, bias=conv.bias is not None, bits=qw.bits, group_size=qw.group_size,
+                symmetric=qw.symmetric, device=conv.weight.device, act_mode=act_mode, act_bits=act_bits,
+                act_symmetric=act_symmetric,
+            )
+            mod._store(qw)
+            if conv.bias is not None:
+                mod.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
+        return mod
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized (out, in/groups, kh, kw) kernel in ``dtype``."""
+        flat = dequantize_weight(self.codes(), self.scale, self.zero, self.group_size)
+        return flat.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(self.quantize_input(x), self.dense_weight(x.dtype), bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+    def slimkit_spec(self) -> dict[str, Any]:
+        """Constructor arguments as JSON data (see ``SlimkitModule``)."""
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+            "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+            "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, **self._input_spec(),
+        }
+
+    @classmethod
+    def from_slimkit_spec(cls, spec: dict[str, Any]) -> QuantConv2d:
+        """An empty QuantConv2d of the shapes ``spec`` describes, ready for ``load_state_dict``."""
+        pair = lambda v: (int(v[0]), int(v[1]))  # noqa: E731
+        return cls(
+            int(spec["in_channels"]), int(spec["out_channels"]), pair(spec["kernel_size"]), pair(spec["stride"]),
+            pair(spec["padding"]), pair(spec["dilation"]), int(spec["groups"]), bias=bool(spec["bias"]),
+            bits=int(spec["bits"]), group_size=None if spec["group_size"] is None else int(spec["group_size"]),
+            symmetric=bool(spec["symmetric"]), **_input_kwargs(spec),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, bits={self.bits}, group_size={self.group_size}, "
+            f"symmetric={self.symmetric}" + self._input_repr()
         )
 
 

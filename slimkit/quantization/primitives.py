@@ -12,8 +12,12 @@ Affine quantization (one scale ``s`` and zero point ``z`` per channel or group):
 - Asymmetric: unsigned codes in [0, 2^b − 1]; the range is widened to include 0 so that 0
   is exactly representable (padding, ReLU zeros), s = (max − min) / (qmax − qmin),
   z = round(qmin − min / s).
-- Integer dtypes: symmetric codes are int8, asymmetric codes (up to 255) uint8; a
-  QuantizedWeight stores zero points as uint8 (they lie in [0, 2^b − 1]) and scales as float32.
+- Binary (1 bit, symmetric): codes are ±1, q = sign(x) with 0 -> +1, and the scale is
+  mean|x| per channel/group, the scale that minimizes ‖x − s·sign(x)‖² (XNOR-Net,
+  Rastegari et al. 2016); min/max ranges do not apply.
+- 16 bit: int16 codes (symmetric, for dynamic weight quantization) or int32-held unsigned codes.
+- Integer dtypes: symmetric codes are int8 (int16 at 16 bit), asymmetric codes (up to 255)
+  uint8 (int32 at 16 bit); a QuantizedWeight stores zero points as uint8/int32 and scales as float32.
 
 Everything here is a function of tensors: no modules, no state.
 """
@@ -27,30 +31,39 @@ import torch
 
 from slimkit.core.errors import ConfigError, DataError
 
+# Bit widths the quantizers accept.
+BITS = (1, 2, 4, 8, 16)
 # Bit widths ``pack`` handles. The packer is a general little-endian bit stream, so adding
 # 3 (eight codes in three bytes) is adding it here plus a round-trip test.
-PACK_BITS = (2, 4, 8)
+PACK_BITS = (1, 2, 4, 8)
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """The integer code range ``(qmin, qmax)`` for ``bits``-bit quantization.
 
     Symmetric: signed, restricted ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (8 bit: -127..127,
-    4 bit: -7..7, 2 bit: -1..1) so negation never overflows. Asymmetric: unsigned
-    ``[0, 2^b - 1]``.
+    4 bit: -7..7, 2 bit: -1..1) so negation never overflows; 1 bit is binary, codes
+    -1 and +1 (never 0). Asymmetric: unsigned ``[0, 2^b - 1]``.
     """
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= 8 or bits == 16):
+        raise ValueError(f"bits must be an integer in 1..8 or 16, got {bits!r}")
     if symmetric:
-        if bits < 2:
-            raise ValueError("symmetric quantization needs at least 2 bits (1 bit leaves only the code 0)")
+        if bits == 1:
+            return -1, 1
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
-def code_dtype(symmetric: bool) -> torch.dtype:
-    """The dtype that holds unpacked codes: int8 for signed (symmetric), uint8 for unsigned."""
+def code_dtype(symmetric: bool, bits: int = 8) -> torch.dtype:
+    """The dtype that holds unpacked codes: int8 (int16 above 8 bits) when signed, uint8 (int32) when unsigned."""
+    if bits > 8:
+        return torch.int16 if symmetric else torch.int32
     return torch.int8 if symmetric else torch.uint8
+
+
+def is_binary(bits: int, symmetric: bool) -> bool:
+    """True for 1-bit symmetric quantization: sign codes times a mean-|x| scale."""
+    return bits == 1 and symmetric
 
 
 def scale_zero_from_range(
@@ -60,7 +73,8 @@ def scale_zero_from_range(
 
     ``xmin``/``xmax`` may have any broadcastable shape (one entry per channel or group).
     An all-zero channel would give s = 0; it gets s = 1 instead, so its codes are 0 and it
-    dequantizes to exact zeros. Symmetric zero points are all 0.
+    dequantizes to exact zeros. Symmetric zero points are all 0. For binary (1-bit
+    symmetric) this gives s = max|x|; ``binary_scale`` gives the better mean|x| from the data.
     """
     qmin, qmax = qrange(bits, symmetric)
     # float64 so that (xmax - xmin) of huge float32 weights cannot overflow to inf.
@@ -82,16 +96,63 @@ def scale_zero_from_range(
 def quantize(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool
 ) -> torch.Tensor:
-    """Codes ``clamp(round(x / scale) + zero, qmin, qmax)`` as int8 (symmetric) or uint8.
+    """Codes ``clamp(round(x / scale) + zero, qmin, qmax)`` as ``code_dtype(symmetric, bits)``.
 
     ``scale`` and ``zero`` broadcast against ``x``; ``zero=None`` means 0. The division is
     done in float32 (the dtype of the stored scale, so quantize and dequantize agree).
+    Binary (1-bit symmetric): ``sign(x)`` with 0 -> +1; the scale plays no part.
     """
     qmin, qmax = qrange(bits, symmetric)
+    if is_binary(bits, symmetric):
+        return torch.where(x >= 0, 1, -1).to(torch.int8)
     q = torch.round(x.float() / scale.float())
     if zero is not None:
         q = q + zero.float()
-    return q.clamp(qmin, qmax).to(code_dtype(symmetric))
+    return q.clamp(qmin, qmax).to(code_dtype(symmetric, bits))
+
+
+def binary_scale(x: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """mean|x| over ``dim`` (kept as size-1 dims; all of x when None): the L2-optimal scale of sign(x).
+
+    An all-zero slice gets 1, like ``scale_zero_from_range`` (its codes dequantize to ±1·1,
+    which is wrong but finite; a zero slice is better left unquantized).
+    """
+    a = x.detach().abs().float()
+    s = a.mean() if dim is None else a.mean(dim=dim, keepdim=True)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
+    """Every dim of ``x`` except ``axis`` (all of them when ``axis`` is None)."""
+    if axis is None:
+        return tuple(range(x.dim()))
+    axis = axis % x.dim()
+    return tuple(d for d in range(x.dim()) if d != axis)
+
+
+def tensor_qparams(
+    x: torch.Tensor, bits: int, *, symmetric: bool = True, axis: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max (binary: mean|x|) scale and zero point of ``x``, per tensor or per slice along ``axis``.
+
+    ``axis`` may be any dim (negative allowed); the results keep ``x``'s rank with size 1
+    everywhere but ``axis``, so they broadcast straight into ``quantize``/``dequantize``.
+    """
+    if not torch.isfinite(x).all():
+        raise DataError("tensor contains NaN or inf; quantization needs finite values")
+    dims = _reduce_dims(x, axis)
+    if is_binary(bits, symmetric):
+        s = binary_scale(x, dims)
+        return s, torch.zeros(s.shape, dtype=torch.int32)
+    xf = x.detach().float()
+    return scale_zero_from_range(xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True), bits, symmetric)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x``'s dtype: the value a quantized tensor stands for (no gradient rule)."""
+    return dequantize(quantize(x, scale, zero, bits, symmetric), scale, zero).to(x.dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,8 +197,8 @@ def dequantize_weight(
 class QuantizedWeight:
     """A quantized 2-D weight: codes, per-group scales and zero points, and how they were made.
 
-    ``q``: (rows, cols) int8 (symmetric) or uint8 (asymmetric) codes in ``qrange``.
-    ``scale``: float32 (rows, n_groups). ``zero``: uint8 (rows, n_groups) or None when symmetric.
+    ``q``: (rows, cols) ``code_dtype(symmetric, bits)`` codes in ``qrange``.
+    ``scale``: float32 (rows, n_groups). ``zero``: uint8 (int32 at 16 bit) (rows, n_groups), None when symmetric.
     ``group_size`` None means one group per row (per output channel).
     """
 
@@ -158,6 +219,8 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of a 2-D weight, min/max range per row or per row-group.
 
+    Binary (``bits=1``, symmetric): sign codes with scale mean|w| per row or group.
+
     ``w`` is (out, in) for a Linear or (rows, dim) for an Embedding. ``group_size`` None
     gives one scale per row; otherwise each row is cut into groups of ``group_size``
     consecutive columns (``in`` must be divisible) with a scale each.
@@ -169,13 +232,16 @@ def quantize_weight(
     rows, cols = w.shape
     n_groups, gs = split_groups(cols, group_size)
     grouped = w.detach().float().reshape(rows, n_groups, gs)  # (rows, n_groups, group_size)
-    scale, zero = scale_zero_from_range(grouped.amin(dim=-1), grouped.amax(dim=-1), bits, symmetric)
+    if is_binary(bits, symmetric):
+        scale = binary_scale(grouped, -1).squeeze(-1)
+    else:
+        scale, zero = scale_zero_from_range(grouped.amin(dim=-1), grouped.amax(dim=-1), bits, symmetric)
     zp = None if symmetric else zero
     q = quantize(grouped, scale.unsqueeze(-1), None if zp is None else zp.unsqueeze(-1), bits, symmetric)
     return QuantizedWeight(
         q=q.reshape(rows, cols),
         scale=scale.contiguous(),
-        zero=None if zp is None else zp.to(torch.uint8),  # in [0, 2^b - 1]: fits uint8
+        zero=None if zp is None else zp.to(torch.uint8 if bits <= 8 else torch.int32),  # in [0, 2^b - 1]
         bits=bits,
         group_size=group_size,
         symmetric=symmetric,
@@ -199,6 +265,19 @@ def _offset(bits: int, symmetric: bool) -> int:
     return 2 ** (bits - 1) if symmetric else 0
 
 
+def _to_stored(q: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Codes as the unsigned integers ``pack`` stores (binary ±1 -> bit 0/1)."""
+    if is_binary(bits, symmetric):
+        return (q.to(torch.int32) + 1) // 2
+    return q.to(torch.int32) + _offset(bits, symmetric)
+
+
+def _from_stored(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    if is_binary(bits, symmetric):
+        return (codes * 2 - 1).to(torch.int8)
+    return (codes - _offset(bits, symmetric)).to(code_dtype(symmetric, bits))
+
+
 def _word(bits: int) -> tuple[int, int]:
     """``(codes, bytes)`` per packing word: the smallest whole number of both (lcm of b and 8)."""
     lcm = bits * 8 // math.gcd(bits, 8)
@@ -220,14 +299,15 @@ def packed_size(numel_last_dim: int, bits: int) -> int:
 def pack(q: torch.Tensor, bits: int, *, symmetric: bool = True) -> torch.Tensor:
     """Pack integer codes along the last dim into uint8, the first code in the low bits.
 
-    ``symmetric`` says whether ``q`` holds signed codes (stored as ``q + 2^(b-1)``) or
-    unsigned ones (stored as is). 8 bit keeps one code per byte; 4 bit packs two per byte,
-    2 bit four. A last dim not divisible by the codes per byte is zero-padded; ``unpack``
+    ``symmetric`` says whether ``q`` holds signed codes (stored as ``q + 2^(b-1)``; binary
+    ±1 as bit 0/1) or unsigned ones (stored as is). 8 bit keeps one code per byte; 4 bit
+    packs two per byte, 2 bit four, 1 bit eight. A last dim not divisible by the codes per byte is zero-padded; ``unpack``
     needs the original length to drop the padding.
     """
     _check_pack_bits(bits)
-    offset = _offset(bits, symmetric)
-    codes = q.to(torch.int32) + offset
+    if is_binary(bits, symmetric) and q.numel() and bool((q.abs() != 1).any()):
+        raise ValueError("binary codes must be -1 or +1")
+    codes = _to_stored(q, bits, symmetric)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2**bits - 1):
         kind = "signed" if symmetric else "unsigned"
         raise ValueError(f"values outside the {bits}-bit {kind} range cannot be packed")
@@ -267,7 +347,7 @@ def unpack(packed: torch.Tensor, bits: int, numel_last_dim: int, *, symmetric: b
     shifts = torch.arange(per_word, device=packed.device, dtype=torch.int64) * bits
     codes = (word >> shifts) & (2**bits - 1)  # (..., n_words, codes_per_word)
     codes = codes.reshape(*packed.shape[:-1], n_words * per_word)[..., :numel_last_dim]
-    return (codes - _offset(bits, symmetric)).to(code_dtype(symmetric))
+    return _from_stored(codes, bits, symmetric)
 
 
 def bits_per_weight(

@@ -17,17 +17,25 @@ from torch import nn
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import check_patterns, select_modules, set_submodule
+from slimkit.core.targets import check_layer_map, check_patterns, select_modules, set_submodule, value_for
 from slimkit.quantization.modules import QuantEmbedding, QuantLinear
+from slimkit.quantization.primitives import BITS
 
-ALLOWED_BITS = (8, 4, 2)
+ALLOWED_BITS = BITS
+
+
+def _bits_problem(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
+        return f"must be one of {', '.join(map(str, ALLOWED_BITS))}, got {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
 class RTN(Config):
     """Round-to-nearest weight-only quantization.
 
-    bits: 8, 4 or 2. group_size: None for one scale per output channel, else a scale per
+    bits: 16, 8, 4, 2 or 1 (binary: sign × mean|w|), or a per-layer map such as
+    ``{"re:.*mlp.*": 4, "default": 8}`` (first matching pattern wins). group_size: None for one scale per output channel, else a scale per
     ``group_size`` consecutive input columns (a multiple of 8, so groups pack into whole
     bytes). symmetric: signed codes with z = 0, else unsigned codes with a zero point.
     include / ignore: module name patterns (plain name, glob, or ``re:``). embeddings: also
@@ -36,7 +44,7 @@ class RTN(Config):
 
     family: ClassVar[str] = "quantize"
 
-    bits: int = 8
+    bits: int | dict = 8
     group_size: int | None = None
     symmetric: bool = True
     include: tuple[str, ...] = ()
@@ -45,8 +53,13 @@ class RTN(Config):
 
     def validate(self) -> None:
         """Check bits, group_size, the flags and the name patterns."""
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in ALLOWED_BITS:
-            self.fail("bits", f"must be one of {', '.join(map(str, ALLOWED_BITS))}, got {self.bits!r}")
+        if isinstance(self.bits, dict):
+            check_layer_map(self.bits, "RTN.bits", _bits_problem)
+        elif _bits_problem(self.bits):
+            self.fail("bits", _bits_problem(self.bits))
+        for value in (self.bits.values() if isinstance(self.bits, dict) else [self.bits]):
+            if value == 1 and not self.symmetric:
+                self.fail("symmetric", "1-bit weights are binary (sign × scale): use symmetric: true")
         gs = self.group_size
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 8):
             self.fail(
@@ -123,17 +136,18 @@ def apply_rtn(model: nn.Module, config: RTN, ctx: Context) -> None:
     n_linear = n_embedding = 0
     with torch.no_grad():
         for i, (name, module) in enumerate(targets):
+            bits = value_for(name, config.bits)
             if isinstance(module, nn.Linear):
-                new = QuantLinear.from_linear(module, config.bits, config.group_size, config.symmetric)
+                new = QuantLinear.from_linear(module, bits, config.group_size, config.symmetric)
                 n_linear += 1
             else:
-                new = QuantEmbedding.from_embedding(module, config.bits, config.group_size, config.symmetric)
+                new = QuantEmbedding.from_embedding(module, bits, config.group_size, config.symmetric)
                 n_embedding += 1
             new.train(module.training)
             for path in paths[id(module)]:
                 set_submodule(model, path, new)
             if ctx.progress is not None:
-                ctx.progress(f"RTN int{config.bits}: {name}", (i + 1) / len(targets))
+                ctx.progress(f"RTN int{bits}: {name}", (i + 1) / len(targets))
 
     for line in notes:
         ctx.note(line)
@@ -141,6 +155,12 @@ def apply_rtn(model: nn.Module, config: RTN, ctx: Context) -> None:
     granularity = "per output channel" if config.group_size is None else f"group size {config.group_size}"
     skipped = len(selected) - len(targets)
     ctx.note(
-        f"RTN: quantized {n_linear} Linear and {n_embedding} Embedding layer(s) to int{config.bits} "
+        f"RTN: quantized {n_linear} Linear and {n_embedding} Embedding layer(s) to {_bits_text(config.bits)} "
         f"({scheme}, {granularity}); skipped {skipped}"
     )
+
+
+def _bits_text(bits: int | dict) -> str:
+    if isinstance(bits, dict):
+        return "bits " + ", ".join(f"{k}: {v}" for k, v in bits.items())
+    return f"int{bits}"

@@ -71,6 +71,7 @@ def test_quant_linear_spec_and_safetensors_round_trip(bits, group_size, symmetri
     spec = json.loads(json.dumps(q.slimkit_spec()))  # the spec is plain JSON data
     assert spec == {
         "in_features": 32, "out_features": 12, "bias": True, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+        "act_mode": None, "act_bits": 8, "act_symmetric": False,
     }
     empty = module_type("QuantLinear").from_slimkit_spec(spec)
     empty.load_state_dict(q.state_dict(), strict=True)

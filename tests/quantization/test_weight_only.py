@@ -168,8 +168,12 @@ def test_config_round_trip_and_registry():
 def test_config_errors():
     with pytest.raises(ConfigError, match="'bits'"):
         Config.from_dict({"type": "RTN", "bit": 4})
-    with pytest.raises(ConfigError, match="8, 4, 2"):
+    with pytest.raises(ConfigError, match="1, 2, 4, 8, 16"):
         RTN(bits=3)
+    with pytest.raises(ConfigError, match="default"):
+        RTN(bits={"fc1": 4})
+    with pytest.raises(ConfigError, match="binary"):
+        RTN(bits=1, symmetric=False)
     with pytest.raises(ConfigError, match="group_size"):
         RTN(group_size=12)
     with pytest.raises(ConfigError, match="group_size"):
