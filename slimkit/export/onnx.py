@@ -24,10 +24,10 @@ DequantizeLinear; the user's model is never modified. The patterns (x: layer inp
 | layer | ONNX graph | what ONNX Runtime (ORT_ENABLE_ALL, CPU) runs |
 |---|---|---|
 | QuantLinear, static uint8 input (default) | ``QuantizeLinear(x, s_x, z_x:uint8) -> DequantizeLinear``; ``DequantizeLinear(q^T:int8 (in, out), s_w, 0:int8, axis=1)``; ``MatMul``; ``Add(bias)`` | ``MatMulIntegerToFloat`` (int8 GEMM, float output) + Add |
-| QuantLinear, static int8 input (``act_symmetric``) | ``Clip(x, ±127·s_x) -> QuantizeLinear(int8, zero 0) -> DequantizeLinear``; weight DQ as above | ``MatMulIntegerToFloat`` (S8S8) where ORT fuses it |
-| QuantLinear, dynamic input | ``DynamicQuantizeLinear(x) -> MatMulInteger(x_q, q^T:int8, x_zp) -> Cast -> Mul(x_scale·s_w) -> Add(bias)`` (symmetric input: ``Abs, ReduceMax, Div 127, QuantizeLinear int8`` in place of DynamicQuantizeLinear) | ``DynamicQuantizeMatMul`` (bias folded in) |
-| QuantLinear, weight-only (``act_mode=None``) | ``DequantizeLinear(q^T) -> MatMul -> Add`` | the same (dequantized each call) |
-| QuantConv2d | input Q/DQ as for Linear; ``DequantizeLinear(q:int8 (out, in/g, kh, kw), s_w, axis=0) -> Conv -> (bias)`` | DQ + float Conv (ORT fuses int8 Conv only with a quantized output) |
+| QuantLinear, static symmetric int8 input (``act_symmetric``) | ``Clip(x, ±127·s_x) -> QuantizeLinear(uint8, zero 128) -> DequantizeLinear``: slimkit's int8 codes q stored as q + 128 (the same values); weight DQ as above | ``MatMulIntegerToFloat`` (U8S8; with int8 activations ORT fused only some layers and its x64 precision rewrite broke the rest) |
+| QuantLinear, dynamic input | ``DynamicQuantizeLinear(x) -> MatMulInteger(x_q, q^T:int8, x_zp) -> Cast -> Mul(x_scale·s_w) -> Add(bias)`` (symmetric input: ``Abs, ReduceMax, Div 127, Where, QuantizeLinear(uint8, zero 128)`` in place of DynamicQuantizeLinear, int8 codes + 128 as above) | ``DynamicQuantizeMatMul`` (bias folded in); symmetric: ``MatMulIntegerToFloat`` |
+| QuantLinear, weight-only (``act_mode=None``) | ``DequantizeLinear(q^T) -> MatMul -> Add`` | ``MatMulNBits`` (bits=8; float compute in ``ort_session(exact=True)``) |
+| QuantConv2d | input Q/DQ as for Linear; ``DequantizeLinear(q:int8 (out, in/g, kh, kw), s_w, axis=0) -> Conv -> (bias)`` | ``QLinearConv`` when the Conv's output (through a ReLU) feeds another layer's input Q; otherwise DQ + float Conv |
 | QuantEmbedding | ``Gather(q:int8 (rows, dim), ids) -> Cast -> Mul(Gather(s (rows, n_groups), ids))`` | the same; the table stays int8 in the file (~4x smaller) |
 
 Details:
@@ -47,21 +47,29 @@ Every layer's treatment is listed in ``OnnxExport.notes`` (and in the file's
 ``metadata_props["slimkit.notes"]``).
 
 ORT on x86-64 CPUs without VNNI (AVX2, AVX-512 before VNNI): the default u8s8 int8 GEMM
-saturates its 16-bit intermediate sums and gives wrong results for full-range int8 weights
-(measured here: 13.1 max error on a 512x512 layer). ``ort_session`` therefore sets the
-session option ``session.x64quantprecision=1``, which makes those CPUs use the exact u8u8
-kernel and leaves VNNI CPUs on the fast one; set it in your own sessions too (the file
-records it in ``metadata_props["slimkit.ort_session_config"]``).
+(VPMADDUBSW) saturates its 16-bit pair sums when |w| > 63 (255·127·2 > 32767) and gives
+wrong results for full-range int8 weights (measured here: 13.1 max error on a 512x512
+layer; MiniLM cosine 0.9924 instead of 0.9962). Two cures: quantize with
+``reduce_range=True`` (weights on the 7-bit grid: exact on the fast kernel, any session),
+or run with ``session.x64quantprecision=1`` (exact u8u8 kernel: MiniLM 0.72× fp32 instead
+of 0.64× here). A file that needs the option records it in
+``metadata_props["slimkit.ort_session_config"]``; ``ort_session`` applies what the file
+records; set it in your own sessions too.
 
 Tolerance of ``check_onnx`` (``atol=None``):
 - float layers: ``1e-4 · max|reference| + 1e-6`` (float32 summation order only);
-- plus, for every layer that quantizes its input, ``2 · s_x · max|W|``: ORT's float inputs
-  to a quantizer differ from PyTorch's in the last bits (summation order), so a value lying
-  on a rounding boundary can land on the neighbouring code; one flipped code moves each
-  output of that layer by at most ``s_x · max|W|`` (``s_x``: that layer's input step, the
-  static scale or the per-batch dynamic one seen on these inputs). The sum over layers
-  allows about two flips per output per layer, after propagation. It was measured to hold
-  with a wide margin on the models in ``tests/export`` (see the tests for the figures).
+- plus ``FLIPS_PER_LAYER (3) · s_x · max|W|`` for every layer that quantizes its input. The
+  integer kernels are exact, but the float values *entering* a quantizer differ between ORT
+  and PyTorch in their last bits (summation order upstream; a dynamic scale computed in
+  float32 rather than float64), so a value lying on a rounding boundary can land on the
+  neighbouring code. One flipped input code moves each output of that layer by at most
+  ``s_x · max|W|`` (``s_x``: the layer's input step, its static scale or the per-batch dynamic
+  one seen on these inputs); the change then propagates and may flip codes further on.
+  Measured on stdlib-coder (6 layers, 43 int8 Linears, 2 x 256 tokens): the max difference was
+  0.97 (static) and 1.18 (dynamic) times the sum of ``s_x · max|W|`` over layers, so three per
+  layer leaves a ~2.5x margin. On the small models of ``tests/export`` the median difference
+  stays at float precision, and the saturating u8s8 kernel (without the session option
+  above) is caught with errors 6-23x the tolerance.
 
 The exported file is written atomically: to a temporary folder beside ``path``, then
 renamed into place (the ``.data`` file first when the model exceeds 1.8 GB and its weights
@@ -171,6 +179,14 @@ def example_inputs(model: nn.Module, example: Any = None, *, batch: int = 2, seq
     (batch, seq); a zoo model with a known input shape gets uniform [0, 1) floats; anything
     else needs ``example`` (a tensor, or a tuple of tensors named input_0, input_1, ...).
     """
+    kind = _kind(model)
+    if example is not None and _is_transformers(kind):
+        # token models: a tensor is the input_ids; a dict may leave out the attention mask
+        named = {"input_ids": example} if isinstance(example, torch.Tensor) else dict(example)
+        if not isinstance(named.get("input_ids"), torch.Tensor):
+            raise DataError("example for a transformers model must be the input_ids tensor or a dict with input_ids")
+        named.setdefault("attention_mask", torch.ones_like(named["input_ids"]))
+        return {"input_ids": named["input_ids"], "attention_mask": named["attention_mask"]}
     if example is not None:
         if isinstance(example, torch.Tensor):
             return {"input": example}
@@ -178,8 +194,8 @@ def example_inputs(model: nn.Module, example: Any = None, *, batch: int = 2, seq
             return {f"input_{i}": t for i, t in enumerate(example)}
         if isinstance(example, Mapping) and all(isinstance(t, torch.Tensor) for t in example.values()):
             return dict(example)
-        raise DataError(f"example must be a tensor, a tuple of tensors or a dict of tensors, got {type(example).__name__}")
-    kind = _kind(model)
+        raise DataError("example must be a tensor, a tuple of tensors or a dict of tensors, "
+                        f"got {type(example).__name__}")
     gen = torch.Generator().manual_seed(seed)
     if _is_transformers(kind):
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -337,8 +353,15 @@ class _InputQuant(nn.Module):
         if self.mode == "static":
             self.scale = float(src.act_scale)
             self.zero = 0 if self.symmetric else int(src.act_zero)
+        multiplier = getattr(src, "input_multiplier", None)
+        # Smoothing: a per-input-channel Mul before the quantizer (the weights already hold W·diag(s)).
+        self.register_buffer("multiplier", None if multiplier is None else multiplier.detach().clone())
 
     def describe(self) -> str:
+        smooth = "smoothed (Mul), " if self.multiplier is not None else ""
+        return smooth + self._describe()
+
+    def _describe(self) -> str:
         if self.mode is None:
             return "weight-only (float input)"
         if self.mode == "static" and self.bits == 8:
@@ -347,6 +370,8 @@ class _InputQuant(nn.Module):
         return f"{self.mode} {self.bits}-bit input fake-quant as float ops"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.multiplier is not None:
+            x = x * self.multiplier
         if self.mode is None:
             return x
         if self.mode == "static" and self.bits == 8:
@@ -369,19 +394,24 @@ class _InputQuant(nn.Module):
         return _fake_quant_float(x, scale, zero, self.qmin, self.qmax)
 
 
+def _float_weight_reason(src: QuantLinear | QuantConv2d, opset: int) -> str | None:
+    """Why this layer's weight must be exported as float, or None when its codes go in the file."""
+    if src.group_size is not None:
+        return f"group-wise weights (group_size={src.group_size}) exported as float"
+    if src.bits == 16 and not src.symmetric:
+        return "16-bit asymmetric weights exported as float"
+    if src.bits == 16 and opset < INT16_OPSET:
+        return f"16-bit weights exported as float (int16 DequantizeLinear needs opset >= {INT16_OPSET})"
+    return None
+
+
 class _WeightDQ(nn.Module):
     """A weight as integer codes + DequantizeLinear, or as a float tensor when that cannot be exact int."""
 
     def __init__(self, src: QuantLinear | QuantConv2d, codes: torch.Tensor, axis: int, opset: int) -> None:
         super().__init__()
         self.axis = axis
-        self.reason: str | None = None
-        if src.group_size is not None:
-            self.reason = f"group-wise weights (group_size={src.group_size}) exported as float"
-        elif src.bits == 16 and not src.symmetric:
-            self.reason = "16-bit asymmetric weights exported as float"
-        elif src.bits == 16 and opset < INT16_OPSET:
-            self.reason = f"16-bit weights exported as float (int16 DequantizeLinear needs opset >= {INT16_OPSET})"
+        self.reason = _float_weight_reason(src, opset)
         self.integer = self.reason is None
         if not self.integer:
             self.register_buffer("weight", codes)  # here: the dequantized float weight
@@ -411,6 +441,10 @@ class _WeightDQ(nn.Module):
                                             self.dtype)
 
 
+def _float_bias(src: nn.Module) -> nn.Parameter | None:
+    return None if src.bias is None else nn.Parameter(src.bias.detach().float().clone(), requires_grad=False)
+
+
 class _ExportLinear(nn.Module):
     """Export-only twin of a QuantLinear: (in, out) codes so the graph is MatMul(x, DQ(W^T))."""
 
@@ -418,17 +452,18 @@ class _ExportLinear(nn.Module):
         super().__init__()
         self.input_quant = _InputQuant(src)
         with torch.no_grad():
-            float_needed = src.group_size is not None or (src.bits == 16 and (not src.symmetric or opset < INT16_OPSET))
+            float_needed = _float_weight_reason(src, opset) is not None
             codes = src.dense_weight().t() if float_needed else src.codes().t()  # (in, out)
             self.weight = _WeightDQ(src, codes.contiguous(), axis=1, opset=opset)
-            self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().float().clone(), requires_grad=False)
+            self.bias = _float_bias(src)
         # Dynamic 8-bit input with integer weights of at most 8 bits: DynamicQuantizeLinear + MatMulInteger.
         self.dynamic_int = (src.act_mode == "dynamic" and src.act_bits == 8 and self.weight.integer
                             and self.weight.dtype in (torch.int8, torch.uint8))
 
     def describe(self) -> str:
         if self.dynamic_int:
-            kind = "symmetric uint8+128 (Abs/ReduceMax/QuantizeLinear)" if self.input_quant.symmetric else "DynamicQuantizeLinear uint8"
+            kind = ("symmetric uint8+128 (Abs/ReduceMax/QuantizeLinear)" if self.input_quant.symmetric
+                    else "DynamicQuantizeLinear uint8")
             return f"dynamic input {kind} + MatMulInteger on {self.weight.describe().split(' ')[0]} codes"
         return f"{self.input_quant.describe()}; weight {self.weight.describe()}"
 
@@ -456,11 +491,11 @@ class _ExportConv2d(nn.Module):
         self.input_quant = _InputQuant(src)
         self.stride, self.padding, self.dilation, self.groups = src.stride, src.padding, src.dilation, src.groups
         with torch.no_grad():
-            float_needed = src.group_size is not None or (src.bits == 16 and (not src.symmetric or opset < INT16_OPSET))
-            shape = (src.out_channels, src.in_channels // src.groups, *src.kernel_size)
+            float_needed = _float_weight_reason(src, opset) is not None
+            shape = (src.out_channels, src.in_channels // src.groups, *src.kernel_size)  # (out, in/g, kh, kw)
             codes = src.dense_weight() if float_needed else src.codes().reshape(shape)
             self.weight = _WeightDQ(src, codes.contiguous(), axis=0, opset=opset)
-            self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().float().clone(), requires_grad=False)
+            self.bias = _float_bias(src)
 
     def describe(self) -> str:
         return f"{self.input_quant.describe()}; kernel {self.weight.describe()}"
@@ -593,6 +628,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
     inputs = example_inputs(model, example)
     was_training = model.training
     export_model, notes, custom = _swap_quantized(model, opset)
+    if hasattr(export_model, "set_attn_implementation"):
+        # Eager attention exports as plain MatMul/Add/Softmax; the SDPA path adds Where/IsNaN
+        # masking ops that cost ~9% of MiniLM's ORT time. Same maths, on a copy.
+        if export_model is model:
+            export_model = copy.deepcopy(model)
+        try:
+            export_model.set_attn_implementation("eager")
+        except Exception:  # a model without an eager path keeps its own
+            pass
     entry = _entry(export_model, kind).eval()
     output = _output_name(model, kind)
     table = {torch.ops.slimkit.dynamic_quant_linear.default: _dynamic_quant_linear_onnx} if custom else None
@@ -613,12 +657,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
         # torch.onnx.export can leave modules in train mode: restore the user's mode.
         entry.eval()
         model.train(was_training)
-    n_quant = len(notes)
-    notes = list(notes)
-    if n_quant:
+    session_config = ORT_SESSION_CONFIG if _needs_exact_kernel(model) else {}
+    if session_config:
         notes.append("run with onnxruntime session option session.x64quantprecision=1 (slimkit.export.onnx.ort_session "
-                     "sets it): x86 CPUs without VNNI otherwise saturate int8 GEMM sums")
-    files = _save(program, path, notes)
+                     "sets it): int8 weights beyond ±63 saturate the uint8×int8 kernel of x86 CPUs without VNNI; "
+                     "quantize with reduce_range=True to get exact results in any session")
+    files = _save(program, path, notes, session_config)
     result = OnnxExport(path=path, notes=tuple(notes), files=files)
     if check:
         diff = check_onnx(model, path, example_inputs(model, example, batch=3, seq=11, seed=1)
@@ -656,12 +700,21 @@ def _unshare_weight_qparams(graph: Any) -> int:
     return copied
 
 
-def _save(program: Any, path: Path, notes: list[str]) -> tuple[Path, ...]:
+def _needs_exact_kernel(model: nn.Module) -> bool:
+    """Whether an input-quantized 8-bit layer holds weight codes beyond ±63 (which saturate VPMADDUBSW)."""
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)) and m.act_mode and m.bits == 8:
+            if int(m.codes().to(torch.int16).abs().max()) > 63:
+                return True
+    return False
+
+
+def _save(program: Any, path: Path, notes: list[str], session_config: dict[str, str]) -> tuple[Path, ...]:
     """Write ``program`` to ``path`` through a temporary folder beside it; returns the files written."""
     model = program.model
     _unshare_weight_qparams(model.graph)
     model.metadata_props["slimkit.notes"] = json.dumps(notes)
-    model.metadata_props["slimkit.ort_session_config"] = json.dumps(ORT_SESSION_CONFIG)
+    model.metadata_props["slimkit.ort_session_config"] = json.dumps(session_config)
     size = sum(getattr(v.const_value, "nbytes", 0) or 0 for v in model.graph.initializers.values())
     external = size > EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -683,12 +736,30 @@ def _save(program: Any, path: Path, notes: list[str]) -> tuple[Path, ...]:
 
 
 # -- running ------------------------------------------------------------------------------
+def _recorded_session_config(path: Path) -> dict[str, str]:
+    """The session options slimkit recorded in an exported file (none for other files)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return {}
+    for prop in model.metadata_props:
+        if prop.key == "slimkit.ort_session_config":
+            try:
+                return {str(k): str(v) for k, v in json.loads(prop.value).items()}
+            except (ValueError, AttributeError):
+                return {}
+    return {}
+
+
 def ort_session(path: str | os.PathLike, threads: int = 2, *, exact: bool = True,
                 optimized_path: str | os.PathLike | None = None):
     """An ONNX Runtime CPU session: ``threads`` intra-op threads, 1 inter-op, all graph optimizations.
 
-    Always sets ``session.x64quantprecision=1`` (exact int8 GEMM on x86 CPUs without VNNI;
-    no effect elsewhere). ``exact=True`` also sets ``session.qdq_matmulnbits_accuracy_level=1``:
+    Applies the session options slimkit recorded in the file: ``session.x64quantprecision=1``
+    when its int8 weights exceed ±63 (exact int8 GEMM on x86 CPUs without VNNI, slower;
+    files quantized with ``reduce_range`` need nothing). ``exact=True`` also sets ``session.qdq_matmulnbits_accuracy_level=1``:
     ORT turns weight-only DequantizeLinear -> MatMul into MatMulNBits, whose default
     (accuracy level 4) quantizes the *activations* to int8 per block of 32 (faster decode,
     not what the PyTorch model computes); level 1 computes in float32. ``optimized_path``:
@@ -703,7 +774,7 @@ def ort_session(path: str | os.PathLike, threads: int = 2, *, exact: bool = True
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only
-    for key, value in {**ORT_SESSION_CONFIG, **(ORT_EXACT_CONFIG if exact else {})}.items():
+    for key, value in {**_recorded_session_config(path), **(ORT_EXACT_CONFIG if exact else {})}.items():
         so.add_session_config_entry(key, value)
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)

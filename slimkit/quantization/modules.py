@@ -104,7 +104,8 @@ class _InputQuantMixin:
     act_bits: int
     act_symmetric: bool
 
-    def _init_input_quant(self, act_mode: str | None, act_bits: int, act_symmetric: bool, device) -> None:
+    def _init_input_quant(self, act_mode: str | None, act_bits: int, act_symmetric: bool, device,
+                          smooth: bool = False, features: int = 0) -> None:
         if act_mode not in ACT_MODES:
             raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
         if act_mode is not None and act_bits not in (8, 16):
@@ -115,6 +116,10 @@ class _InputQuantMixin:
             self.register_buffer("act_zero", torch.zeros((), dtype=torch.int32, device=device))
         else:
             self.act_scale = self.act_zero = None
+        # SmoothQuant-style per-input-channel multiplier 1/s: the stored weight is W·diag(s),
+        # so x·(1/s) times it is the original product, with outlier channels tamed before rounding.
+        multiplier = torch.ones(features, dtype=torch.float32, device=device) if smooth else None
+        self.register_buffer("input_multiplier", multiplier)
 
     def set_input_qparams(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Freeze the static input scale and zero point (0-dim tensors from an observer)."""
@@ -124,7 +129,9 @@ class _InputQuantMixin:
         self.act_zero.copy_(zero.reshape(()))
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` rounded onto the input grid (static or per-batch dynamic), still a float tensor."""
+        """``x`` (times the smoothing multiplier, if any) rounded onto the input grid, still a float tensor."""
+        if self.input_multiplier is not None:
+            x = x * self.input_multiplier.to(x.dtype)
         if self.act_mode is None:
             return x
         if self.act_mode == "static":
@@ -135,13 +142,17 @@ class _InputQuantMixin:
         return fake_quantize(x, scale, None if self.act_symmetric else zero, self.act_bits, self.act_symmetric)
 
     def _input_spec(self) -> dict[str, Any]:
-        return {"act_mode": self.act_mode, "act_bits": self.act_bits, "act_symmetric": self.act_symmetric}
+        spec = {"act_mode": self.act_mode, "act_bits": self.act_bits, "act_symmetric": self.act_symmetric}
+        if self.input_multiplier is not None:
+            spec["smooth"] = True
+        return spec
 
     def _input_repr(self) -> str:
+        smooth = ", smoothed input" if self.input_multiplier is not None else ""
         if self.act_mode is None:
-            return ""
+            return smooth
         kind = "symmetric" if self.act_symmetric else "asymmetric"
-        return f", act={self.act_mode} int{self.act_bits} {kind}"
+        return f", act={self.act_mode} int{self.act_bits} {kind}" + smooth
 
 
 def _input_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +161,7 @@ def _input_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
         "act_mode": spec.get("act_mode"),
         "act_bits": int(spec.get("act_bits", 8)),
         "act_symmetric": bool(spec.get("act_symmetric", False)),
+        "smooth": bool(spec.get("smooth", False)),
     }
 
 
@@ -173,12 +185,13 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         act_mode: str | None = None,
         act_bits: int = 8,
         act_symmetric: bool = False,
+        smooth: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self._init_storage(out_features, in_features, device)
-        self._init_input_quant(act_mode, act_bits, act_symmetric, device)
+        self._init_input_quant(act_mode, act_bits, act_symmetric, device, smooth, in_features)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @property
@@ -201,8 +214,13 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         act_mode: str | None = None,
         act_bits: int = 8,
         act_symmetric: bool = False,
+        input_multiplier: torch.Tensor | None = None,
     ) -> QuantLinear:
-        """Quantize ``linear``'s weight (RTN unless ``weight`` gives ready codes); the bias stays a float Parameter."""
+        """Quantize ``linear``'s weight (RTN unless ``weight`` gives ready codes); the bias stays a float Parameter.
+
+        ``input_multiplier`` (per input feature) is applied to the input before anything
+        else; ``weight`` must then hold the codes of W·diag(1/multiplier).
+        """
         with torch.no_grad():
             qw = weight or quantize_weight(linear.weight, bits, group_size=group_size, symmetric=symmetric)
             mod = cls(
@@ -216,8 +234,11 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
                 act_mode=act_mode,
                 act_bits=act_bits,
                 act_symmetric=act_symmetric,
+                smooth=input_multiplier is not None,
             )
             mod._store(qw)
+            if input_multiplier is not None:
+                mod.input_multiplier.copy_(input_multiplier)
             if linear.bias is not None:
                 # Keep the bias dtype (and independence from the old layer).
                 mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
@@ -288,8 +309,11 @@ class QuantConv2d(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         act_mode: str | None = None,
         act_bits: int = 8,
         act_symmetric: bool = False,
+        smooth: bool = False,
     ) -> None:
         super().__init__()
+        if smooth:
+            raise ValueError("input smoothing applies to QuantLinear only")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)

@@ -229,3 +229,45 @@ def test_cast_precision_bf16_layers_save_and_reload(tmp_path):
     assert torch.equal(again(x), out)
     with pytest.raises(ConfigError):
         CastPrecision(dtype="float8")
+
+
+def test_smoothing_scale_formula_and_zero_channels():
+    from slimkit.quantization.ptq import smoothing_scale
+
+    a = torch.tensor([4.0, 0.0, 9.0, 1.0])
+    w = torch.tensor([1.0, 2.0, 4.0, 0.0])
+    s = smoothing_scale(a, w, 0.5)
+    assert torch.allclose(s, torch.tensor([2.0, 1.0, 1.5, 1.0]))  # sqrt(4)/sqrt(1), 1, sqrt(9)/sqrt(4), 1
+
+
+class Shared(nn.Module):
+    """Two Linears reading the same tensor (like q/k/v), one outlier input channel."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = x * torch.tensor([40.0] + [1.0] * 15)
+        return self.c(self.a(x) + self.b(x))
+
+
+def test_smoothing_shares_scales_keeps_the_function_and_helps():
+    data = calib()
+    x = torch.cat(list(data))
+    ref = Shared()
+    plain, smooth = Shared(), Shared()
+    run(plain, StaticQuant(act_symmetric=True), data)
+    ctx = run(smooth, StaticQuant(act_symmetric=True, smooth_alpha=0.5, smooth_include=("a", "b")), data)
+    assert smooth.a.input_multiplier is not None and smooth.c.input_multiplier is None
+    assert torch.equal(smooth.a.input_multiplier, smooth.b.input_multiplier)  # one shared input -> one scale
+    assert any("1 shared scale vector" in n for n in ctx.notes)
+    # exact algebra: (x / s) @ (W diag(s))^T == x @ W^T, so only rounding differs
+    lin = ref.a
+    s = 1 / smooth.a.input_multiplier
+    assert torch.allclose(F.linear(x * (1 / s), lin.weight * s, lin.bias), lin(x), atol=1e-4)
+    err = {n: (m(x) - ref(x)).pow(2).mean() for n, m in (("plain", plain), ("smooth", smooth))}
+    assert err["smooth"] < err["plain"] / 2
+    with pytest.raises(ConfigError):
+        StaticQuant(smooth_alpha=1.5)
