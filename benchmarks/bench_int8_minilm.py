@@ -35,7 +35,6 @@ import copy
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,21 +81,8 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-def _why(stage: str, exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return f"{stage} failed: {type(exc).__name__}: {first}"
 
 
-def _guard(row: Row, stage: str, fn: Callable[[], Any]) -> Any:
-    if row.error:
-        return None
-    try:
-        return fn()
-    except Exception as exc:  # a peer failing is a result to report
-        row.error = _why(stage, exc)
-        print(f"  ! {row.label}: {row.error}", file=sys.stderr)
-        traceback.print_exc(limit=3, file=sys.stderr)
-        return None
 
 
 def _file_size(path: Path) -> int:
@@ -205,7 +191,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
             row.run, row.size, row.size_ref = _ort_runner(path), _file_size(path), fp32_size
             row.torch_model = q  # type: ignore[attr-defined]
 
-        _guard(row, "build", build)
+        harness.guard(row, "build", build)
         return row
 
     recipe = slimkit.Recipe.from_yaml(Path(slimkit.__file__).parent / "recipes" / f"{RECIPE}.yaml")
@@ -230,7 +216,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
             row.build_s = time.perf_counter() - t
             row.run, row.size, row.size_ref = _ort_runner(path), _file_size(path), fp32_size
 
-        _guard(row, "quantize_dynamic", qdyn)
+        harness.guard(row, "quantize_dynamic", qdyn)
         rows.append(row)
     for method in ("MinMax", "Entropy", "Percentile"):
         for per_channel in (False, True):
@@ -244,7 +230,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
                 row.build_s = time.perf_counter() - t
                 row.run, row.size, row.size_ref = _ort_runner(path), _file_size(path), fp32_size
 
-            _guard(row, "quantize_static", qstat)
+            harness.guard(row, "quantize_static", qstat)
             rows.append(row)
 
     # PyTorch rows: fp32 eager, slimkit's in-PyTorch path, torch.ao dynamic.
@@ -273,7 +259,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
             row.build_s = time.perf_counter() - t
             row.run, row.size, row.size_ref = _torch_runner(m), torch_size(m), fp32_torch_size
 
-        _guard(row, "quantize_dynamic", ao)
+        harness.guard(row, "quantize_dynamic", ao)
         rows.append(row)
 
     # Quality: embeddings of every row vs fp32 embeddings from the same runtime family.
@@ -282,7 +268,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
     reference = _embed(rows[0].run, eval_batches)
     for row in rows:
         if row.run is not None and not row.error:
-            row.fidelity = _guard(row, "embed", lambda row=row: embedding_fidelity(_embed(row.run, eval_batches), reference))
+            row.fidelity = harness.guard(row, "embed", lambda row=row: embedding_fidelity(_embed(row.run, eval_batches), reference))
 
     # Latency: every row interleaved on one (32 × 128) batch.
     feeds = eval_batches[0]

@@ -40,7 +40,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,22 +100,8 @@ def _load(name: str) -> nn.Module:
     return model.eval()
 
 
-def _why(stage: str, exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0][:240]
-    return f"{stage} failed: {type(exc).__name__}: {first}"
 
 
-def _guard(variant: Variant, stage: str, fn: Callable[[], Any]) -> Any:
-    """Run one measurement stage; an exception becomes the variant's recorded reason, not a crash."""
-    if variant.error:
-        return None
-    try:
-        return fn()
-    except Exception as exc:  # a peer failing here is a result to report
-        variant.error = _why(stage, exc)
-        print(f"  ! {variant.label}: {variant.error}", file=sys.stderr)
-        traceback.print_exc(limit=3, file=sys.stderr)
-        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,7 +209,7 @@ def measure_size(v: Variant, fp32: nn.Module) -> None:
             v.size_ref = harness.saved_size(_torchao_safetensors(fp32))
             v.artifact = "safetensors via `torchao.prototype.safetensors`"
         except Exception as exc:  # prototype API: fall back to torchao's documented torch.save path
-            v.notes.append(f"torchao safetensors export failed ({_why('save', exc)}); size is torch.save")
+            v.notes.append(f"torchao safetensors export failed ({harness.why('save', exc)}); size is torch.save")
             v.size = harness.saved_size(_torch_save(v.model))
             v.size_ref = harness.saved_size(_torch_save(fp32))
             v.artifact = "`torch.save(state_dict)`"
@@ -281,7 +266,7 @@ def _build_all(name: str, settings: Settings) -> list[Variant]:
     variants = []
     for v, build in build_variants(name):
         print(f"  building: {v.label}", flush=True)
-        v.model = _guard(v, "quantize", lambda: build(v))
+        v.model = harness.guard(v, "quantize", lambda: build(v))
         variants.append(v)
     return variants
 
@@ -289,8 +274,8 @@ def _build_all(name: str, settings: Settings) -> list[Variant]:
 def _measure_common(variants: list[Variant]) -> None:
     fp32 = variants[0].model
     for v in variants:
-        _guard(v, "save", lambda: measure_size(v, fp32))
-        _guard(v, "bits", lambda: measure_bits(v))
+        harness.guard(v, "save", lambda: measure_size(v, fp32))
+        harness.guard(v, "bits", lambda: measure_bits(v))
 
 
 def _forward(model: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -306,7 +291,7 @@ def _time_all(variants: list[Variant], shape: tuple[int, int], inputs: dict[str,
     """Time every variant that runs on the same inputs, interleaved in rounds (stats go on the variants)."""
     ok = []
     for v in variants:  # one guarded call first: a peer that fails here is reported, not timed
-        _guard(v, f"forward at {shape[0]}x{shape[1]}", _forward(v.model, inputs))
+        harness.guard(v, f"forward at {shape[0]}x{shape[1]}", _forward(v.model, inputs))
         if not v.error:
             ok.append(v)
     print(f"  timing {shape[0]}x{shape[1]}: {len(ok)} variants, {settings.rounds} interleaved rounds", flush=True)
@@ -368,7 +353,7 @@ def _time_compiled(variants: list[Variant], shape_inputs: list[tuple[tuple[int, 
                     v.notes.append(f"torch.compile at {shape[0]}×{shape[1]}: {breaks} graph break(s): {reasons}")
                 ready[row.label] = (row, _forward(compiled, inputs))
             except Exception as exc:  # e.g. no C++ compiler for inductor: a result to report
-                row.error = _why("torch.compile", exc)
+                row.error = harness.why("torch.compile", exc)
                 print(f"  ! {row.label}: {row.error}", file=sys.stderr)
         if ready:
             print(f"  timing compiled {shape[0]}x{shape[1]}: {len(ready)} variants", flush=True)
@@ -393,7 +378,7 @@ def run_lm(settings: Settings, compile_rows: bool) -> dict[str, Any]:
     _measure_common(variants)
     for v in variants:
         print(f"  perplexity: {v.label}", flush=True)
-        res = _guard(v, "perplexity", lambda: perplexity(v.model, data.token_ids, context=PPL_CONTEXT, stride=PPL_STRIDE))
+        res = harness.guard(v, "perplexity", lambda: perplexity(v.model, data.token_ids, context=PPL_CONTEXT, stride=PPL_STRIDE))
         if res is not None:
             v.quality["perplexity"] = res.perplexity
     vocab = int(fp32.config.vocab_size)
@@ -424,7 +409,7 @@ def run_encoder(settings: Settings, compile_rows: bool) -> dict[str, Any]:
     reference = encode_sentences(fp32, tokenizer, data.texts, batch_size=32, max_length=128)
     for v in variants:
         print(f"  embeddings: {v.label}", flush=True)
-        emb = _guard(v, "embed", lambda: encode_sentences(v.model, tokenizer, data.texts, batch_size=32, max_length=128))
+        emb = harness.guard(v, "embed", lambda: encode_sentences(v.model, tokenizer, data.texts, batch_size=32, max_length=128))
         if emb is not None:
             fid = embedding_fidelity(emb, reference)
             v.quality.update(mean_cosine=fid.mean_cosine, min_cosine=fid.min_cosine, top1=fid.top1_agreement)

@@ -53,7 +53,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,21 +108,8 @@ class Row:
     model: Any = None  # the (first seed's) model, kept for latency rows
 
 
-def _why(stage: str, exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return f"{stage} failed: {type(exc).__name__}: {first}"
 
 
-def _guard(row: Row, stage: str, fn: Callable[[], Any]) -> Any:
-    if row.error:
-        return None
-    try:
-        return fn()
-    except Exception as exc:  # a failure is a result to report, in the row
-        row.error = _why(stage, exc)
-        print(f"  ! {row.label}: {row.error}", file=sys.stderr)
-        traceback.print_exc(limit=3, file=sys.stderr)
-        return None
 
 
 def _mean(accs: list[float]) -> float:
@@ -190,7 +176,6 @@ class _Reader:
 
 def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
     import slimkit as sk
-    from slimkit.core.registry import Context
     from slimkit.evaluation.quality import accuracy
     from slimkit.export.onnx import export_onnx
     from slimkit.quantization.modules import QuantConv2d, QuantLinear
@@ -221,7 +206,7 @@ def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
 
     def ptq_row(label: str, bits: str, make: Callable[[], nn.Module]) -> Row:
         row = Row(label, bits, f"none ({len(x_cal)} calibration images)" if "StaticQuant" in label else "none")
-        _guard(row, "quantize", lambda: finish(row, make()))
+        harness.guard(row, "quantize", lambda: finish(row, make()))
         rows.append(row)
         return row
 
@@ -266,7 +251,7 @@ def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
         row = Row(label, bits, training)
         t = time.perf_counter()
         for seed in settings.seeds:
-            _guard(row, f"QAT seed {seed}", lambda seed=seed: finish(row, qat(base, lsq, seed)))
+            harness.guard(row, f"QAT seed {seed}", lambda seed=seed: finish(row, qat(base, lsq, seed)))
         info.setdefault("qat_seconds", []).append((time.perf_counter() - t) / len(settings.seeds))
         print(f"  {label}: {_acc_text(row.accs) if row.accs else row.error}", file=sys.stderr)
         rows.append(row)
@@ -309,8 +294,8 @@ def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation warnings
-        _guard(fx, "torch.ao FX", ao_fx)
-        _guard(dyn, "torch.ao quantize_dynamic", ao_dyn)
+        harness.guard(fx, "torch.ao FX", ao_fx)
+        harness.guard(dyn, "torch.ao quantize_dynamic", ao_dyn)
     rows += [fx, dyn]
 
     # ONNX: fp32 and slimkit int8 exports, ORT's own static quantizer on the fp32 file.
@@ -322,7 +307,7 @@ def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
         fp32_onnx = fp32_path.stat().st_size
         info["ort_fp32_acc"] = _ort_accuracy(ort_runs["ORT fp32"], x_test, y_test)
     except Exception as exc:
-        notes.append(f"fp32 ONNX export/run: {_why('export', exc)}")
+        notes.append(f"fp32 ONNX export/run: {harness.why('export', exc)}")
         fp32_onnx = None
     if int8.model is not None:
         try:
@@ -335,7 +320,7 @@ def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
 
             info["int8_ops"] = ort_op_counts(int8_path, threads=ORT_THREADS)
         except Exception as exc:
-            notes.append(f"slimkit int8 ONNX export/run: {_why('export', exc)}")
+            notes.append(f"slimkit int8 ONNX export/run: {harness.why('export', exc)}")
     ort_peers: list[tuple[Row, str]] = []
     if fp32_onnx is not None:
         from onnxruntime.quantization import quantize_static
@@ -353,7 +338,7 @@ def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
                 row.size, row.size_ref = path.stat().st_size, fp32_onnx
                 ort_runs[row.label] = run
 
-            _guard(row, "quantize_static", ort_static)
+            harness.guard(row, "quantize_static", ort_static)
             rows.append(row)
             ort_peers.append((row, row.label))
 
@@ -460,7 +445,6 @@ def render(rows: list[Row], info: dict[str, Any], settings: Settings) -> str:
         ratio = f"{r.size / r.size_ref:.3f}×" if r.size and r.size_ref else ""
         table.add(r.label, r.bits, r.training, acc, delta, size, ratio, r.latency, r.target, r.verdict)
 
-    ms = info.get("latency", {})
     load = info.get("other_load")
     notes = [
         f"- Data: {info['data']}. One test image = {100 / 540:.3f} pt. Δ is against fp32 in PyTorch. "

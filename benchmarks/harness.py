@@ -25,6 +25,7 @@ import shlex
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -418,3 +419,32 @@ def write_section(path: str | os.PathLike, section_name: str, markdown: str,
     text = path.read_text(encoding="utf-8") if path.exists() else header
     atomic_write_text(path, replace_section(text, section_name, markdown))
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# Failures as results
+# ---------------------------------------------------------------------------------------
+
+
+def why(stage: str, exc: BaseException) -> str:
+    """One line saying which stage failed and how (the exception's first line)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:240]
+    return f"{stage} failed: {type(exc).__name__}: {first}"
+
+
+def guard(row: Any, stage: str, fn: Callable[[], Any]) -> Any:
+    """Run one stage of a benchmark row (an object with ``label`` and ``error``).
+
+    A row that already failed is skipped; an exception becomes the row's recorded reason
+    (printed with a short traceback on stderr) instead of ending the run: a peer that
+    cannot run here is a result to report.
+    """
+    if row.error:
+        return None
+    try:
+        return fn()
+    except Exception as exc:
+        row.error = why(stage, exc)
+        print(f"  ! {row.label}: {row.error}", file=sys.stderr)
+        traceback.print_exc(limit=3, file=sys.stderr)
+        return None

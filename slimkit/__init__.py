@@ -32,6 +32,7 @@ _EXPORTS = {
     "StaticQuant": "slimkit.quantization.ptq",
     "CastPrecision": "slimkit.quantization.mixed",
     "QAT": "slimkit.quantization.qat",
+    "QATTrain": "slimkit.quantization.qat",
     "fold_batchnorm": "slimkit.quantization.fold",
     "Recipe": "slimkit.recipe.schema",
     "CompressionReport": "slimkit.evaluation.report",

@@ -30,7 +30,7 @@ from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import check_layer_map, check_patterns, matches, select_modules, set_submodule, value_for
 from slimkit.quantization.modules import QuantConv2d, QuantEmbedding, QuantLinear
-from slimkit.quantization.observers import OBSERVERS, make_observer
+from slimkit.quantization.observers import make_observer
 from slimkit.quantization.primitives import BITS, QuantizedWeight, quantize_weight
 
 WEIGHT_OBSERVERS = ("minmax", "mse", "percentile")
@@ -181,8 +181,8 @@ class StaticQuant(Config):
 # --- shared plumbing ----------------------------------------------------------------------
 
 
-def _skip_reason(module: nn.Module, bits: int, group_size: int | None) -> str | None:
-    """Why ``module`` cannot become a quantized layer, or None when it can."""
+def skip_reason(module: nn.Module, group_size: int | None) -> str | None:
+    """Why ``module`` cannot become a quantized (or QAT) layer, or None when it can."""
     if type(module) not in (nn.Linear, nn.Conv2d, nn.Embedding):
         return f"it is a {type(module).__name__}, a subclass a quantized layer cannot stand in for"
     if module.weight.is_meta:
@@ -212,7 +212,7 @@ def _select(model: nn.Module, cfg: Config, types: tuple[type[nn.Module], ...], g
     kind = type(cfg).__name__
     targets = []
     for name, module in select_modules(model, types, cfg.include, cfg.ignore):
-        reason = _skip_reason(module, value_for(name, cfg.bits), group_size)
+        reason = skip_reason(module, group_size)
         if reason:
             ctx.note(f"{kind}: skipped {name}: {reason}")
         else:

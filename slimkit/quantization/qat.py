@@ -57,6 +57,7 @@ from slimkit.quantization.fake_quant import FakeQuantizer
 from slimkit.quantization.fold import fold_batchnorm  # also registers FoldedBatchNorm for slimkit.load
 from slimkit.quantization.modules import QuantConv2d, QuantLinear
 from slimkit.quantization.primitives import QuantizedWeight, quantize, split_groups
+from slimkit.quantization.ptq import calibrate_inputs, skip_reason
 
 BASES = ("RTN", "StaticQuant")
 STEPS = ("prepare", "convert")
@@ -301,21 +302,6 @@ def freeze_observers(model: nn.Module) -> None:
 # --- prepare / convert --------------------------------------------------------------------
 
 
-def _skip_reason(module: nn.Module, group_size: int | None) -> str | None:
-    if type(module) not in (nn.Linear, nn.Conv2d):
-        return f"it is a {type(module).__name__}, a subclass a QAT layer cannot stand in for"
-    if module.weight.is_meta:
-        return "its weight is on the meta device (not loaded)"
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return f"padding {module.padding!r} / mode {module.padding_mode!r} is not supported (zero padding given as numbers)"
-        if group_size is not None:
-            return "group-wise scales apply to Linear layers only"
-    elif group_size is not None and module.in_features % group_size:
-        return f"in_features {module.in_features} is not divisible by group_size {group_size}"
-    return None
-
-
 def _check_finite(targets: list[tuple[str, nn.Module]]) -> None:
     for name, module in targets:
         if not torch.isfinite(module.weight.detach()).all():
@@ -333,7 +319,6 @@ def _act_spec(base: Config) -> tuple[int | None, bool]:
 def _calibrate_input_ranges(model: nn.Module, base: Config, data: Any, names: list[str]) -> dict[str, tuple]:
     """Initial (lo, hi) input ranges from the base's act_observer on ``data``, for each named layer that ran."""
     from slimkit.quantization.observers import make_observer
-    from slimkit.quantization.ptq import calibrate_inputs
 
     def make(name: str):
         return make_observer(base.act_observer, bits=base.act_bits, symmetric=base.act_symmetric,
@@ -363,7 +348,7 @@ def _prepare(model: nn.Module, config: QAT, ctx: Context) -> None:
     group_size = getattr(base, "group_size", None)
     targets = []
     for name, module in select_modules(model, types, base.include, base.ignore):
-        reason = _skip_reason(module, group_size)
+        reason = skip_reason(module, group_size)
         if reason:
             ctx.note(f"QAT: skipped {name}: {reason}")
         else:

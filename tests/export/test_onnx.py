@@ -356,3 +356,28 @@ def test_missing_onnxruntime_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(SlimkitError, match=r"pip install 'slimkit\[onnx\]'"):
         export_onnx(nn.Linear(4, 2), tmp_path / "x.onnx", example=torch.rand(2, 4))
+
+
+def test_smoothed_reduced_range_static_quant_is_exact_in_a_default_session(tmp_path):
+    """StaticQuant with smoothing + reduce_range: a Mul before Q, weights within ±63, so ORT's
+    fast u8s8 kernel is exact without any session option (none is recorded in the file)."""
+    from slimkit.core.calibration import CalibrationData
+    from slimkit.core.registry import Context, handler_for
+    from slimkit.quantization.ptq import StaticQuant
+
+    model = TokenMLP().eval()
+    with torch.no_grad():
+        model.fc1.weight[:, 0] *= 20  # an outlier input channel for smoothing to move
+    data = CalibrationData([torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(i))
+                            for i in range(3)])
+    cfg = StaticQuant(reduce_range=True, smooth_alpha=0.5)
+    handler_for(cfg)(model, cfg, Context(data=data))
+    assert model.fc1.input_multiplier is not None
+    assert int(model.fc1.codes().abs().max()) <= 63
+    result = export_onnx(model, tmp_path / "smooth.onnx", example=IDS)
+    assert op_counts(result.path).get("Mul", 0) >= 2  # the smoothing multipliers
+    assert not any("x64quantprecision" in n for n in result.notes)
+    assert sk_onnx._recorded_session_config(result.path) == {}
+    assert_matches(model, result.path, IDS)
+    kernels = ort_op_counts(result.path)
+    assert kernels.get("MatMulIntegerToFloat", 0) == 2, kernels
