@@ -381,3 +381,51 @@ def test_smoothed_reduced_range_static_quant_is_exact_in_a_default_session(tmp_p
     assert_matches(model, result.path, IDS)
     kernels = ort_op_counts(result.path)
     assert kernels.get("MatMulIntegerToFloat", 0) == 2, kernels
+
+
+def test_exact_kernel_option_applies_only_where_the_cpu_saturates(tmp_path, monkeypatch):
+    """A full-range int8 file records session.x64quantprecision; ort_session applies it only on
+    CPUs whose u8s8 kernel saturates (no VNNI/AMX), and the output matches PyTorch either way
+    on this machine's real kernel."""
+    model = quantized_mlp("static")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        model.fc2.qweight.copy_(torch.randint(-127, 128, model.fc2.qweight.shape, generator=gen).to(torch.int8))
+    path = export_onnx(model, tmp_path / "full.onnx", example=IDS).path
+    assert sk_onnx._recorded_session_config(path) == {"session.x64quantprecision": "1"}
+    monkeypatch.setattr(sk_onnx, "cpu_saturates_u8s8", lambda: True)
+    assert ort_session(path).get_session_options().get_session_config_entry("session.x64quantprecision") == "1"
+    monkeypatch.setattr(sk_onnx, "cpu_saturates_u8s8", lambda: False)
+    assert _entry_absent(ort_session(path).get_session_options())
+    monkeypatch.undo()
+    assert_matches(model, path, IDS)  # with whatever this CPU needs
+
+
+def _entry_absent(options) -> bool:
+    try:
+        return options.get_session_config_entry("session.x64quantprecision") in ("", None)
+    except Exception:  # ORT raises for a key that was never set
+        return True
+
+
+def test_cpu_flags_decide_saturation(monkeypatch, tmp_path):
+    """x86-64 with VNNI or AMX flags: exact u8s8; without: saturating; other machines: never."""
+    import platform
+    from pathlib import Path as RealPath
+
+    def fake(machine, flags):
+        sk_onnx.cpu_saturates_u8s8.cache_clear()
+        monkeypatch.setattr(platform, "machine", lambda: machine)
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(sk_onnx, "Path", lambda p: info if str(p) == "/proc/cpuinfo" else RealPath(p))
+        return sk_onnx.cpu_saturates_u8s8()
+
+    try:
+        assert fake("x86_64", "sse4_2 avx2 fma") is True
+        assert fake("x86_64", "avx2 avx512f avx512_vnni") is False
+        assert fake("x86_64", "avx2 avx_vnni") is False
+        assert fake("x86_64", "avx2 amx_tile amx_int8") is False
+        assert fake("aarch64", "fp asimd") is False
+    finally:
+        sk_onnx.cpu_saturates_u8s8.cache_clear()
