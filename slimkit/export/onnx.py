@@ -719,6 +719,9 @@ def _save(program: Any, path: Path, notes: list[str], session_config: dict[str, 
     """Write ``program`` to ``path`` through a temporary folder beside it; returns the files written."""
     model = program.model
     _unshare_weight_qparams(model.graph)
+    for node in model.graph.all_nodes():
+        # The exporter's per-node stack traces and scopes: ~0.9 MB of MiniLM's 24 MB int8 file, unused by runtimes.
+        node.metadata_props.clear()
     model.metadata_props["slimkit.notes"] = json.dumps(notes)
     model.metadata_props["slimkit.ort_session_config"] = json.dumps(session_config)
     size = sum(getattr(v.const_value, "nbytes", 0) or 0 for v in model.graph.initializers.values())

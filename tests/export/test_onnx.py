@@ -135,6 +135,9 @@ def test_fp32_digits_cnn_needs_no_example(tmp_path):
     x = torch.rand(5, 1, 8, 8)
     assert check_onnx(cnn, path, x) < 1e-4
     assert op_counts(path)["Conv"] == 3
+    proto = onnx.load(str(path))
+    assert all(len(n.metadata_props) == 0 for n in proto.graph.node)  # no exporter stack traces in the file
+    assert {p.key for p in proto.metadata_props} == {"slimkit.notes", "slimkit.ort_session_config"}
 
 
 # -- quantized: static uint8 activations (the speed path) ---------------------------------
