@@ -241,21 +241,26 @@ def _load_checkpoint(folder: Path, skeleton: nn.Module | None) -> nn.Module:
     weights = folder / WEIGHTS_FILE
     check_safetensors(weights)
     model = _build_architecture(folder, meta.get("architecture", {}), skeleton)
+    classes: dict[str, type] = {}
     for name, entry in meta.get("modules", {}).items():
         try:
             cls = module_type(entry["type"])
         except KeyError:
             raise ModelLoadError(f"{folder / META_FILE}: unknown module type {entry.get('type')!r} for {name!r}") from None
+        where = name.rpartition(".")[0] if cls.attached else name  # an attached module needs its parent
         try:
-            model.get_submodule(name)
+            model.get_submodule(where)
         except AttributeError:
-            raise ModelLoadError(f"{folder}: module {name!r} does not exist in the rebuilt architecture") from None
+            raise ModelLoadError(f"{folder}: module {where!r} does not exist in the rebuilt architecture") from None
         set_submodule(model, name, cls.from_slimkit_spec(entry["spec"]))
+        classes[cls.__name__] = cls
     try:
         load_model(model, str(weights), strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0][:300]
         raise ModelLoadError(f"{weights} does not match the architecture in {folder / META_FILE}: {first}") from None
+    for cls in classes.values():
+        cls.after_load(model)
     model.eval()
     tokenizer = _load_tokenizer(folder)
     return attach_info(model, kind=meta.get("kind"), source=meta.get("source"), tokenizer=tokenizer,

@@ -18,7 +18,19 @@ _MODULE_TYPES: dict[str, type[SlimkitModule]] = {}
 
 
 class SlimkitModule(nn.Module):
-    """Base of slimkit's rebuildable replacement modules (see the module docstring)."""
+    """Base of slimkit's rebuildable replacement modules (see the module docstring).
+
+    ``attached = True`` marks a module that is *added* as a new child of an existing module
+    (its path does not exist in the rebuilt architecture; its parent must). ``after_load``
+    runs once per module class after a checkpoint's weights are in (e.g. to switch the
+    model to code that calls the added modules).
+    """
+
+    attached: bool = False
+
+    @classmethod
+    def after_load(cls, model: nn.Module) -> None:
+        """Called once with the reloaded model when a checkpoint holds modules of this class."""
 
     def slimkit_spec(self) -> dict[str, Any]:
         """JSON-able constructor arguments; ``from_slimkit_spec`` of them gives an empty module of the same shapes."""

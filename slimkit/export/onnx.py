@@ -105,6 +105,8 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError, SlimkitError, UnsupportedError
 from slimkit.core.io import model_info
+from slimkit.quantization.attention import IMPLEMENTATION as ATTENTION_IMPLEMENTATION
+from slimkit.quantization.attention import QuantAttentionInputs
 from slimkit.quantization.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quantization.primitives import qrange, scale_zero_from_range
 
@@ -544,6 +546,29 @@ class _ExportEmbedding(nn.Module):
         return out.reshape(*ids.shape, self.dim).to(self.out_dtype)
 
 
+class _ExportAttentionInputs(nn.Module):
+    """Export-only twin of QuantAttentionInputs: QuantizeLinear -> DequantizeLinear (uint8) per operand.
+
+    ORT fuses DQ(a) -> MatMul <- DQ(b) with both operands activations into MatMulIntegerToFloat.
+    """
+
+    def __init__(self, src: QuantAttentionInputs) -> None:
+        super().__init__()
+        self.enabled = src.enabled
+        self.grids = [(float(src.scale[i]), int(src.zero[i])) for i in range(len(src.scale))]
+
+    def describe(self) -> str:
+        return "query, key, probs, value: static uint8 Q/DQ" if self.enabled else "disabled (float attention)"
+
+    def forward(self, x: torch.Tensor, role: int) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        scale, zero = self.grids[role]
+        qd = _qd()
+        return qd.dequantize_per_tensor(qd.quantize_per_tensor(x, scale, zero, 0, 255, torch.uint8),
+                                        scale, zero, 0, 255, torch.uint8)
+
+
 def _uses_int16(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, QuantConv2d)) and m.bits == 16 and m.symmetric and m.group_size is None
                for m in model.modules())
@@ -553,7 +578,8 @@ def _swap_quantized(model: nn.Module, opset: int) -> tuple[nn.Module, list[str],
     """A deep copy of ``model`` with every Quant* layer replaced by its export twin; notes; custom ops used."""
     from slimkit.core.targets import set_submodule
 
-    names = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantEmbedding))]
+    kinds = (QuantLinear, QuantConv2d, QuantEmbedding, QuantAttentionInputs)
+    names = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
     if not names:
         return model, [], False
     _qd()  # the exporter's registry sees quantized_decomposed ops only if they are registered before it is built
@@ -566,6 +592,8 @@ def _swap_quantized(model: nn.Module, opset: int) -> tuple[nn.Module, list[str],
             label = f"QuantLinear W{src.bits}"
         elif isinstance(src, QuantConv2d):
             twin, label = _ExportConv2d(src, opset), f"QuantConv2d W{src.bits}"
+        elif isinstance(src, QuantAttentionInputs):
+            twin, label = _ExportAttentionInputs(src), "attention matmul inputs"
         else:
             twin, label = _ExportEmbedding(src), f"QuantEmbedding {src.bits}-bit"
         set_submodule(twin_model, name, twin)
@@ -634,7 +662,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
     inputs = example_inputs(model, example)
     was_training = model.training
     export_model, notes, custom = _swap_quantized(model, opset)
-    if hasattr(export_model, "set_attn_implementation"):
+    if hasattr(export_model, "set_attn_implementation") and not _quantized_attention(model):
         # Eager attention exports as plain MatMul/Add/Softmax; the SDPA path adds Where/IsNaN
         # masking ops that cost ~9% of MiniLM's ORT time. Same maths, on a copy.
         if export_model is model:
@@ -704,6 +732,11 @@ def _unshare_weight_qparams(graph: Any) -> int:
             node.replace_input_with(index, clone)
             copied += 1
     return copied
+
+
+def _quantized_attention(model: nn.Module) -> bool:
+    """Whether ``model`` dispatches its attention to slimkit's int8 attention (which is eager already)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_IMPLEMENTATION
 
 
 def _needs_exact_kernel(model: nn.Module) -> bool:
@@ -861,13 +894,28 @@ def _input_steps(model: nn.Module, entry: nn.Module, inputs: dict[str, torch.Ten
             step = float(scale_zero_from_range(lo, hi, module.act_bits, module.act_symmetric)[0])
         allowance.append(FLIPS_PER_LAYER * step * float(module.dense_weight().abs().max()))
 
+    seen: dict[int, dict[int, tuple[float, float, int]]] = {}  # attention quantizer -> role -> (step, max|x|, dim)
+
+    def attention_hook(module, args):
+        if module.enabled and module.observers is None:
+            x, role = args[0].detach().float(), int(args[1])
+            seen.setdefault(id(module), {})[role] = (float(module.scale[role]), float(x.abs().max()), x.shape[-1])
+
     handles = [m.register_forward_pre_hook(hook) for m in layers]
+    handles += [m.register_forward_pre_hook(attention_hook) for m in model.modules()
+                if isinstance(m, QuantAttentionInputs)]
     try:
         with torch.no_grad():
             out = _call(entry, inputs)
     finally:
         for h in handles:
             h.remove()
+    for roles in seen.values():
+        if len(roles) == 4:
+            (s_q, m_q, dim), (s_k, m_k, _), (s_p, _, _), (s_v, m_v, _) = (roles[i] for i in range(4))
+            # A flipped query/key code moves a score by s·max|other|·scaling, hence the context by at
+            # most that times max|V|; a flipped probability or value code moves it by s_p·max|V| or s_v.
+            allowance.append(FLIPS_PER_LAYER * (dim ** -0.5 * (s_q * m_k + s_k * m_q) * m_v + s_p * m_v + s_v))
     return out, sum(allowance)
 
 

@@ -29,6 +29,8 @@ from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import check_layer_map, check_patterns, matches, select_modules, set_submodule, value_for
+from slimkit.quantization.attention import (CHILD, ROLES, QuantAttentionInputs, attention_modules, unsupported_reason,
+                                            use_quantized_attention)
 from slimkit.quantization.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quantization.observers import make_observer
 from slimkit.quantization.primitives import BITS, QuantizedWeight, quantize_weight
@@ -113,6 +115,11 @@ class StaticQuant(Config):
     keeps its int8 weights (per-channel int8 weights cost little accuracy, and the file
     stays small); "float" restores the original float layer.
     max_float_layers: a cap on how many layers the fallback may change.
+    attention: also quantize the operands of the two matmuls inside each attention block
+    (query and key of Q·Kᵀ, softmax probabilities and value of P·V) to static uint8 per
+    tensor, calibrated with ``act_observer`` (transformers models listed in
+    ``attention.SUPPORTED_MODEL_TYPES``; ``ignore`` patterns apply to attention module names
+    too; the fallback may return a whole block's attention to float).
     reduce_range: 8-bit weight codes limited to [−63, 63]. x86 CPUs without VNNI (AVX2,
     plain AVX-512) multiply uint8 inputs by int8 weights with VPMADDUBSW, whose int16 pair
     sums saturate when |w| > 63 (255·127·2 > 32767): ONNX Runtime's default kernel then
@@ -141,10 +148,13 @@ class StaticQuant(Config):
     fallback_to: str = "weight_only"
     max_float_layers: int | None = None
     reduce_range: bool = False
+    attention: bool = False
 
     def validate(self) -> None:
         """Check bits, observers, tolerance and patterns; build the observer once to validate its options."""
         _check_common(self, BITS)
+        if not isinstance(self.attention, bool):
+            self.fail("attention", f"must be true or false, got {self.attention!r}")
         gs = self.group_size
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 8):
             self.fail("group_size", f"must be None (per output channel) or a positive multiple of 8, got {gs!r}")
@@ -156,6 +166,8 @@ class StaticQuant(Config):
             self.fail("act_bits", f"must be 8 or 16, got {self.act_bits!r}")
         if not isinstance(self.act_symmetric, bool):
             self.fail("act_symmetric", f"must be true or false, got {self.act_symmetric!r}")
+        if self.attention is True and self.act_bits != 8:
+            self.fail("attention", f"attention matmul inputs are quantized to 8 bits; act_bits is {self.act_bits}")
         if not isinstance(self.act_options, dict):
             self.fail("act_options", f"must be a mapping of observer options, got {self.act_options!r}")
         try:
@@ -461,9 +473,22 @@ def apply_static(model: nn.Module, config: StaticQuant, ctx: Context) -> None:
         smooth = _smoothing(model, data, linears, config.smooth_alpha)
         ctx.note(f"StaticQuant: smoothed the inputs of {len(smooth)} Linear layer(s) (alpha {config.smooth_alpha}, "
                  f"{len({id(v) for v in smooth.values()})} shared scale vector(s))")
+    attention = _attach_attention(model, config, ctx) if config.attention else {}
     if ctx.progress is not None:
         ctx.progress(f"calibrating {len(compute)} input ranges ({config.act_observer})", 0.0)
-    observers = calibrate_inputs(model, data, compute, make, {n: 1.0 / s for n, s in smooth.items()})
+    try:
+        observers = calibrate_inputs(model, data, compute, make, {n: 1.0 / s for n, s in smooth.items()})
+    except BaseException:
+        _detach_attention(model, attention)
+        raise
+    for name, quant in list(attention.items()):
+        unseen = quant.freeze()
+        if len(unseen) == len(ROLES):
+            ctx.note(f"StaticQuant: kept the attention of {name.rpartition('.')[0]} in float: it received no "
+                     "calibration input")
+            _detach_attention(model, {name: quant})
+            del attention[name]
+        quant.enabled = False  # float attention for the reference outputs below
     reference = None
     if config.tolerance is not None:
         reference = [_rows(_main_output(run_model(model, b)).float(), b) for b in data]
@@ -494,14 +519,52 @@ def apply_static(model: nn.Module, config: StaticQuant, ctx: Context) -> None:
             if ctx.progress is not None:
                 ctx.progress(f"static int{config.act_bits}: {name}", (i + 1) / len(targets))
 
+    for name, quant in attention.items():
+        quant.enabled = True
+        float_layers[name], quant_layers[name], where[name] = quant.disabled_copy(), quant, [name]
     kept = list(quant_layers)
     if config.tolerance is not None:
         kept = _fallback(model, config, ctx, data, reference, float_layers, quant_layers, where)
+    n_attention = sum(1 for n in kept if n in attention)
     ctx.note(
-        f"StaticQuant: {len(kept)} layer(s) quantized (weights per output channel, {config.weight_observer}; "
-        f"inputs int{config.act_bits} {'symmetric' if config.act_symmetric else 'asymmetric'} per tensor, "
-        f"{config.act_observer})"
+        f"StaticQuant: {len(kept) - n_attention} layer(s) quantized (weights per output channel, "
+        f"{config.weight_observer}; inputs int{config.act_bits} "
+        f"{'symmetric' if config.act_symmetric else 'asymmetric'} per tensor, {config.act_observer})"
+        + (f"; attention matmul inputs (query, key, probs, value) uint8 in {n_attention} block(s)" if attention else "")
     )
+
+
+def _attach_attention(model: nn.Module, config: StaticQuant, ctx: Context) -> dict[str, QuantAttentionInputs]:
+    """Give every selected attention block an observing ``QuantAttentionInputs`` and dispatch to it.
+
+    Returns path of the attached module -> module. A model whose attention slimkit cannot
+    reproduce keeps float attention (noted).
+    """
+    reason = unsupported_reason(model)
+    if reason:
+        ctx.note(f"StaticQuant: attention matmuls kept in float: {reason}")
+        return {}
+    attached = {}
+    for name, module in attention_modules(model):
+        if any(matches(name, p) for p in config.ignore):
+            continue
+        quant = QuantAttentionInputs(8)
+        quant.observers = [make_observer(config.act_observer, bits=8, symmetric=False,
+                                         tensor_name=f"{role} of {name}", **config.act_options) for role in ROLES]
+        setattr(module, CHILD, quant)
+        attached[f"{name}.{CHILD}" if name else CHILD] = quant
+    if attached:
+        use_quantized_attention(model)
+    return attached
+
+
+def _detach_attention(model: nn.Module, attached: dict[str, QuantAttentionInputs]) -> None:
+    """Remove attached attention quantizers (after a failed calibration, or a block that never ran)."""
+    for path in attached:
+        parent, _, child = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if hasattr(owner, child):
+            delattr(owner, child)
 
 
 def _swap(model: nn.Module, module_paths: list[str], new: nn.Module) -> None:
@@ -543,7 +606,8 @@ def _fallback(model: nn.Module, config: StaticQuant, ctx: Context, data: Calibra
         _swap(model, where[name], float_layers[name])
         kept.remove(name)
         error = output_error(model, data, reference)
-        what = "float" if config.fallback_to == "float" else "float input (int8 weights kept)"
+        what = ("float" if config.fallback_to == "float" or isinstance(quant_layers[name], QuantAttentionInputs)
+                else "float input (int8 weights kept)")
         ctx.note(f"StaticQuant fallback: {name} back to {what} (alone it costs {sensitivity[name]:.5f}); "
                  f"output error now {error:.5f}")
     verdict = "met" if error <= config.tolerance else "NOT met"
