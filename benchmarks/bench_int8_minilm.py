@@ -13,7 +13,8 @@ same texts for every tool that calibrates. Texts are padded to 128 tokens everyw
 Every ONNX row starts from the same fp32 export (``slimkit.export.onnx.export_onnx``):
 - slimkit: ``recipes/int8-static-minilm.yaml`` (StaticQuant), exported with QDQ nodes that
   carry slimkit's own scales; also the same with a tighter tolerance, so that its
-  sensitivity fallback acts, and DynamicQuant.
+  sensitivity fallback acts; the same with the attention matmuls' operands quantized too
+  (``attention=True``); and DynamicQuant.
 - ORT ``quantize_dynamic`` (QInt8 weights; per_channel False = default, and True);
 - ORT ``quantize_static`` (QDQ, its defaults QInt8/QInt8) with MinMax, Entropy and
   Percentile calibration, per_channel False and True, fed the calibration texts.
@@ -202,6 +203,8 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
     base = recipe_steps[-1]
     tighter = type(base).from_dict({**base.to_dict(), "tolerance": TIGHT_TOLERANCE})
     rows.append(slimkit_row(f"slimkit same, tolerance {TIGHT_TOLERANCE} (fallback acts)", lambda: [tighter]))
+    with_attention = type(base).from_dict({**base.to_dict(), "attention": True})
+    rows.append(slimkit_row("slimkit same + attention=True (Q·Kᵀ, P·V int8)", lambda: [with_attention]))
     rows.append(slimkit_row("slimkit DynamicQuant (int8, per-channel, + embeddings)",
                             lambda: [slimkit.DynamicQuant(embeddings=True)]))
 
