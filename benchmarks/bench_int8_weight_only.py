@@ -668,15 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nrun took {seconds:.0f} s")
     own_failures = [f"{v.label}: {v.error}" for r in (lm, enc) for v in r["variants"]
                     if v.error and v.family in ("fp32", "slimkit")]
-    if own_failures:
-        print("fp32/slimkit rows failed, BENCHMARKS.md not written:\n  " + "\n  ".join(own_failures), file=sys.stderr)
-        return 1
-    if args.quick or args.no_write:
-        print("(not written: " + ("--quick" if args.quick else "--no-write") + ")")
-    else:
-        path = harness.write_section(args.output, SECTION, markdown)
-        print(f"written: section {SECTION!r} of {path}")
-    return 0
+    return harness.publish(args, SECTION, markdown, own_failures)
 
 
 if __name__ == "__main__":

@@ -448,3 +448,20 @@ def guard(row: Any, stage: str, fn: Callable[[], Any]) -> Any:
         print(f"  ! {row.label}: {row.error}", file=sys.stderr)
         traceback.print_exc(limit=3, file=sys.stderr)
         return None
+
+
+def publish(args: Any, section: str, markdown: str, own_failures: list[str]) -> int:
+    """End a benchmark run: the exit code, and the section written into ``args.output`` when it should be.
+
+    Nothing is written when one of slimkit's own (or the fp32) rows failed, or with
+    ``--quick`` / ``--no-write``; ``own_failures`` lists "label: reason" of the rows that failed.
+    """
+    if own_failures:
+        print("fp32/slimkit rows failed, BENCHMARKS.md not written:\n  " + "\n  ".join(own_failures), file=sys.stderr)
+        return 1
+    if args.quick or args.no_write:
+        print("(not written: " + ("--quick" if args.quick else "--no-write") + ")")
+    else:
+        path = write_section(args.output, section, markdown)
+        print(f"written: section {section!r} of {path}")
+    return 0

@@ -144,3 +144,19 @@ def test_other_load_is_a_fraction_of_the_machine():
     with OtherLoad() as load:
         sum(range(200_000))  # some CPU of our own, which must not count as "other"
     assert load.fraction is None or 0.0 <= load.fraction <= 1.5  # jiffy rounding can overshoot a little
+
+
+def test_publish_writes_only_full_runs_without_own_failures(tmp_path, capsys):
+    from argparse import Namespace
+
+    from benchmarks import harness
+
+    out = tmp_path / "BENCHMARKS.md"
+    full = Namespace(quick=False, no_write=False, output=out)
+    assert harness.publish(full, "s", "## table", ["slimkit row: boom"]) == 1
+    assert not out.exists()
+    assert harness.publish(Namespace(quick=True, no_write=False, output=out), "s", "## table", []) == 0
+    assert not out.exists()
+    assert harness.publish(full, "s", "## table", []) == 0
+    assert "## table" in out.read_text()
+    assert "<!-- bench:s:start -->" in out.read_text()
