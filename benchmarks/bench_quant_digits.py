@@ -174,6 +174,13 @@ class _Reader:
         self.i = 0
 
 
+def _vs_fp32(drop: float) -> str:
+    """A drop in points as words: "0.19 pt below fp32", "0.06 pt above fp32", "level with fp32"."""
+    if abs(drop) < 1e-9:
+        return "level with fp32"
+    return f"{abs(drop):.2f} pt {'below' if drop > 0 else 'above'} fp32"
+
+
 def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
     import slimkit as sk
     from slimkit.evaluation.quality import accuracy
@@ -362,7 +369,7 @@ def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
     for r in (int8, int8_mse):
         if r.accs:
             drop = round(100 * (fp32_acc - _mean(r.accs)), 6) + 0.0
-            r.verdict = f"{'met' if drop <= INT8_TARGET_PT + 1e-9 else 'missed'} ({drop:.2f} pt below fp32)"
+            r.verdict = f"{'met' if drop <= INT8_TARGET_PT + 1e-9 else 'missed'} ({_vs_fp32(drop)})"
     ptq4 = [r for r in (rtn4, st4) if r.accs]
     best_ptq4 = max(_mean(r.accs) for r in ptq4) if ptq4 else None
     for r in qat4:
@@ -372,7 +379,7 @@ def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
             gain = round(100 * (_mean(r.accs) - best_ptq4), 6) + 0.0
             ok = drop <= QAT4_TARGET_PT + 1e-9 and gain > 1e-9
             images = gain / 100 * len(x_test)
-            r.verdict = (f"{'met' if ok else 'missed'} ({drop:.2f} pt below fp32; {gain:+.2f} pt = {images:+.2g} test "
+            r.verdict = (f"{'met' if ok else 'missed'} ({_vs_fp32(drop)}; {gain:+.2f} pt = {images:+.2g} test "
                          f"image(s) vs best 4-bit PTQ, "
                          f"{sum(a > best_ptq4 for a in r.accs)}/{len(r.accs)} seeds above it)")
     for r in bin_rows:
@@ -431,6 +438,8 @@ def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
 
 
 def render(rows: list[Row], info: dict[str, Any], settings: Settings) -> str:
+    from slimkit.export.onnx import cpu_saturates_u8s8
+
     fp32 = rows[0].accs[0]
     table = harness.Table(["method", "bits (weights / inputs)", "training", "test accuracy", "Δ vs fp32 (pt)",
                            "size on disk", "× fp32", "latency, batch 256 (median)", "target", "met / missed"],
@@ -460,7 +469,9 @@ def render(rows: list[Row], info: dict[str, Any], settings: Settings) -> str:
         notes.append(
             f"- ONNX: the fp32 export scores {100 * info['ort_fp32_acc']:.2f}% and the slimkit int8 export "
             f"{100 * info['ort_int8_acc']:.2f}% under ORT; int8 file {info['int8_onnx'] / 1e3:.1f} kB. "
-            + (f"slimkit recorded session options {sess} (int8 weight codes beyond ±63: exact, slower int8 kernel)."
+            + (f"slimkit recorded session options {sess} (int8 weight codes beyond ±63: exact, slower int8 kernel), "
+               + ("applied on this CPU (its u8s8 kernel saturates)." if cpu_saturates_u8s8() else
+                  "not applied on this CPU (VNNI/AMX: the fast kernel is exact).")
                if sess else "No extra session options recorded.")
             + (f" Ops ORT runs for it after graph optimization: {info['int8_ops']}." if info.get("int8_ops") else ""))
     notes.append(

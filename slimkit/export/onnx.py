@@ -48,11 +48,11 @@ Every layer's treatment is listed in ``OnnxExport.notes`` (and in the file's
 
 ORT on x86-64 CPUs without VNNI (AVX2, AVX-512 before VNNI): the default u8s8 int8 GEMM
 (VPMADDUBSW) saturates its 16-bit pair sums when |w| > 63 (255·127·2 > 32767) and gives
-wrong results for full-range int8 weights (measured here: 13.1 max error on a 512x512
+wrong results for full-range int8 weights (measured on an AVX2 EPYC: 13.1 max error on a 512x512
 layer; MiniLM cosine 0.9924 instead of 0.9962). Two cures: quantize with
 ``reduce_range=True`` (weights on the 7-bit grid: exact on the fast kernel, any session),
 or run with ``session.x64quantprecision=1`` (exact u8u8 kernel: MiniLM 0.72× fp32 instead
-of 0.64× here). A file that needs the option records it in
+of 0.64× there). A file that needs the option records it in
 ``metadata_props["slimkit.ort_session_config"]``; ``ort_session`` applies it on CPUs whose
 kernel saturates (``cpu_saturates_u8s8``: x86-64 without AVX512-VNNI, AVX-VNNI or AMX) and
 leaves it out on the others, where VPDPBUSD / AMX accumulate in 32 bits and the fast u8s8

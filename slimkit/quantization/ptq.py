@@ -124,8 +124,9 @@ class StaticQuant(Config):
     plain AVX-512) multiply uint8 inputs by int8 weights with VPMADDUBSW, whose int16 pair
     sums saturate when |w| > 63 (255·127·2 > 32767): ONNX Runtime's default kernel then
     returns wrong results unless the session sets ``session.x64quantprecision=1``, which
-    measured 0.83× fp32 instead of 0.65× on MiniLM here. Reduced-range weights are exact on
-    the fast kernel, at twice the weight rounding step.
+    measured 0.83× fp32 instead of 0.65× on MiniLM on an AVX2 EPYC (``ort_session`` sets it
+    only on such CPUs). Reduced-range weights are exact on the fast kernel, at twice the
+    weight rounding step; on VNNI/AMX CPUs full-range weights are exact and more accurate.
     """
 
     family: ClassVar[str] = "quantize"
