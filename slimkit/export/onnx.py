@@ -693,9 +693,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
         model.train(was_training)
     session_config = ORT_SESSION_CONFIG if _needs_exact_kernel(model) else {}
     if session_config:
-        notes.append("run with onnxruntime session option session.x64quantprecision=1 (slimkit.export.onnx.ort_session "
-                     "sets it): int8 weights beyond ±63 saturate the uint8×int8 kernel of x86 CPUs without VNNI; "
-                     "quantize with reduce_range=True to get exact results in any session")
+        notes.append("on x86 CPUs without VNNI/AMX run with onnxruntime session option session.x64quantprecision=1 "
+                     "(slimkit.export.onnx.ort_session sets it there): int8 weights beyond ±63 saturate their "
+                     "uint8×int8 kernel; quantize with reduce_range=True to get exact results in any session")
     files = _save(program, path, notes, session_config)
     result = OnnxExport(path=path, notes=tuple(notes), files=files)
     if check:
