@@ -107,6 +107,11 @@ class QAT(Config):
                               "(quantize them afterwards with RTN(embeddings=True, include=[...]))")
         if getattr(base, "tolerance", None) is not None:
             self.fail("base", "the accuracy fallback (tolerance) is a PTQ search; QAT trains instead: leave it unset")
+        # StaticQuant options QAT's fake-quant layers do not model: refuse rather than silently drop them.
+        for option, off in (("smooth_alpha", None), ("attention", False), ("reduce_range", False)):
+            if getattr(base, option, off) != off:
+                self.fail("base", f"QAT does not support {option}={getattr(base, option)!r} in the base; "
+                                  f"leave it at {off!r} (apply it with PTQ instead)")
         if self.step not in STEPS:
             self.fail("step", f"must be 'prepare' or 'convert', got {self.step!r}")
         for flag in ("learnable_scales", "fold_bn"):

@@ -11,6 +11,7 @@ from slimkit.core.calibration import CalibrationData
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError, UnsupportedError
 from slimkit.core.registry import Context, handler_for
+from slimkit.quantization import ptq
 from slimkit.quantization.fake_quant import FakeQuantizer
 from slimkit.quantization.modules import QuantConv2d, QuantLinear
 from slimkit.quantization.primitives import quantize_weight
@@ -87,6 +88,9 @@ def test_config_base_from_mapping_round_trips_and_bad_values_are_named():
         QAT()
     with pytest.raises(ConfigError, match="QATTrain.steps"):
         QATTrain(steps=0)
+    for option in (dict(smooth_alpha=0.5), dict(attention=True), dict(reduce_range=True)):
+        with pytest.raises(ConfigError, match=f"QAT does not support {next(iter(option))}"):
+            QAT(base=ptq.StaticQuant(**option))
 
 
 # --- prepare ------------------------------------------------------------------------------
