@@ -13,7 +13,9 @@ same texts for every tool that calibrates. Texts are padded to 128 tokens everyw
 Every ONNX row starts from the same fp32 export (``slimkit.export.onnx.export_onnx``):
 - slimkit: ``recipes/int8-static-minilm.yaml`` (StaticQuant), exported with QDQ nodes that
   carry slimkit's own scales; also the same with a tighter tolerance, so that its
-  sensitivity fallback acts; the same with the attention matmuls' operands quantized too
+  sensitivity fallback acts; the same with full-range int8 weights (``reduce_range=False``:
+  exact on VNNI/AMX CPUs, where ``ort_session`` skips the slow exact-kernel option; on
+  other x86 CPUs it applies it); the same with the attention matmuls' operands quantized too
   (``attention=True``); and DynamicQuant.
 - ORT ``quantize_dynamic`` (QInt8 weights; per_channel False = default, and True);
 - ORT ``quantize_static`` (QDQ, its defaults QInt8/QInt8) with MinMax, Entropy and
@@ -203,6 +205,8 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
     base = recipe_steps[-1]
     tighter = type(base).from_dict({**base.to_dict(), "tolerance": TIGHT_TOLERANCE})
     rows.append(slimkit_row(f"slimkit same, tolerance {TIGHT_TOLERANCE} (fallback acts)", lambda: [tighter]))
+    full_range = type(base).from_dict({**base.to_dict(), "reduce_range": False})
+    rows.append(slimkit_row("slimkit same, reduce_range=false (full-range int8 weights)", lambda: [full_range]))
     with_attention = type(base).from_dict({**base.to_dict(), "attention": True})
     rows.append(slimkit_row("slimkit same + attention=True (Q·Kᵀ, P·V int8)", lambda: [with_attention]))
     rows.append(slimkit_row("slimkit DynamicQuant (int8, per-channel, + embeddings)",
@@ -379,6 +383,10 @@ def render(rows: list[Row], info: dict[str, Any]) -> str:
                   f"{size_ratio:.3f}×" if size_ratio else "", f"{r.build_s:.1f}" if r.build_s else "",
                   "yes" if ok else "no")
     notes = [f"- {r.label}: {n}" for r in rows for n in r.notes]
+    from slimkit.export.onnx import cpu_saturates_u8s8
+
+    notes.append("- session.x64quantprecision (exact but slower u8u8 kernel, recorded in files with weights beyond "
+                 f"±63): {'applied' if cpu_saturates_u8s8() else 'not applied'} on this CPU")
     verdict = peer_verdict(rows)
     load = info.get("other_load")
     parts = [
