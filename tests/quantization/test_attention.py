@@ -186,3 +186,27 @@ def test_freeze_reports_roles_never_observed():
     assert quant.freeze() == ["key", "probs", "value"]
     assert quant.observers is None
     assert torch.isclose(quant.scale[QUERY], torch.tensor(4.0 / 255))
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral"])
+def test_other_supported_decoders_quantize_every_block_and_stay_close(arch):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    data = [{"input_ids": b["input_ids"]} for b in token_batches(128, pad=False)]
+    ids = data[0]["input_ids"]
+    ref = model(input_ids=ids).logits
+    quantize(model, data)
+    assert all(isinstance(getattr(layer.self_attn, CHILD), QuantAttentionInputs) for layer in model.model.layers)
+    got = model(input_ids=ids).logits
+    assert F.cosine_similarity(got.flatten(1), ref.flatten(1), dim=-1).min() > 0.99
+    for layer in model.model.layers:  # switched off, the registered attention is the model's own eager maths
+        getattr(layer.self_attn, CHILD).enabled = False
+    model.set_attn_implementation("eager")
+    eager = model(input_ids=ids).logits
+    model.set_attn_implementation("slimkit_int8")
+    assert torch.allclose(model(input_ids=ids).logits, eager, atol=1e-5)
