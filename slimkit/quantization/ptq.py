@@ -483,12 +483,12 @@ def apply_static(model: nn.Module, config: StaticQuant, ctx: Context) -> None:
         _detach_attention(model, attention)
         raise
     for name, quant in list(attention.items()):
-        unseen = quant.freeze()
-        if len(unseen) == len(ROLES):
+        if len(quant.freeze()) == len(ROLES):
             ctx.note(f"StaticQuant: kept the attention of {name.rpartition('.')[0]} in float: it received no "
                      "calibration input")
             _detach_attention(model, {name: quant})
             del attention[name]
+            continue
         quant.enabled = False  # float attention for the reference outputs below
     reference = None
     if config.tolerance is not None:
