@@ -14,6 +14,7 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError, UnsupportedError
 from slimkit.export import onnx as sk_onnx
+from slimkit.export import ort as sk_ort
 from slimkit.export.onnx import (
     check_onnx,
     export_onnx,
@@ -396,9 +397,9 @@ def test_exact_kernel_option_applies_only_where_the_cpu_saturates(tmp_path, monk
         model.fc2.qweight.copy_(torch.randint(-127, 128, model.fc2.qweight.shape, generator=gen).to(torch.int8))
     path = export_onnx(model, tmp_path / "full.onnx", example=IDS).path
     assert sk_onnx._recorded_session_config(path) == {"session.x64quantprecision": "1"}
-    monkeypatch.setattr(sk_onnx, "cpu_saturates_u8s8", lambda: True)
+    monkeypatch.setattr(sk_ort, "cpu_saturates_u8s8", lambda: True)
     assert ort_session(path).get_session_options().get_session_config_entry("session.x64quantprecision") == "1"
-    monkeypatch.setattr(sk_onnx, "cpu_saturates_u8s8", lambda: False)
+    monkeypatch.setattr(sk_ort, "cpu_saturates_u8s8", lambda: False)
     assert _entry_absent(ort_session(path).get_session_options())
     monkeypatch.undo()
     assert_matches(model, path, IDS)  # with whatever this CPU needs
@@ -417,12 +418,12 @@ def test_cpu_flags_decide_saturation(monkeypatch, tmp_path):
     from pathlib import Path as RealPath
 
     def fake(machine, flags):
-        sk_onnx.cpu_saturates_u8s8.cache_clear()
+        sk_ort.cpu_saturates_u8s8.cache_clear()
         monkeypatch.setattr(platform, "machine", lambda: machine)
         info = tmp_path / "cpuinfo"
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr(sk_onnx, "Path", lambda p: info if str(p) == "/proc/cpuinfo" else RealPath(p))
-        return sk_onnx.cpu_saturates_u8s8()
+        monkeypatch.setattr(sk_ort, "Path", lambda p: info if str(p) == "/proc/cpuinfo" else RealPath(p))
+        return sk_ort.cpu_saturates_u8s8()
 
     try:
         assert fake("x86_64", "sse4_2 avx2 fma") is True
@@ -431,4 +432,4 @@ def test_cpu_flags_decide_saturation(monkeypatch, tmp_path):
         assert fake("x86_64", "avx2 amx_tile amx_int8") is False
         assert fake("aarch64", "fp asimd") is False
     finally:
-        sk_onnx.cpu_saturates_u8s8.cache_clear()
+        sk_ort.cpu_saturates_u8s8.cache_clear()
