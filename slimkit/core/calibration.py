@@ -248,6 +248,7 @@ class BlockInputs:
     name: str
     block: nn.Module
     calls: list[CapturedCall]
+    total: int = 0
 
 
 def _first_output(out: Any) -> torch.Tensor:
@@ -255,19 +256,28 @@ def _first_output(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def iterate_blocks(model: nn.Module, data: CalibrationData, blocks: str | None = None) -> Iterator[BlockInputs]:
+def iterate_blocks(model: nn.Module, data: CalibrationData, blocks: str | None = None, *,
+                   before: Callable[[str, nn.Module], None] | None = None,
+                   after: Callable[[str, nn.Module], None] | None = None,
+                   prepare: Callable[[nn.Module, str], None] | None = None) -> Iterator[BlockInputs]:
     """Yield each repeated block with the inputs it receives, one block at a time.
 
     The first block's inputs are captured from real forwards. After the caller has done
     its work on block i (e.g. quantized it), the generator runs block i on its inputs and
     hands the outputs to block i+1 as its hidden states; the other arguments (attention
     mask, rotary embeddings, ...) are reused, being the same for every block.
+
+    ``prepare(model, blocks_name)`` runs before the capture (a stream loads the embedding
+    there), ``before(name, block)`` before a block is handed out and ``after(name, block)``
+    once its outputs are computed (a stream writes the block out and releases it).
     """
     if blocks is None:
         blocks, layer_list = find_blocks(model)
     else:
         layer_list = model.get_submodule(blocks)
     first = f"{blocks}.0"
+    if prepare is not None:
+        prepare(model, blocks)
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     if use_cache is not None:
         model.config.use_cache = False  # a KV cache would hold every block's keys: not wanted here
@@ -277,7 +287,10 @@ def iterate_blocks(model: nn.Module, data: CalibrationData, blocks: str | None =
         if use_cache is not None:
             model.config.use_cache = use_cache
     for i, block in enumerate(layer_list):
-        yield BlockInputs(i, f"{blocks}.{i}", block, calls)
+        name = f"{blocks}.{i}"
+        if before is not None:
+            before(name, block)
+        yield BlockInputs(i, name, block, calls, len(layer_list))
         next_calls = []
         for call in calls:
             out = _first_output(block(*call.args, **call.kwargs))
@@ -286,5 +299,7 @@ def iterate_blocks(model: nn.Module, data: CalibrationData, blocks: str | None =
             else:  # hidden states passed by keyword
                 next_calls.append(CapturedCall((), {**call.kwargs, "hidden_states": out.detach()}))
             if not math.isfinite(float(out.abs().max())):
-                raise DataError(f"block {blocks}.{i} produced NaN or inf outputs on calibration data")
+                raise DataError(f"block {name} produced NaN or inf outputs on calibration data")
         calls = next_calls
+        if after is not None:
+            after(name, block)

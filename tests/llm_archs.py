@@ -1,0 +1,40 @@
+"""Tiny random-init decoder LMs of several architectures, for plumbing tests of the LLM methods.
+
+Never used for quality claims. Every model is small enough that a whole GPTQ/AWQ run
+takes well under a second, and has widths divisible by 32 so group sizes 16/32 apply.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ARCHS = ("llama", "qwen2", "mistral", "opt")
+
+
+def tiny_causal_lm(arch: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A seeded random-init causal LM of ``arch`` (hidden 64, vocab 128) in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=128)
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common))
+    elif arch == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common))
+    elif arch == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(intermediate_size=128, num_key_value_heads=4,
+                                                       sliding_window=None, **common))
+    elif arch == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers,
+                                               num_attention_heads=4, ffn_dim=128, max_position_embeddings=128,
+                                               word_embed_proj_dim=64, enable_bias=True))
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    return model.eval()
+
+
+def token_batches(n: int = 4, seq_len: int = 32, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    """(n, seq_len) random token ids, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq_len), generator=g)
