@@ -14,7 +14,10 @@ in_channels·kh·kw / embedding_dim):
 QuantLinear and QuantConv2d can also quantize their *input* (``act_mode``):
 - ``"static"``: one frozen per-tensor scale/zero (``act_scale``, ``act_zero``) found by an
   observer on calibration data;
-- ``"dynamic"``: a per-tensor range measured on each batch at run time.
+- ``"dynamic"``: a per-tensor range measured on each batch at run time;
+- ``"dynamic_token"`` (QuantLinear only): a range per token, i.e. per row of the input
+  flattened to (tokens, in_features), measured at run time (SmoothQuant's and LLM.int8's
+  per-token activations: one outlier token no longer coarsens every other token's grid).
 The input is then fake-quantized (quantize, dequantize) before the float matmul, which is
 exactly what an int8 kernel computes up to float32 summation order.
 """
@@ -45,7 +48,7 @@ from slimkit.quantization.primitives import (
 
 # Bit widths stored one code per element (not packed).
 UNPACKED_BITS = (8, 16)
-ACT_MODES = (None, "static", "dynamic")
+ACT_MODES = (None, "static", "dynamic", "dynamic_token")
 
 
 class _QuantWeightMixin:
@@ -55,7 +58,7 @@ class _QuantWeightMixin:
     group_size: int | None
     symmetric: bool
 
-    def _init_storage(self, rows: int, cols: int, device: torch.device | str | None) -> None:
+    def _init_storage(self, rows: int, cols: int, device: torch.device | str | None, g_idx: bool = False) -> None:
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
         qrange(self.bits, self.symmetric)  # raises for an impossible bits/symmetric pair
@@ -69,14 +72,20 @@ class _QuantWeightMixin:
         zero_dtype = torch.uint8 if self.bits <= 8 else torch.int32
         zero = None if self.symmetric else torch.zeros(rows, n_groups, dtype=zero_dtype, device=device)
         self.register_buffer("zero", zero)
+        # GPTQ act-order: the group of each input column (groups are runs of permuted columns).
+        self.register_buffer("g_idx", torch.zeros(cols, dtype=torch.int32, device=device) if g_idx else None)
 
     def _store(self, qw: QuantizedWeight) -> None:
         """Copy a ``QuantizedWeight`` into the buffers (packing below 8 bits)."""
+        if (qw.g_idx is None) != (self.g_idx is None):
+            raise ValueError("the weight's g_idx and the layer's g_idx buffer must both be present or both absent")
         q = qw.q if self.bits in UNPACKED_BITS else pack(qw.q, self.bits, symmetric=self.symmetric)
         self.qweight.copy_(q)
         self.scale.copy_(qw.scale)
         if self.zero is not None:
             self.zero.copy_(qw.zero)
+        if self.g_idx is not None:
+            self.g_idx.copy_(qw.g_idx)
 
     def _codes(self, qweight: torch.Tensor, cols: int) -> torch.Tensor:
         """Unpacked codes of (gathered rows of) ``qweight``."""
@@ -87,8 +96,9 @@ class _QuantWeightMixin:
         return self._codes(self.qweight, self._cols)
 
     def weight_bits_per_element(self) -> float:
-        """Measured storage bits per weight element: bytes of qweight, scale and zero × 8 / (rows·cols)."""
-        nbytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
+        """Measured storage bits per weight element: bytes of qweight, scale, zero (and g_idx) × 8 / (rows·cols)."""
+        stored = (self.qweight, self.scale, self.zero, self.g_idx)
+        nbytes = sum(t.numel() * t.element_size() for t in stored if t is not None)
         return nbytes * 8 / (self._rows * self._cols)
 
     def slimkit_param_counts(self) -> tuple[int, int]:
@@ -98,7 +108,7 @@ class _QuantWeightMixin:
 
 
 class _InputQuantMixin:
-    """Optional quantization of a layer's input: none, static (frozen scale) or dynamic (per batch)."""
+    """Optional quantization of a layer's input: none, static (frozen scale), dynamic (per batch) or per token."""
 
     act_mode: str | None
     act_bits: int
@@ -110,6 +120,9 @@ class _InputQuantMixin:
             raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
         if act_mode is not None and act_bits not in (8, 16):
             raise ValueError(f"activations are quantized to 8 or 16 bits, got {act_bits!r}")
+        if act_mode == "dynamic_token" and features == 0:
+            # Only QuantLinear passes its in_features; a conv input's last dim is not its channels.
+            raise ValueError("per-token input quantization (act_mode='dynamic_token') applies to QuantLinear only")
         self.act_mode, self.act_bits, self.act_symmetric = act_mode, act_bits, act_symmetric
         if act_mode == "static":
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
@@ -136,6 +149,11 @@ class _InputQuantMixin:
             return x
         if self.act_mode == "static":
             scale, zero = self.act_scale, self.act_zero
+        elif self.act_mode == "dynamic_token":
+            # One range per token: min/max over the feature (last) dim, kept as size 1 to broadcast.
+            xf = x.detach().float()
+            lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)
+            scale, zero = scale_zero_from_range(lo, hi, self.act_bits, self.act_symmetric)
         else:
             lo, hi = torch.aminmax(x.detach().float())
             scale, zero = scale_zero_from_range(lo, hi, self.act_bits, self.act_symmetric)
@@ -186,11 +204,12 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         act_bits: int = 8,
         act_symmetric: bool = False,
         smooth: bool = False,
+        g_idx: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        self._init_storage(out_features, in_features, device)
+        self._init_storage(out_features, in_features, device, g_idx)
         self._init_input_quant(act_mode, act_bits, act_symmetric, device, smooth, in_features)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
@@ -235,6 +254,7 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
                 act_bits=act_bits,
                 act_symmetric=act_symmetric,
                 smooth=input_multiplier is not None,
+                g_idx=qw.g_idx is not None,
             )
             mod._store(qw)
             if input_multiplier is not None:
@@ -246,7 +266,7 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized (out, in) weight, computed in float32 then cast to ``dtype``."""
-        return dequantize_weight(self.codes(), self.scale, self.zero, self.group_size).to(dtype)
+        return dequantize_weight(self.codes(), self.scale, self.zero, self.group_size, self.g_idx).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -261,6 +281,7 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
+            **({"g_idx": True} if self.g_idx is not None else {}),
             **self._input_spec(),
         }
 
@@ -274,13 +295,15 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
             bits=int(spec["bits"]),
             group_size=None if spec["group_size"] is None else int(spec["group_size"]),
             symmetric=bool(spec["symmetric"]),
+            g_idx=bool(spec.get("g_idx", False)),
             **_input_kwargs(spec),
         )
 
     def extra_repr(self) -> str:
+        g_idx = ", g_idx (act-order)" if self.g_idx is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}" + self._input_repr()
+            f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}" + g_idx + self._input_repr()
         )
 
 

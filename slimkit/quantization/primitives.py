@@ -32,10 +32,9 @@ import torch
 from slimkit.core.errors import ConfigError, DataError
 
 # Bit widths the quantizers accept.
-BITS = (1, 2, 4, 8, 16)
-# Bit widths ``pack`` handles. The packer is a general little-endian bit stream, so adding
-# 3 (eight codes in three bytes) is adding it here plus a round-trip test.
-PACK_BITS = (1, 2, 4, 8)
+BITS = (1, 2, 3, 4, 8, 16)
+# Bit widths ``pack`` handles: a general little-endian bit stream (3 bit: eight codes in three bytes).
+PACK_BITS = (1, 2, 3, 4, 8)
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -180,14 +179,25 @@ def split_groups(cols: int, group_size: int | None) -> tuple[int, int]:
 
 
 def dequantize_weight(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float32 weight (rows, cols) from codes (rows, cols) and per-group scale/zero (rows, n_groups).
 
     Leading dimensions other than the last are allowed (e.g. gathered embedding rows).
+    ``g_idx`` (cols,) integer, optional: column c uses group ``g_idx[c]`` instead of
+    ``c // group_size`` (GPTQ act-order, whose groups are runs of *permuted* columns).
     """
     cols = q.shape[-1]
     n_groups, gs = split_groups(cols, group_size)
+    if g_idx is not None:
+        if g_idx.shape != (cols,):
+            raise ValueError(f"g_idx must have one entry per column ({cols}), got shape {tuple(g_idx.shape)}")
+        if cols and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scale.shape[-1]):
+            raise ValueError(f"g_idx entries must lie in [0, {scale.shape[-1]}) (one per scale column)")
+        idx = g_idx.long()
+        z = None if zero is None else zero.index_select(-1, idx)
+        return dequantize(q, scale.index_select(-1, idx), z)  # per-column scale/zero gathered by group
     grouped = q.reshape(*q.shape[:-1], n_groups, gs)  # (..., n_groups, group_size)
     z = None if zero is None else zero.unsqueeze(-1)
     return dequantize(grouped, scale.unsqueeze(-1), z).reshape(q.shape)
@@ -200,6 +210,8 @@ class QuantizedWeight:
     ``q``: (rows, cols) ``code_dtype(symmetric, bits)`` codes in ``qrange``.
     ``scale``: float32 (rows, n_groups). ``zero``: uint8 (int32 at 16 bit) (rows, n_groups), None when symmetric.
     ``group_size`` None means one group per row (per output channel).
+    ``g_idx``: None for consecutive groups (column c in group c // group_size), else int32
+    (cols,) with the group of each column (GPTQ act-order); each group still has ``group_size`` columns.
     """
 
     q: torch.Tensor
@@ -208,10 +220,11 @@ class QuantizedWeight:
     bits: int
     group_size: int | None
     symmetric: bool
+    g_idx: torch.Tensor | None = None  # int32 (cols,): group of each column when groups are not consecutive runs
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (rows, cols) weight these codes stand for."""
-        return dequantize_weight(self.q, self.scale, self.zero, self.group_size)
+        return dequantize_weight(self.q, self.scale, self.zero, self.group_size, self.g_idx)
 
 
 def quantize_weight(

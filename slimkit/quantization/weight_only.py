@@ -3,6 +3,8 @@
 Each selected nn.Linear (and nn.Embedding with ``embeddings=True``) is replaced in place by
 a QuantLinear / QuantEmbedding whose weight is min/max quantized per output channel or per
 group of input columns. No calibration data is needed; GPTQ and AWQ improve on it with data.
+``range_opt`` optionally replaces the min/max range of each group by a searched one
+(``range_search``: an MSE clip search, or HQQ's half-quadratic fit), still data-free.
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ from torch import nn
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import check_layer_map, check_patterns, select_modules, set_submodule, value_for
+from slimkit.core.targets import (
+    check_layer_map,
+    check_patterns,
+    select_modules,
+    set_submodule,
+    value_for,
+)
 from slimkit.quantization.modules import QuantEmbedding, QuantLinear
-from slimkit.quantization.primitives import BITS
+from slimkit.quantization.primitives import BITS, QuantizedWeight
+from slimkit.quantization.range_search import hqq_quantize, mse_clip_scales
 
 ALLOWED_BITS = BITS
+RANGE_OPTS = (None, "mse", "hqq")
 
 
 def _bits_problem(value: object) -> str | None:
@@ -34,12 +44,15 @@ def _bits_problem(value: object) -> str | None:
 class RTN(Config):
     """Round-to-nearest weight-only quantization.
 
-    bits: 16, 8, 4, 2 or 1 (binary: sign × mean|w|), or a per-layer map such as
+    bits: 16, 8, 4, 3, 2 or 1 (binary: sign × mean|w|), or a per-layer map such as
     ``{"re:.*mlp.*": 4, "default": 8}`` (first matching pattern wins). group_size: None for one scale per output channel, else a scale per
     ``group_size`` consecutive input columns (a multiple of 8, so groups pack into whole
     bytes). symmetric: signed codes with z = 0, else unsigned codes with a zero point.
     include / ignore: module name patterns (plain name, glob, or ``re:``). embeddings: also
     quantize nn.Embedding tables (one scale per token row, or per group along the dim).
+    range_opt: None (min/max range), "mse" (per group, shrink the range by the factor in
+    [0.5, 1] that minimizes the squared weight error) or "hqq" (HQQ's half-quadratic fit of
+    scale and zero point; asymmetric only). Both need 2..8 bits and no data.
     """
 
     family: ClassVar[str] = "quantize"
@@ -50,6 +63,7 @@ class RTN(Config):
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     embeddings: bool = False
+    range_opt: str | None = None
 
     def validate(self) -> None:
         """Check bits, group_size, the flags and the name patterns."""
@@ -69,6 +83,15 @@ class RTN(Config):
         for name in ("symmetric", "embeddings"):
             if not isinstance(getattr(self, name), bool):
                 self.fail(name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.range_opt not in RANGE_OPTS:
+            self.fail("range_opt", f"must be null (min/max), 'mse' or 'hqq', got {self.range_opt!r}")
+        if self.range_opt is not None:
+            for value in (self.bits.values() if isinstance(self.bits, dict) else [self.bits]):
+                if not 2 <= value <= 8:
+                    self.fail("range_opt", f"needs 2..8-bit weights, got a {value}-bit setting (binary and 16-bit "
+                                           "weights have no range to search); use range_opt: null")
+            if self.range_opt == "hqq" and self.symmetric:
+                self.fail("range_opt", "'hqq' fits a zero point: use symmetric: false (or range_opt: 'mse')")
         for name in ("include", "ignore"):
             value = getattr(self, name)
             if not isinstance(value, tuple):
@@ -137,11 +160,14 @@ def apply_rtn(model: nn.Module, config: RTN, ctx: Context) -> None:
     with torch.no_grad():
         for i, (name, module) in enumerate(targets):
             bits = value_for(name, config.bits)
+            qw = _range_optimized(module.weight, bits, config)
             if isinstance(module, nn.Linear):
-                new = QuantLinear.from_linear(module, bits, config.group_size, config.symmetric)
+                new = QuantLinear.from_linear(module, bits, config.group_size, config.symmetric, weight=qw)
                 n_linear += 1
             else:
                 new = QuantEmbedding.from_embedding(module, bits, config.group_size, config.symmetric)
+                if qw is not None:
+                    new._store(qw)
                 n_embedding += 1
             new.train(module.training)
             for path in paths[id(module)]:
@@ -153,11 +179,21 @@ def apply_rtn(model: nn.Module, config: RTN, ctx: Context) -> None:
         ctx.note(line)
     scheme = "symmetric" if config.symmetric else "asymmetric"
     granularity = "per output channel" if config.group_size is None else f"group size {config.group_size}"
+    search = {None: "", "mse": ", MSE clip search", "hqq": ", HQQ range fit"}[config.range_opt]
     skipped = len(selected) - len(targets)
     ctx.note(
         f"RTN: quantized {n_linear} Linear and {n_embedding} Embedding layer(s) to {_bits_text(config.bits)} "
-        f"({scheme}, {granularity}); skipped {skipped}"
+        f"({scheme}, {granularity}{search}); skipped {skipped}"
     )
+
+
+def _range_optimized(weight: torch.Tensor, bits: int, config: RTN) -> QuantizedWeight | None:
+    """The range-searched codes of ``weight`` under ``config.range_opt``, or None for plain min/max RTN."""
+    if config.range_opt == "mse":
+        return mse_clip_scales(weight, bits, config.group_size, config.symmetric)
+    if config.range_opt == "hqq":
+        return hqq_quantize(weight, bits, config.group_size)
+    return None
 
 
 def _bits_text(bits: int | dict) -> str:

@@ -161,7 +161,7 @@ def test_pack_rejects_out_of_range():
     with pytest.raises(ValueError, match="range"):
         pack(torch.tensor([8], dtype=torch.int8), 4)
     with pytest.raises(ValueError, match="bits"):
-        pack(torch.tensor([1], dtype=torch.int8), 3)
+        pack(torch.tensor([1], dtype=torch.int8), 5)
 
 
 @settings(max_examples=60, deadline=None)

@@ -75,7 +75,7 @@ def test_config_base_from_mapping_round_trips_and_bad_values_are_named():
     assert data["base"]["type"] == "RTN" and data["base"]["ignore"] == ["head"]
     assert Config.from_dict(data) == cfg
     with pytest.raises(ConfigError, match=r"QAT.base: .*RTN.bits"):
-        QAT(base={"type": "RTN", "bits": 3})
+        QAT(base={"type": "RTN", "bits": 5})
     with pytest.raises(ConfigError, match="not DynamicQuant"):
         QAT(base={"type": "DynamicQuant"})
     with pytest.raises(ConfigError, match="embeddings"):

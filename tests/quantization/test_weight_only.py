@@ -168,8 +168,8 @@ def test_config_round_trip_and_registry():
 def test_config_errors():
     with pytest.raises(ConfigError, match="'bits'"):
         Config.from_dict({"type": "RTN", "bit": 4})
-    with pytest.raises(ConfigError, match="1, 2, 4, 8, 16"):
-        RTN(bits=3)
+    with pytest.raises(ConfigError, match="1, 2, 3, 4, 8, 16"):
+        RTN(bits=5)
     with pytest.raises(ConfigError, match="default"):
         RTN(bits={"fc1": 4})
     with pytest.raises(ConfigError, match="binary"):
@@ -184,3 +184,63 @@ def test_config_errors():
         RTN(include=("re:(",))
     with pytest.raises(ConfigError, match="symmetric"):
         RTN(symmetric="yes")
+
+
+def test_int3_group_wise_llama():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    ctx = run(model, RTN(bits=3, group_size=32, symmetric=False, ignore=("lm_head",)))
+    q = model.model.layers[0].mlp.down_proj  # in_features 128
+    assert isinstance(q, QuantLinear) and q.bits == 3
+    assert q.qweight.shape == (64, 128 * 3 // 8)  # eight 3-bit codes in three bytes
+    assert int(q.codes().max()) <= 7 and q.weight_bits_per_element() == pytest.approx(3 + (32 + 8) / 32)
+    assert "int3" in ctx.notes[-1]
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert ((out - ref).norm() / ref.norm()) < 0.5
+
+
+def _weight_error(model, reference):
+    total = 0.0
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            total += float((m.dense_weight() - reference.get_submodule(name).weight.detach()).pow(2).sum())
+    return total
+
+
+@pytest.mark.parametrize("range_opt,symmetric", [("mse", True), ("mse", False), ("hqq", False)])
+def test_range_opt_lowers_weight_error_and_reloads(range_opt, symmetric, tmp_path):
+    import slimkit as sk
+
+    reference = tiny_llama()
+    plain, searched = tiny_llama(), tiny_llama()
+    run(plain, RTN(bits=4, group_size=32, symmetric=symmetric, embeddings=True))
+    ctx = run(searched, RTN(bits=4, group_size=32, symmetric=symmetric, range_opt=range_opt, embeddings=True))
+    assert {"mse": "MSE clip search", "hqq": "HQQ range fit"}[range_opt] in ctx.notes[-1]
+    assert _weight_error(searched, reference) < 0.97 * _weight_error(plain, reference)
+    emb_ref = reference.model.embed_tokens.weight.detach()
+    emb_err = lambda m: float((m.model.embed_tokens.dense_weight() - emb_ref).pow(2).sum())
+    assert emb_err(searched) <= emb_err(plain)  # the embedding table is range-searched too
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = searched(input_ids=ids).logits
+    again = sk.load(sk.save(searched, tmp_path / range_opt))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, out)
+    assert torch.equal(again.model.layers[0].self_attn.q_proj.qweight, searched.model.layers[0].self_attn.q_proj.qweight)
+
+
+def test_range_opt_config():
+    cfg = RTN(bits={"re:.*mlp.*": 3, "default": 4}, group_size=32, symmetric=False, range_opt="hqq")
+    assert Config.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["range_opt"] == "hqq"
+    assert RTN().range_opt is None
+    with pytest.raises(ConfigError, match="range_opt"):
+        RTN(range_opt="percentile")
+    with pytest.raises(ConfigError, match="symmetric: false"):
+        RTN(bits=4, range_opt="hqq")
+    with pytest.raises(ConfigError, match="16-bit"):
+        RTN(bits=16, range_opt="mse")
+    with pytest.raises(ConfigError, match="1-bit"):
+        RTN(bits={"fc1": 1, "default": 4}, range_opt="mse")

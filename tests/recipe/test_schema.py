@@ -33,7 +33,7 @@ def test_parse_and_round_trip():
     (GOOD.replace("samples: 8", "sample: 8"), r"calibration: unknown key 'sample'.*did you mean 'samples'"),
     (GOOD.replace("type: RTN, bits: 8", "type: RTM, bits: 8"), r"unknown config type 'RTM'.*did you mean 'RTN'"),
     (GOOD.replace("perplexity]", "perplexty]"), r"unknown metric 'perplexty'.*did you mean 'perplexity'"),
-    (GOOD.replace("bits: 8,", "bits: 3,"), r"RTN.bits"),
+    (GOOD.replace("bits: 8,", "bits: 5,"), r"RTN.bits"),
     (GOOD.replace("version: 1", "version: 7"), r"version 7 is not supported"),
     ("stages: []", r"non-empty list"),
     ("- just a list", r"must be a mapping"),
