@@ -209,6 +209,22 @@ def fold_input_scale(block: nn.Module, group: LinearGroup, scale: torch.Tensor, 
     return True
 
 
+MIN_SAMPLES = 32  # below this, Hessian and scale statistics get noisy: warn, as GPTQ and AWQ users expect
+
+
+def warn_if_few_samples(data: CalibrationData, ctx: Any, label: str, minimum: int = MIN_SAMPLES) -> None:
+    """Warn (warnings and a report note) when ``data`` has fewer than ``minimum`` samples, giving the count."""
+    import warnings
+
+    n = data.num_samples
+    if n < minimum:
+        line = (f"{label}: calibration has only {n} sample(s) ({data.description}); "
+                f"{minimum} or more are recommended for stable statistics")
+        warnings.warn(line, stacklevel=3)
+        if ctx is not None:
+            ctx.note(line)
+
+
 def run_blockwise(model: nn.Module, data: CalibrationData, process: Callable[[BlockInputs], None],
                   ctx: Any = None, label: str = "") -> int:
     """Call ``process(block_inputs)`` on each decoder block in turn; the next block sees the edited one's outputs.

@@ -236,7 +236,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
                 best = (name, module)
     if best is None:
-        raise UnsupportedError(f"{type(model).__name__} has no list of repeated blocks to calibrate block by block")
+        lists = [f"{n} ({len(m)} x {', '.join(sorted({type(c).__name__ for c in m}))})"
+                 for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+        children = ", ".join(f"{n}: {type(c).__name__}" for n, c in model.named_children()) or "none"
+        found = f"module lists {'; '.join(lists)}" if lists else f"no nn.ModuleList (children: {children})"
+        raise UnsupportedError(
+            f"{type(model).__name__} has no list of repeated blocks of one class to calibrate block by block; "
+            f"found {found}. Block-wise methods need a decoder with its layers in one nn.ModuleList")
     return best
 
 

@@ -101,25 +101,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) ->
 
     out_dir = Path(out_dir)
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(model)
-    info = model_info(model)
-    if is_transformers_model(model):
-        arch: dict[str, Any] = {"kind": "transformers", "class": type(model).__name__}
-    elif getattr(model, "slimkit_arch", None):
-        arch = {"kind": "zoo", "name": model.slimkit_arch, "config": model.arch_config()}
-    else:
-        arch = {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    modules = {name: {"type": type(m).__name__, "spec": m.slimkit_spec()}
-               for name, m in model.named_modules() if isinstance(m, SlimkitModule)}
-    meta = {
-        "format": "slimkit",
-        "format_version": FORMAT_VERSION,
-        "slimkit_version": _version(),
-        "architecture": arch,
-        "kind": info["kind"],
-        "source": info.get("source"),
-        "steps": info.get("steps", []),
-        "modules": modules,
-    }
+    meta = checkpoint_meta(model)
+    arch = meta["architecture"]
     with atomic_dir(out_dir) as tmp:
         if arch["kind"] == "transformers":
             quiet_transformers()
@@ -130,6 +113,29 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) ->
             tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
+
+
+def checkpoint_meta(model: nn.Module) -> dict[str, Any]:
+    """The ``slimkit.json`` content for ``model``: how to rebuild it, its slimkit modules' specs, its steps."""
+    info = model_info(model)
+    if is_transformers_model(model):
+        arch: dict[str, Any] = {"kind": "transformers", "class": type(model).__name__}
+    elif getattr(model, "slimkit_arch", None):
+        arch = {"kind": "zoo", "name": model.slimkit_arch, "config": model.arch_config()}
+    else:
+        arch = {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    modules = {name: {"type": type(m).__name__, "spec": m.slimkit_spec()}
+               for name, m in model.named_modules() if isinstance(m, SlimkitModule)}
+    return {
+        "format": "slimkit",
+        "format_version": FORMAT_VERSION,
+        "slimkit_version": _version(),
+        "architecture": arch,
+        "kind": info["kind"],
+        "source": info.get("source"),
+        "steps": info.get("steps", []),
+        "modules": modules,
+    }
 
 
 def _version() -> str:

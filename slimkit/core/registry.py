@@ -27,6 +27,10 @@ _BUILTIN_MODULES = (
     "slimkit.quantization.ptq",
     "slimkit.quantization.mixed",
     "slimkit.quantization.qat",
+    "slimkit.quantization.smoothquant",
+    "slimkit.quantization.llm_int8",
+    "slimkit.quantization.gptq",
+    "slimkit.quantization.awq",
 )
 
 
@@ -35,12 +39,14 @@ class Context:
     """What a handler gets besides the model and its config.
 
     ``data`` is the CalibrationData (or None), ``notes`` collects lines for the report
-    (skipped layers and why), ``progress`` is a callable ``(description, fraction)``.
+    (skipped layers and why), ``progress`` is a callable ``(description, fraction)``,
+    ``stream`` is set by ``streaming.compress_checkpoint`` (see ``blockwise.run_blockwise``).
     """
 
     data: Any = None
     notes: list[str] = field(default_factory=list)
     progress: Callable[[str, float], None] | None = None
+    stream: Any = None  # a streaming.BlockStream when blocks are read from disk one at a time
 
     def note(self, line: str) -> None:
         """Record a line that the run's report will show."""
