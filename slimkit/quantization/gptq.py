@@ -1,0 +1,520 @@
+"""GPTQ (Frantar et al. 2022): weight-only quantization that corrects each rounding error.
+
+For a Linear with weight W (out, in) and calibration inputs X (tokens, in), GPTQ minimizes
+the output error ‖(W − Q)·Xᵀ‖² through the Hessian of that quadratic,
+
+    H = 2·XᵀX / n        (in, in), accumulated batch by batch (``accumulate_hessian``)
+
+Columns are quantized one at a time; after column i is rounded, the not-yet-quantized
+columns absorb its error (the Optimal Brain Surgeon update). With U the upper Cholesky
+factor of H⁻¹ (``factor_hessian``):
+
+    q_i = Q(w_i)        e = (w_i − q_i) / U_ii        W[:, j] −= e · U[i, j]   (j > i)
+
+``gptq_quantize`` does this in column blocks: inside a block the update is applied column
+by column, the rest of the matrix receives the block's errors in one matmul at the end
+(the "lazy batch" update), which gives the same result as the column-by-column form.
+
+Details (see ALGORITHMS.md):
+- dead inputs (H_ii = 0, a feature that is always 0) get H_ii = 1 and W[:, i] = 0;
+- dampening: H += damp·mean(diag H)·I, escalated ×10 (three times) if H is still not
+  positive definite, then a ``HessianError`` (a DataError);
+- groups: a group's scale/zero is computed (min/max, like ``quantize_weight``) from the
+  *current, already-updated* weights when its first column is reached; the column blocks
+  are widened to whole groups so those weights are always up to date;
+- act-order: columns are processed by descending H_ii; groups are runs of ``group_size``
+  *processed* columns, and ``g_idx`` (in original column order) gives each column's group.
+
+``apply_gptq`` walks the decoder blocks with ``core.blockwise.run_blockwise`` and, with
+``true_sequential``, quantizes a block's input groups in execution order (q/k/v, o,
+gate/up, down), re-measuring each group's inputs through the already-quantized layers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from slimkit.core.blockwise import feed_inputs, linear_groups, run_blockwise, warn_if_few_samples
+from slimkit.core.calibration import BlockInputs, find_blocks
+from slimkit.core.config import Config
+from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.registry import Context, register
+from slimkit.core.targets import check_patterns, select_modules, set_submodule
+from slimkit.quantization.modules import QuantLinear
+from slimkit.quantization.primitives import (
+    BITS,
+    QuantizedWeight,
+    code_dtype,
+    qrange,
+    scale_zero_from_range,
+)
+
+# Bit widths GPTQ targets (3 only once the primitives can store it).
+GPTQ_BITS = tuple(b for b in (2, 3, 4, 8) if b in BITS)
+# Dampening escalations after the first attempt, each ×10 (0.01 -> 0.1 -> 1 -> 10).
+DAMP_ESCALATIONS = 3
+# Below this many calibration samples the Hessian of a wide layer is poorly conditioned.
+
+
+class HessianError(DataError):
+    """The Hessian stayed non positive definite through every dampening escalation.
+
+    ``detail`` is the message without a layer name; the handler prefixes it with one.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"Hessian {detail}")
+        self.detail = detail
+
+
+# --- pure functions ------------------------------------------------------------------------
+
+
+def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold a batch of layer inputs ``x`` (tokens, in) into the running ``H = 2/n · Σ xᵀx``; returns ``(H, n)``.
+
+    ``H`` None starts a float32 (in, in) matrix on ``x``'s device; pass a float64 ``H`` for
+    float64 accumulation. float32 is what GPTQ uses and is the default because H of a
+    wide layer (11008 inputs) is ~0.5 GB in float32 and twice that in float64; the
+    running-mean form (rescale by n/(n+m), then add) keeps every term O(|x|²), so float32
+    loses only ~1e-7 relative per batch. ``H`` is updated in place (and returned).
+    """
+    x = x.reshape(-1, x.shape[-1])
+    m = x.shape[0]
+    if H is None:
+        H = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+    if H.shape != (x.shape[-1], x.shape[-1]):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} cannot take inputs with {x.shape[-1]} features")
+    if m == 0:
+        return H, n
+    total = n + m
+    H.mul_(n / total)
+    xs = x.to(H.dtype) * math.sqrt(2.0 / total)  # so that xsᵀxs = 2/total · xᵀx
+    H.addmm_(xs.T, xs)
+    return H, total
+
+
+@dataclass(frozen=True, eq=False)
+class HessianFactor:
+    """What ``gptq_quantize`` needs from H, shared by every layer that reads the same input.
+
+    ``U``: upper Cholesky factor of the damped (and, with act-order, permuted) H⁻¹.
+    ``perm``: processing order of the columns (None = natural order). ``dead``: bool (in,)
+    mask of inputs with H_ii = 0. ``damp``: the dampening fraction that worked.
+    """
+
+    U: torch.Tensor
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+    damp: float
+
+
+def factor_hessian(H: torch.Tensor, *, damp: float = 0.01, act_order: bool = False) -> HessianFactor:
+    """Dead inputs, act-order permutation, dampening and the upper Cholesky factor of H⁻¹.
+
+    Works in H's dtype when it is float64, else float32. If the damped H (or its inverse)
+    has no Cholesky factor, the dampening is raised ×10 up to ``DAMP_ESCALATIONS`` times;
+    after that a ``HessianError`` says which dampening was tried.
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be a square matrix, got shape {tuple(H.shape)}")
+    if not (isinstance(damp, (int, float)) and damp > 0 and math.isfinite(damp)):
+        raise ValueError(f"damp must be a positive number, got {damp!r}")
+    dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
+    H = H.detach().to(dtype).clone()
+    if not bool(torch.isfinite(H).all()):
+        raise HessianError("holds NaN or inf (the layer's calibration inputs are not finite)")
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0  # a feature that is always 0: any value works, 1 keeps H invertible
+    perm = None
+    if act_order:
+        # Most-activated inputs first: they are quantized while the most columns remain to absorb errors.
+        perm = torch.argsort(diag, descending=True, stable=True)
+        H = H[perm][:, perm]
+    mean_diag = float(H.diagonal().mean())
+    tried = []
+    for k in range(DAMP_ESCALATIONS + 1):
+        d = damp * 10**k
+        tried.append(d)
+        Hd = H.clone()
+        Hd.diagonal().add_(d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
+        if int(info) != 0:
+            continue
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if int(info) == 0 and bool(torch.isfinite(U).all()):
+            return HessianFactor(U=U, perm=perm, dead=dead, damp=d)
+    tried_text = ", ".join(f"{t:g}" for t in tried)
+    raise HessianError(
+        f"is not positive definite even with damp={tried[-1]:g} (tried {tried_text}); the calibration "
+        "inputs are degenerate or not from this layer: use more (and more varied) calibration samples, "
+        "or leave the layer out with ignore"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class GPTQResult:
+    """The outcome of ``gptq_quantize``.
+
+    ``weight``: codes and scales in original column order (``g_idx`` set with act-order
+    and groups). ``error``: the GPTQ objective Σ (w_i − q_i)² / U_ii² over all weights,
+    which equals tr((W − Q)·H_d·(W − Q)ᵀ) with H_d the damped Hessian and W with dead
+    columns zeroed (for H = 2XᵀX/n: 2/n·‖(W − Q)Xᵀ‖² plus the dampening term).
+    ``damp``: the dampening fraction actually used.
+    """
+
+    weight: QuantizedWeight
+    error: float
+    damp: float
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> GPTQResult:
+    """GPTQ-quantize one (out, in) weight given the (in, in) Hessian of its inputs.
+
+    ``group_size`` None: one scale per output row (found on the original weights);
+    otherwise a scale per ``group_size`` columns, found from the updated weights when
+    the group starts. ``block_size`` changes speed only, not the result. float64 ``W``
+    and ``H`` compute in float64 (for tests), anything else in float32.
+    """
+    factor = factor_hessian(H, damp=damp, act_order=act_order)
+    return gptq_quantize_factored(W, factor, bits=bits, group_size=group_size, symmetric=symmetric,
+                                  block_size=block_size)
+
+
+def gptq_quantize_factored(
+    W: torch.Tensor, factor: HessianFactor, *, bits: int, group_size: int | None, symmetric: bool,
+    block_size: int = 128,
+) -> GPTQResult:
+    """``gptq_quantize`` with H already factored, so layers sharing an input share one factorization."""
+    if W.dim() != 2 or W.shape[1] != factor.U.shape[0]:
+        raise ValueError(f"weight of shape {tuple(W.shape)} does not match a Hessian of size {factor.U.shape[0]}")
+    if not bool(torch.isfinite(W).all()):
+        raise DataError("weight contains NaN or inf; quantization needs finite values")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    qmin, qmax = qrange(bits, symmetric)
+    rows, cols = W.shape
+    gs = cols if group_size is None else group_size
+    if gs <= 0 or cols % gs:
+        raise ConfigError(f"group_size {group_size} does not divide the {cols} input columns")
+    n_groups = cols // gs
+    U = factor.U
+    dt = U.dtype
+    w = W.detach().to(device=U.device, dtype=dt).clone()
+    w[:, factor.dead] = 0.0
+    if factor.perm is not None:
+        w = w[:, factor.perm]
+    # Transposed working copy: column i of W is the contiguous row i of Wt.
+    Wt = w.T.contiguous()  # (cols, rows)
+    del w
+    Qt = torch.empty(cols, rows, dtype=code_dtype(symmetric, bits), device=U.device)  # codes, processing order
+    scales = torch.empty(n_groups, rows, dtype=torch.float32, device=U.device)
+    zeros = torch.empty(n_groups, rows, dtype=torch.int32, device=U.device)
+    if group_size is None:
+        s, z = scale_zero_from_range(Wt.amin(0), Wt.amax(0), bits, symmetric)
+        scales[0], zeros[0] = s, z
+    # Widen blocks to whole groups: a group's scale needs its columns fully updated.
+    bs = block_size if group_size is None else max(1, block_size // gs) * gs
+    total = torch.zeros((), dtype=torch.float64, device=U.device)
+    s_col = z_col = None
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = Wt[i1:i2]  # (block, rows) view: updated in place
+        U1 = U[i1:i2, i1:i2]
+        E1 = torch.empty_like(W1)  # scaled errors e of the block's columns
+        for i in range(i2 - i1):
+            c = i1 + i
+            if c % gs == 0:
+                if group_size is not None:
+                    g = W1[i:i + gs]
+                    s, z = scale_zero_from_range(g.amin(0), g.amax(0), bits, symmetric)
+                    scales[c // gs], zeros[c // gs] = s, z
+                s_col, z_col = scales[c // gs].to(dt), zeros[c // gs].to(dt)
+            col = W1[i]
+            q = torch.clamp(torch.round(col / s_col) + z_col, qmin, qmax)
+            Qt[c] = q
+            e = (col - (q - z_col) * s_col) / U1[i, i]
+            E1[i] = e
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1.0)  # OBS update of the block's later columns
+        total += E1.double().pow(2).sum()
+        if i2 < cols:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)  # lazy update of everything after the block
+    codes = Qt.T  # (rows, cols), processing order
+    g_idx = None
+    if factor.perm is not None:
+        inv = torch.argsort(factor.perm)
+        codes = codes[:, inv]  # back to original column order
+        if group_size is not None:
+            g_idx = (torch.arange(cols, device=U.device) // gs)[inv].to(torch.int32)
+    weight = QuantizedWeight(
+        q=codes.contiguous(),
+        scale=scales.T.contiguous(),
+        zero=None if symmetric else zeros.T.to(torch.uint8).contiguous(),
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+        g_idx=g_idx,
+    )
+    return GPTQResult(weight=weight, error=float(total), damp=factor.damp)
+
+
+# --- config and handler ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPTQ(Config):
+    """GPTQ weight-only quantization of the Linear layers inside a decoder's blocks.
+
+    bits: 2, 4 or 8 (3 where the primitives store it). group_size: a scale per
+    ``group_size`` input columns (a multiple of 8 dividing every selected layer's
+    in_features), or None for one per output channel. symmetric: signed codes, z = 0.
+    act_order: process columns by descending Hessian diagonal (stores ``g_idx``).
+    damp: dampening fraction of mean(diag H), in (0, 1]. block_size: columns per lazy
+    update (speed only). true_sequential: quantize q/k/v, then o, then gate/up, then down,
+    each measured through the already-quantized layers. include / ignore: module name
+    patterns. lm_head and embeddings are outside the blocks and stay float.
+    """
+
+    family: ClassVar[str] = "quantize"
+    needs_data: ClassVar[bool] = True
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+    include: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Check every field's type and range."""
+        b = self.bits
+        if isinstance(b, bool) or not isinstance(b, int) or b not in GPTQ_BITS:
+            self.fail("bits", f"must be one of {', '.join(map(str, GPTQ_BITS))}, got {b!r}")
+        gs = self.group_size
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 8):
+            self.fail("group_size",
+                      f"must be None (per output channel) or a positive multiple of 8 such as 32, 64 or 128, got {gs!r}")
+        for name in ("symmetric", "act_order", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                self.fail(name, f"must be true or false, got {getattr(self, name)!r}")
+        d = self.damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d <= 1):
+            self.fail("damp", f"must be a number in (0, 1] (a fraction of the mean Hessian diagonal; 0.01 is usual), got {d!r}")
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            self.fail("block_size", f"must be a positive integer (128 is usual), got {bs!r}")
+        for name in ("include", "ignore"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                self.fail(name, f"must be a list of module name patterns, e.g. [{value!r}], got {type(value).__name__}")
+            check_patterns(value, f"GPTQ.{name}")
+
+
+def _divisor_hint(cols: int, gs: int) -> str:
+    """A group size that divides ``cols`` (the largest smaller than ``gs``), or None."""
+    smaller = [g for g in (256, 128, 64, 32, 16, 8) if g < gs and cols % g == 0]
+    return f"group_size {smaller[0]}" if smaller else "group_size None (per channel)"
+
+
+@register(GPTQ)
+def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
+    """GPTQ-quantize the selected Linear layers inside ``model``'s decoder blocks, in place.
+
+    Only Linear layers inside the repeated blocks are quantized (lm_head and the
+    embeddings run outside them, as in AutoGPTQ and llm-compressor; use RTN for those).
+    Every selected layer is checked (group size, NaN/inf) before anything changes. A
+    Linear that received no calibration token falls back to RTN, with a note.
+    """
+    data = getattr(ctx, "data", None)
+    if data is None:
+        raise DataError("GPTQ needs calibration data (data=CalibrationData...); it measures each layer's inputs")
+    start = time.perf_counter()
+    blocks_name, _ = find_blocks(model)
+    prefix = blocks_name + "."
+    selected = select_modules(model, (nn.Linear,), config.include, config.ignore)
+    # Names only: holding the modules would keep every replaced weight alive (and, when
+    # streaming, every block's weights once loaded).
+    chosen: set[str] = set()
+    outside: list[str] = []
+    gs = config.group_size
+    for name, module in selected:
+        if not name.startswith(prefix):
+            outside.append(name)
+        elif type(module) is not nn.Linear:
+            ctx.note(f"GPTQ: skipped {name}: it is a {type(module).__name__}, a subclass QuantLinear cannot stand in for")
+        elif gs is not None and module.in_features % gs:
+            raise ConfigError(
+                f"GPTQ.group_size: {gs} does not divide in_features {module.in_features} of {name}; "
+                f"use {_divisor_hint(module.in_features, gs)} or leave the layer out with ignore=[{name!r}]"
+            )
+        else:
+            chosen.add(name)
+    for name, module in selected:
+        if name in chosen:
+            _check_finite(name, module)  # meta (streamed) weights are checked once their block is loaded
+    del selected
+
+    warn_if_few_samples(data, ctx, "GPTQ")
+
+    stats = {"layers": 0, "params": 0, "rtn": 0}
+    notes: list[str] = []
+
+    def process(b: BlockInputs) -> None:
+        block = b.block
+        groups = []
+        for g in linear_groups(block, b.calls):
+            names = [r for r in g.names if f"{b.name}.{r}" in chosen]
+            if names:
+                groups.append(names)
+        modules = dict(block.named_modules())
+        for names in groups:
+            for r in names:
+                _check_finite(f"{b.name}.{r}", modules[r])
+        done: dict[str, QuantLinear] = {}
+        if config.true_sequential:
+            for names in groups:
+                hessians, counts = _hessians(block, b.calls, [names])
+                _quantize_group(block, b.name, names, hessians.get(names[0]), counts, done)
+        else:
+            hessians, counts = _hessians(block, b.calls, groups)
+            for names in groups:
+                _quantize_group(block, b.name, names, hessians.pop(names[0], None), counts, done)
+        for r, qlinear in done.items():
+            _swap(block, r, qlinear)
+
+    def _quantize_group(block, block_name, names, H, counts, done) -> None:
+        # Until the block is finished a quantized layer is stood in for by a plain Linear holding
+        # its dequantized weight: the same outputs as the QuantLinear, without unpacking codes
+        # on every later calibration forward.
+        modules = dict(block.named_modules())
+        leader = names[0]
+        live = []
+        for r in names:
+            if counts[r] == 0 or counts[r] != counts[leader]:
+                why = ("received no calibration tokens" if counts[r] == 0
+                       else f"did not read the same input as {block_name}.{leader}")
+                notes.append(f"GPTQ: {block_name}.{r} {why}; RTN used")
+                done[r] = QuantLinear.from_linear(modules[r], config.bits, gs, config.symmetric)
+                _swap(block, r, _stand_in(modules[r], done[r]))
+                stats["rtn"] += 1
+            else:
+                live.append(r)
+        if not live:
+            return
+        try:
+            factor = factor_hessian(H, damp=config.damp, act_order=config.act_order)
+        except HessianError as exc:
+            raise DataError(f"Hessian of {block_name}.{leader} {exc.detail}") from None
+        del H
+        if factor.damp != config.damp:
+            notes.append(f"GPTQ: the Hessian of {block_name}.{leader} needed damp={factor.damp:g} "
+                         f"(escalated from {config.damp:g}) to be positive definite")
+        for r in live:
+            linear = modules[r]
+            result = gptq_quantize_factored(linear.weight.detach(), factor, bits=config.bits, group_size=gs,
+                                            symmetric=config.symmetric, block_size=config.block_size)
+            done[r] = QuantLinear.from_linear(linear, weight=result.weight)
+            _swap(block, r, _stand_in(linear, done[r]))
+            stats["layers"] += 1
+            stats["params"] += linear.weight.numel()
+
+    run_blockwise(model, data, process, ctx, "GPTQ")
+
+    for line in notes:
+        ctx.note(line)
+    scope = (f"GPTQ: only Linear layers inside {blocks_name}.* are quantized, as in AutoGPTQ and llm-compressor; "
+             "lm_head and embeddings stay float")
+    if outside:
+        shown = ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else "")
+        scope += f" (selected but outside the blocks: {shown}; use RTN for them)"
+    ctx.note(scope)
+    seconds = time.perf_counter() - start
+    params = stats["params"]  # weights GPTQ quantized (RTN fallbacks not counted)
+    per_m = seconds / (params / 1e6) if params else 0.0
+    granularity = "per output channel" if gs is None else f"group size {gs}"
+    ctx.note(
+        f"GPTQ: quantized {stats['layers']} Linear layer(s) to int{config.bits} "
+        f"({'symmetric' if config.symmetric else 'asymmetric'}, {granularity}, act_order={config.act_order}, "
+        f"true_sequential={config.true_sequential}, damp={config.damp:g}), {stats['rtn']} by RTN fallback, "
+        f"in {seconds:.1f} s ({per_m:.2f} s per million parameters)"
+    )
+
+
+def _stand_in(linear: nn.Linear, qlinear: QuantLinear) -> nn.Linear:
+    """A plain Linear computing what ``qlinear`` computes (its dequantized weight, the same bias)."""
+    w = linear.weight
+    new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    new.weight = nn.Parameter(qlinear.dense_weight(w.dtype), requires_grad=False)
+    new.bias = linear.bias
+    return new
+
+
+def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
+    old = block.get_submodule(name)
+    new.train(old.training)
+    set_submodule(block, name, new)
+
+
+def _check_finite(name: str, module: nn.Module) -> None:
+    w = module.weight
+    if not w.is_meta and not bool(torch.isfinite(w.detach()).all()):
+        raise DataError(f"layer {name!r} has NaN or inf in its weight; fix or ignore it (ignore=[{name!r}])")
+
+
+class _Enough(Exception):
+    """Raised from an input hook once every wanted layer has run on a call: the rest of the block is not needed."""
+
+
+def _hessians(block: nn.Module, calls, groups: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """One Hessian per group (its members read the same input, so the first member's is accumulated).
+
+    Also returns the tokens each member received. The block is run one call at a time and
+    cut short as soon as every member has seen its input (true-sequential's q/k/v pass
+    costs almost nothing), which a layer that does not run on a call simply never triggers.
+    """
+    names = [r for g in groups for r in g]
+    leaders = {g[0] for g in groups}
+    H: dict[str, torch.Tensor] = {}
+    n: dict[str, int] = {}
+    counts = dict.fromkeys(names, 0)
+    seen: set[str] = set()
+
+    def fn(name: str, x: torch.Tensor) -> None:
+        counts[name] += x.shape[0]
+        seen.add(name)
+        if name in leaders:
+            H[name], n[name] = accumulate_hessian(H.get(name), n.get(name, 0), x)
+        if len(seen) == len(names):
+            raise _Enough
+
+    for call in calls:
+        seen.clear()
+        try:
+            feed_inputs(block, [call], names, fn)
+        except _Enough:
+            pass
+    return H, counts
