@@ -71,6 +71,11 @@ class DynamicQuant(Config):
     DynamicQuantizeLinear) or 16. embeddings: also store Embedding tables as int8 per row.
     include / ignore: module name patterns. Only nn.Linear is quantized dynamically.
     reduce_range: int8 weight codes in [−63, 63] (7 bits of range) — see StaticQuant.
+    per_token: False: one uint8 range (with zero point) per input tensor and batch; True:
+    one symmetric int8 scale max|x|/127 per token (each row of the input flattened to
+    (tokens, in_features)), the W8A8 scheme of SmoothQuant and LLM.int8 — a token with an
+    outlier then only coarsens its own row. ONNX export writes per-token inputs as float
+    fake-quant ops (exact, but without the int8 MatMulInteger kernel).
     """
 
     family: ClassVar[str] = "quantize"
@@ -82,10 +87,18 @@ class DynamicQuant(Config):
     ignore: tuple[str, ...] = ()
     embeddings: bool = False
     reduce_range: bool = False
+    per_token: bool = False
+
+    @property
+    def act_symmetric(self) -> bool:
+        """Per-token inputs are symmetric int8 (absmax per row); per-tensor ones uint8 with a zero point."""
+        return self.per_token
 
     def validate(self) -> None:
         """Check bit widths, flags and name patterns."""
         _check_common(self, (8, 16))
+        if not isinstance(self.per_token, bool):
+            self.fail("per_token", f"must be true or false, got {self.per_token!r}")
         if self.act_bits not in (8, 16) or isinstance(self.act_bits, bool):
             self.fail("act_bits", f"must be 8 or 16, got {self.act_bits!r}")
         if not self.symmetric:
@@ -296,14 +309,15 @@ def apply_dynamic(model: nn.Module, config: DynamicQuant, ctx: Context) -> None:
     paths = _paths(model)
     with torch.no_grad():
         for i, (name, module) in enumerate(targets):
-            act_mode = None if isinstance(module, nn.Embedding) else "dynamic"
+            act_mode = None if isinstance(module, nn.Embedding) else "dynamic_token" if config.per_token else "dynamic"
             new = _quantized_twin(module, value_for(name, config.bits), config, act_mode)
             new.train(module.training)
             for path in paths[id(module)]:
                 set_submodule(model, path, new)
             if ctx.progress is not None:
                 ctx.progress(f"dynamic int8: {name}", (i + 1) / len(targets))
-    ctx.note(f"DynamicQuant: {len(targets)} layer(s) quantized (weights per output channel, inputs per batch)")
+    inputs = "symmetric int8 per token" if config.per_token else "per tensor, per batch"
+    ctx.note(f"DynamicQuant: {len(targets)} layer(s) quantized (weights per output channel, inputs {inputs})")
 
 
 # --- static -------------------------------------------------------------------------------

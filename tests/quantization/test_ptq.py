@@ -170,7 +170,7 @@ def test_bad_input_is_refused_clearly():
     assert type(model.fc0) is nn.Linear  # nothing changed before the error
     with pytest.raises(DataError, match="every batch must match"):
         CalibrationData([torch.randn(4, 16), torch.randn(4, 12)])
-    for bad in (dict(bits=3), dict(bits=32), dict(act_bits=4), dict(act_observer="minmx"), dict(tolerance=2.0),
+    for bad in (dict(bits=5), dict(bits=32), dict(act_bits=4), dict(act_observer="minmx"), dict(tolerance=2.0),
                 dict(bits={"fc0": 4}), dict(weight_observer="kl"), dict(act_options={"percentile": 150.0},
                                                                             act_observer="percentile")):
         with pytest.raises(ConfigError):
