@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="slimkit: make neural networks smaller and faster, and measure what was gained.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Built-in models that need no download.")
 app.add_typer(zoo_app, name="zoo")
-export_app = typer.Typer(no_args_is_help=True, help="Export a model for deployment (ONNX).")
+export_app = typer.Typer(no_args_is_help=True, help="Export a model for deployment (ONNX, compressed-tensors).")
 app.add_typer(export_app, name="export")
 
 DEFAULT_MODEL = "stdlib-coder"
@@ -228,14 +228,17 @@ def export_onnx_cmd(
     source: str = typer.Argument(..., help="Zoo name, slimkit checkpoint folder or Hugging Face folder."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="The .onnx file (default: SOURCE/model.onnx for a folder, ./NAME.onnx for a zoo model)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run ONNX Runtime beside PyTorch and report the max abs difference."),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="MatMulNBits (int4/int2 weight-only layers) compute: 4 int8 inputs (fast CPU decode), 1 float32, 0 unset (float32 on CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary."),
 ) -> None:
-    """Export a model to ONNX (quantized layers as int8 QDQ graphs) and check it against PyTorch."""
+    """Export a model to ONNX (int8 layers as QDQ graphs, int4/int2 weight-only as MatMulNBits) and check it against PyTorch."""
     from slimkit.core.io import load
+    from slimkit.export.nbits import DEFAULT_ACCURACY_LEVEL, check_accuracy_level, set_accuracy_level
     from slimkit.export.onnx import OPS_OF_INTEREST, check_onnx, export_onnx, ort_op_counts
     from slimkit.zoo import ZOO
 
+    check_accuracy_level(accuracy_level)
     ui = _Ui(quiet, as_json)
     with ui.step(f"loading {source}"):
         model = load(source)
@@ -243,6 +246,8 @@ def export_onnx_cmd(
         out = Path(f"{source}.onnx") if source in ZOO else Path(source) / "model.onnx"
     with ui.step(f"exporting to {out}"):
         result = export_onnx(model, out)
+        if accuracy_level != DEFAULT_ACCURACY_LEVEL and "MatMulNBits" in result.op_counts():
+            set_accuracy_level(out, accuracy_level)
     diff, kernels = None, None
     if check:
         with ui.step("checking with ONNX Runtime"):
@@ -263,6 +268,33 @@ def export_onnx_cmd(
     if kernels is not None:
         ui.out.print(f"ONNX Runtime kernels: {shown(kernels)}", highlight=False, soft_wrap=True)
         ui.out.print(f"max abs diff vs PyTorch: {diff:.3g}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        ui.out.print(f"  note: {note}", highlight=False, soft_wrap=True)
+
+
+@export_app.command("compressed-tensors")
+def export_compressed_tensors_cmd(
+    source: str = typer.Argument(..., help="slimkit checkpoint folder (or zoo name) of a weight-only quantized causal LM."),
+    out: Path = typer.Argument(..., help="Folder to write (replaced atomically if it exists)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary."),
+) -> None:
+    """Write a Hugging Face folder in the compressed-tensors "pack-quantized" format (vLLM, transformers)."""
+    from slimkit.core.io import load
+    from slimkit.export.compressed_tensors import export_compressed_tensors
+
+    ui = _Ui(quiet, as_json)
+    with ui.step(f"loading {source}"):
+        model = load(source)
+    with ui.step(f"writing {out}"):
+        result = export_compressed_tensors(model, out)
+    summary = {"path": str(result.path), "size_bytes": result.size_bytes, "quantized": result.quantized,
+               "dense": result.dense, "notes": list(result.notes)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    ui.out.print(f"wrote {result.path} ({result.size_bytes:,} bytes): {len(result.quantized)} packed layer(s), "
+                 f"{len(result.dense)} Linear layer(s) kept dense", highlight=False, soft_wrap=True)
     for note in result.notes:
         ui.out.print(f"  note: {note}", highlight=False, soft_wrap=True)
 

@@ -26,7 +26,8 @@ DequantizeLinear; the user's model is never modified. The patterns (x: layer inp
 | QuantLinear, static uint8 input (default) | ``QuantizeLinear(x, s_x, z_x:uint8) -> DequantizeLinear``; ``DequantizeLinear(q^T:int8 (in, out), s_w, 0:int8, axis=1)``; ``MatMul``; ``Add(bias)`` | ``MatMulIntegerToFloat`` (int8 GEMM, float output) + Add |
 | QuantLinear, static symmetric int8 input (``act_symmetric``) | ``Clip(x, ±127·s_x) -> QuantizeLinear(uint8, zero 128) -> DequantizeLinear``: slimkit's int8 codes q stored as q + 128 (the same values); weight DQ as above | ``MatMulIntegerToFloat`` (U8S8; with int8 activations ORT fused only some layers and its x64 precision rewrite broke the rest) |
 | QuantLinear, dynamic input | ``DynamicQuantizeLinear(x) -> MatMulInteger(x_q, q^T:int8, x_zp) -> Cast -> Mul(x_scale·s_w) -> Add(bias)`` (symmetric input: ``Abs, ReduceMax, Div 127, Where, QuantizeLinear(uint8, zero 128)`` in place of DynamicQuantizeLinear, int8 codes + 128 as above) | ``DynamicQuantizeMatMul`` (bias folded in); symmetric: ``MatMulIntegerToFloat`` |
-| QuantLinear, weight-only (``act_mode=None``) | ``DequantizeLinear(q^T) -> MatMul -> Add`` | ``MatMulNBits`` (bits=8; float compute in ``ort_session(exact=True)``) |
+| QuantLinear, weight-only (``act_mode=None``), 2/4-bit codes or group-wise 8-bit | ``com.microsoft::MatMulNBits`` from the stored codes, scales and zero points (``slimkit.export.nbits``: block size, act-order, ``accuracy_level`` 4 by default) | the same node (int8 compute at level 4; float at 0/1) |
+| QuantLinear, weight-only, per-channel 8-bit (or no power-of-two block) | ``DequantizeLinear(q^T) -> MatMul -> Add`` | ``MatMulNBits`` (bits=8; float compute in ``ort_session(exact=True)``) |
 | QuantConv2d | input Q/DQ as for Linear; ``DequantizeLinear(q:int8 (out, in/g, kh, kw), s_w, axis=0) -> Conv -> (bias)`` | ``QLinearConv`` when the Conv's output (through a ReLU) feeds another layer's input Q; otherwise DQ + float Conv |
 | QuantEmbedding | ``Gather(q:int8 (rows, dim), ids) -> Cast -> Mul(Gather(s (rows, n_groups), ids))`` | the same; the table stays int8 in the file (~4x smaller) |
 
@@ -35,8 +36,8 @@ Details:
   uint8 container with their per-channel uint8 zero points.
 - 16-bit weight codes: int16 DequantizeLinear, which needs opset 21 (chosen automatically
   when ``opset`` is None); with an explicit lower opset they are dequantized to float.
-- Group-wise weights (``group_size``) of Linear/Conv are exported as the dequantized float
-  weight (int4 MatMulNBits export is a separate step); their input quantization is kept.
+- Group-wise weights (``group_size``) of input-quantizing Linear layers and of Conv are
+  exported as the dequantized float weight; their input quantization is kept.
 - 16-bit activations, and dynamic inputs of Conv or of float-exported weights, are written as
   the same float arithmetic as the eager fake-quant (Div, Round, Add, Clip, Sub, Mul).
 - 2-D inputs of a quantized Linear are run as (1, N, in): ORT would otherwise fuse
@@ -51,6 +52,10 @@ some CPUs) lives in ``slimkit.export.ort``; its names are re-exported here.
 
 Tolerance of ``check_onnx`` (``atol=None``):
 - float layers: ``1e-4 · max|reference| + 1e-6`` (float32 summation order only);
+- MatMulNBits nodes at accuracy_level ≥ 2 (int8 inputs): plus ``NBITS_MARGIN`` (1) times
+  ``nbits.int8_input_error_bound`` of each such layer, an exact worst-case bound of the
+  per-block int8 rounding of its input (measured on tiny Llama/Qwen2/OPT RTN int4/int8
+  models: the logits differ by 2.5-5.5% of the summed bounds, ~1% of max|logits|);
 - plus ``FLIPS_PER_LAYER (3) · s_x · max|W|`` for every layer that quantizes its input. The
   integer kernels are exact, but the float values *entering* a quantizer differ between ORT
   and PyTorch in their last bits (summation order upstream; a dynamic scale computed in
@@ -91,6 +96,13 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError, SlimkitError, UnsupportedError
 from slimkit.core.io import model_info
+from slimkit.export.nbits import (
+    NBitsLinear,
+    file_accuracy_level,
+    int8_input_error_bound,
+    matmul_nbits_onnx,
+    nbits_unsupported,
+)
 from slimkit.export.ort import (  # noqa: F401  (re-exported: the public names of running a file)
     MISSING_MESSAGE,
     ORT_EXACT_CONFIG,
@@ -117,6 +129,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a ma
 FLOAT_RTOL = 1e-4
 FLOAT_ATOL = 1e-6
 FLIPS_PER_LAYER = 3.0
+NBITS_MARGIN = 1.0  # times the exact per-layer bound of MatMulNBits' int8 input rounding (see check_onnx)
 # digits-cnn and other zoo nn.Modules: the input shape per sample, for the default example.
 ZOO_INPUT_SHAPES = {"digits-cnn": (1, 8, 8)}
 # Op types the CLI and notes count (the rest are still counted, just not shown by default).
@@ -319,11 +332,14 @@ def _fake_quant_float(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     return (q - zero) * scale
 
 
-def _dynamic_qparams(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor scale and zero of ``x`` as float tensors, as ``scale_zero_from_range`` computes them."""
+def _dynamic_qparams(x: torch.Tensor, bits: int, symmetric: bool,
+                     per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor (or per-token: per last-dim row) scale and zero of ``x`` as float tensors, as
+    ``scale_zero_from_range`` computes them."""
     qmin, qmax = qrange(bits, symmetric)
-    lo = torch.clamp(x.min(), max=0.0)
-    hi = torch.clamp(x.max(), min=0.0)
+    lo = x.amin(dim=-1, keepdim=True) if per_token else x.min()
+    hi = x.amax(dim=-1, keepdim=True) if per_token else x.max()
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     scale = torch.maximum(-lo, hi) / qmax if symmetric else (hi - lo) / (qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.zeros_like(scale) if symmetric else torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
@@ -377,7 +393,7 @@ class _InputQuant(nn.Module):
             scale = torch.tensor(self.scale, dtype=x.dtype)
             zero = torch.tensor(float(self.zero), dtype=x.dtype)
         else:
-            scale, zero = _dynamic_qparams(x, self.bits, self.symmetric)
+            scale, zero = _dynamic_qparams(x, self.bits, self.symmetric, per_token=self.mode == "dynamic_token")
         return _fake_quant_float(x, scale, zero, self.qmin, self.qmax)
 
 
@@ -565,7 +581,11 @@ def _swap_quantized(model: nn.Module, opset: int) -> tuple[nn.Module, list[str],
     twin_model = copy.deepcopy(model)
     notes, custom = [], False
     for name, src in names:
-        if isinstance(src, QuantLinear):
+        if isinstance(src, QuantLinear) and nbits_unsupported(src) is None:
+            # weight-only 2/4-bit (or group-wise 8-bit) codes: one com.microsoft::MatMulNBits node
+            twin, custom = NBitsLinear(src), True
+            label = f"QuantLinear W{src.bits}"
+        elif isinstance(src, QuantLinear):
             twin = _ExportLinear(src, opset)
             custom = custom or twin.dynamic_int
             label = f"QuantLinear W{src.bits}"
@@ -633,6 +653,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
     The model is exported in eval mode and left in the mode it was in.
     """
     _require_onnx()
+    for name, module in model.named_modules():
+        reason = getattr(module, "onnx_unsupported", None)  # set by layer types with no exact ONNX form
+        if reason:
+            raise UnsupportedError(f"cannot export layer {name!r} ({type(module).__name__}) to ONNX: {reason}")
     path = Path(path)
     if path.exists() and path.is_dir():
         raise SlimkitError(f"{path} is a folder: give the .onnx file to write, e.g. {path / 'model.onnx'}")
@@ -652,7 +676,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
             pass
     entry = _entry(export_model, kind).eval()
     output = _output_name(model, kind)
-    table = {torch.ops.slimkit.dynamic_quant_linear.default: _dynamic_quant_linear_onnx} if custom else None
+    table = {torch.ops.slimkit.dynamic_quant_linear.default: _dynamic_quant_linear_onnx,
+             torch.ops.slimkit.matmul_nbits.default: matmul_nbits_onnx} if custom else None
     token_inputs = isinstance(entry, _TokenEntry)
     try:
         with _quiet(), torch.no_grad():
@@ -757,10 +782,27 @@ def _save(program: Any, path: Path, notes: list[str], session_config: dict[str, 
 
 
 # -- checking -----------------------------------------------------------------------------
-def _input_steps(model: nn.Module, entry: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """The PyTorch output, and the flip allowance Σ FLIPS_PER_LAYER · s_x · max|W| over input-quantizing layers."""
+def _input_steps(model: nn.Module, entry: nn.Module, inputs: dict[str, torch.Tensor],
+                 nbits_level: int = 0) -> tuple[torch.Tensor, float]:
+    """The PyTorch output, and the flip allowance Σ FLIPS_PER_LAYER · s_x · max|W| over input-quantizing layers.
+
+    ``nbits_level`` ≥ 2 (MatMulNBits nodes computing in int8/fp16/bf16): plus
+    ``NBITS_MARGIN`` times ``int8_input_error_bound`` of every layer exported as MatMulNBits.
+    """
     layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d)) and m.act_mode is not None]
     allowance: list[float] = []
+    layouts = {}
+    if nbits_level >= 2:
+        from slimkit.export.nbits import nbits_layout
+
+        layouts = {id(m): nbits_layout(m) for m in model.modules()
+                   if isinstance(m, QuantLinear) and nbits_unsupported(m) is None}
+
+    def nbits_hook(module, args):
+        x = args[0].detach().float()
+        if module.input_multiplier is not None:
+            x = x * module.input_multiplier
+        allowance.append(NBITS_MARGIN * int8_input_error_bound(x, layouts[id(module)]))
 
     def hook(module, args):
         x = args[0].detach().float()
@@ -779,6 +821,7 @@ def _input_steps(model: nn.Module, entry: nn.Module, inputs: dict[str, torch.Ten
             seen.setdefault(id(module), {})[role] = (float(module.scale[role]), float(x.abs().max()), x.shape[-1])
 
     handles = [m.register_forward_pre_hook(hook) for m in layers]
+    handles += [m.register_forward_pre_hook(nbits_hook) for m in model.modules() if id(m) in layouts]
     handles += [m.register_forward_pre_hook(attention_hook) for m in model.modules()
                 if isinstance(m, QuantAttentionInputs)]
     try:
@@ -811,7 +854,7 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *,
     was_training = model.training
     model.eval()
     try:
-        ref, allowance = _input_steps(model, entry, dict(inputs))
+        ref, allowance = _input_steps(model, entry, dict(inputs), file_accuracy_level(path))
     finally:
         model.train(was_training)
     session = ort_session(path, threads=2)
@@ -828,9 +871,12 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *,
     return diff
 
 
-def quantized_tolerance(model: nn.Module, inputs: Any = None) -> float:
-    """The default ``check_onnx`` tolerance for ``model`` on ``inputs`` (see the module docstring)."""
+def quantized_tolerance(model: nn.Module, inputs: Any = None, accuracy_level: int = 0) -> float:
+    """The default ``check_onnx`` tolerance for ``model`` on ``inputs`` (see the module docstring).
+
+    ``accuracy_level``: that of the file's MatMulNBits nodes (``nbits.file_accuracy_level``).
+    """
     if inputs is None or not isinstance(inputs, Mapping):
         inputs = example_inputs(model, inputs, batch=3, seq=11, seed=1)
-    ref, allowance = _input_steps(model, _entry(model, _kind(model)), dict(inputs))
+    ref, allowance = _input_steps(model, _entry(model, _kind(model)), dict(inputs), accuracy_level)
     return FLOAT_RTOL * float(ref.detach().abs().max()) + FLOAT_ATOL + allowance
