@@ -256,10 +256,16 @@ class CompressionReport:
             _ratio_row("Size on disk (MB)", mb(b), mb(c), "lower"),
             _ratio_row("Parameters", b.params_total, c.params_total, "lower", _fmt_int),
             _ratio_row("Nonzero parameters", b.params_nonzero, c.params_nonzero, "lower", _fmt_int),
+            _ratio_row("Bits per weight (weight layers)", b.details.get("bits per weight"),
+                       c.details.get("bits per weight"), "lower"),
             _ratio_row("GFLOPs", gflops(b), gflops(c), "lower"),
             _ratio_row(self._latency_label(), _median(b), _median(c), "lower"),
             _ratio_row("Throughput (items/s)", _throughput(b), _throughput(c), "higher"),
         ]
+        quantized = c.details.get("bits per weight (quantized layers)")
+        if quantized is not None:
+            rows.insert(3, _Row("Bits per weight (quantized layers)", _fmt(b.details.get(
+                "bits per weight (quantized layers)")), _fmt(quantized), NA, ""))
         names = list(b.quality) + [k for k in c.quality if k not in b.quality]
         deltas = self.quality_deltas
         for name in names:

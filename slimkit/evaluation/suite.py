@@ -186,6 +186,24 @@ def layer_bits(model: nn.Module) -> dict[str, float]:
     return out
 
 
+def bits_per_weight(model: nn.Module, quantized_only: bool = False) -> float | None:
+    """Stored bits per weight element over the model's weight layers, weighted by their element counts.
+
+    Quantized layers count their measured bytes (codes + scales + zeros + g_idx), float
+    layers their dtype's width. With ``quantized_only``, only layers that report
+    ``weight_bits_per_element``; None when there is no such layer.
+    """
+    bits = elements = 0.0
+    for m in model.modules():
+        if hasattr(m, "weight_bits_per_element") and hasattr(m, "slimkit_param_counts"):
+            n = m.slimkit_param_counts()[0]
+            bits, elements = bits + m.weight_bits_per_element() * n, elements + n
+        elif not quantized_only and isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)):
+            n = m.weight.numel()
+            bits, elements = bits + m.weight.element_size() * 8 * n, elements + n
+    return bits / elements if elements else None
+
+
 @torch.no_grad()
 def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | None = None, name: str | None = None,
                   saved_dir: str | os.PathLike | None = None, reference: torch.Tensor | None = None,
@@ -207,6 +225,10 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
                          size_bytes=None, params_total=params.total, params_nonzero=params.nonzero, flops=None,
                          latency=None, quality={}, layer_sparsity={}, layer_bits=layer_bits(model),
                          details={"quality data": data.description})
+    for key, only in (("bits per weight", False), ("bits per weight (quantized layers)", True)):
+        value = bits_per_weight(model, only)
+        if value is not None:
+            m.details[key] = round(value, 4)
     if "size" in metrics:
         progress("size on disk", 0.0)
         m.size_bytes = _size_bytes(model, saved_dir)

@@ -8,7 +8,8 @@ import torch
 import slimkit
 from slimkit.core.errors import DataError
 from slimkit.evaluation.quality import perplexity
-from slimkit.evaluation.suite import compare, layer_bits, measure_model, read_user_texts, resolve_eval_data
+from slimkit.evaluation.suite import (bits_per_weight, compare, layer_bits, measure_model, read_user_texts,
+                                     resolve_eval_data)
 
 
 def test_digits_comparison_measures_accuracy_and_size():
@@ -74,6 +75,15 @@ def test_encoder_fidelity_against_itself_is_perfect():
 def test_layer_bits_float_and_quantized():
     model = torch.nn.Sequential(torch.nn.Linear(16, 4), torch.nn.Linear(4, 2).half())
     assert layer_bits(model) == {"0": 32.0, "1": 16.0}
+
+
+def test_bits_per_weight_weights_layers_by_their_element_counts():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    assert bits_per_weight(model) == 32.0 and bits_per_weight(model, quantized_only=True) is None
+    slimkit.quantize_(model, slimkit.RTN(bits=4, group_size=32, include=["0"]))
+    # layer 0: 4-bit codes + one float32 scale per 32 weights = 5 bits, 2048 weights; layer 1: float32, 512 weights
+    assert bits_per_weight(model, quantized_only=True) == pytest.approx(5.0)
+    assert bits_per_weight(model) == pytest.approx((5.0 * 2048 + 32.0 * 512) / 2560)
 
 
 def test_any_quality_metric_gives_the_kinds_own_figure():
