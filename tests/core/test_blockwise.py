@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+import slimkit
+
 from slimkit.core.blockwise import block_outputs, feed_inputs, fold_input_scale, linear_groups, run_blockwise
 from slimkit.core.calibration import CalibrationData, iterate_blocks
 from slimkit.core.registry import Context
@@ -158,3 +160,17 @@ def test_run_blockwise_feeds_each_block_the_edited_outputs():
     expected = b0(*call.args, **call.kwargs)
     expected = expected[0] if isinstance(expected, tuple) else expected
     torch.testing.assert_close(seen_inputs[1], expected)
+
+
+def test_an_architecture_without_repeated_blocks_is_refused_saying_what_was_found():
+    from slimkit.core.errors import UnsupportedError
+    from slimkit.quantization.gptq import GPTQ
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    data = CalibrationData.from_tensors(torch.randn(4, 8))
+    with pytest.raises(UnsupportedError, match=r"Sequential has no list of repeated blocks.*children: 0: Linear, 1: ReLU"):
+        run_blockwise(model, data, lambda b: None)
+    mixed = nn.Module()
+    mixed.layers = nn.ModuleList([nn.Linear(8, 8), nn.ReLU()])
+    with pytest.raises(UnsupportedError, match=r"found module lists layers \(2 x Linear, ReLU\)"):
+        slimkit.quantize_(mixed, GPTQ(bits=4, group_size=None), data)
