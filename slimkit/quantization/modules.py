@@ -72,8 +72,11 @@ class _QuantWeightMixin:
         zero_dtype = torch.uint8 if self.bits <= 8 else torch.int32
         zero = None if self.symmetric else torch.zeros(rows, n_groups, dtype=zero_dtype, device=device)
         self.register_buffer("zero", zero)
-        # GPTQ act-order: the group of each input column (groups are runs of permuted columns).
-        self.register_buffer("g_idx", torch.zeros(cols, dtype=torch.int32, device=device) if g_idx else None)
+        # GPTQ act-order: the group of each input column (groups are runs of permuted columns),
+        # in the narrowest integer type that holds every group index (uint8 up to 256 groups),
+        # since it costs bits per weight: 8 / out_features for uint8.
+        index_dtype = torch.uint8 if n_groups <= 256 else torch.int16 if n_groups <= 2**15 else torch.int32
+        self.register_buffer("g_idx", torch.zeros(cols, dtype=index_dtype, device=device) if g_idx else None)
 
     def _store(self, qw: QuantizedWeight) -> None:
         """Copy a ``QuantizedWeight`` into the buffers (packing below 8 bits)."""
