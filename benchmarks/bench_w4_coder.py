@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from benchmarks import harness
-from benchmarks.bench_int8_coder import _OrtLM
+from benchmarks.bench_int8_coder import _OrtLM, _Reader
 
 SECTION = "w4-coder"
 THREADS = 2
@@ -224,21 +224,10 @@ class _OrtReader:
     def __new__(cls, calib: Any):
         from onnxruntime.quantization import CalibrationDataReader
 
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.batches = [_OrtLM.feeds(b["input_ids"]) for b in calib]
-                self.i = 0
+        class Reader(_Reader, CalibrationDataReader):
+            """bench_int8_coder's reader, iterable the way ORT's GPTQ reads it."""
 
-            def get_next(self) -> dict | None:
-                if self.i >= len(self.batches):
-                    return None
-                self.i += 1
-                return self.batches[self.i - 1]
-
-            def rewind(self) -> None:
-                self.i = 0
-
-        return Reader()
+        return Reader(calib)
 
 
 def _ort_quantizer(**kw: Any) -> Any:

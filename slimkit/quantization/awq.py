@@ -437,7 +437,7 @@ def scale_block(block: nn.Module, calls: Sequence[CapturedCall], targets: dict[s
         result.stats.update({n: st for n in members})
         key = _short(g.names)
         if g.producer is None:
-            result.unscaled.setdefault("no producer to fold the scale into", []).append(prefix + key)
+            result.unscaled.setdefault("no producer to fold the scale into", []).extend(prefix + n for n in members)
             continue
         found = None
         parent = group_parent(block, g.names) if config.objective == "parent" else None
@@ -454,7 +454,7 @@ def scale_block(block: nn.Module, calls: Sequence[CapturedCall], targets: dict[s
         if found.alpha > 0:
             if not fold_input_scale(block, g, found.scale, calls[0]):
                 why = f"folding into {g.producer} changed the block output"
-                result.unscaled.setdefault(why, []).append(prefix + key)
+                result.unscaled.setdefault(why, []).extend(prefix + n for n in members)
                 continue
             st.rescale(found.scale)
         result.alphas[key] = found.alpha

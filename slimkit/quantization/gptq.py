@@ -45,6 +45,7 @@ from slimkit.core.calibration import BlockInputs, find_blocks
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.registry import Context, register
+from slimkit.core.streaming import return_freed_memory
 from slimkit.core.targets import check_patterns, select_modules, set_submodule
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import (
@@ -390,10 +391,11 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
             names = [r for r in g.names if f"{b.name}.{r}" in chosen]
             if names:
                 groups.append(names)
-        modules = dict(block.named_modules())
         for names in groups:
             for r in names:
-                _check_finite(f"{b.name}.{r}", modules[r])
+                _check_finite(f"{b.name}.{r}", block.get_submodule(r))
+        # No dict of the block's modules is kept here: it would hold every replaced float
+        # Linear alive until the block is done (a second copy of the block's weights).
         done: dict[str, QuantLinear] = {}
         if config.true_sequential:
             for names in groups:
@@ -441,6 +443,9 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
             _swap(block, r, _stand_in(linear, done[r]))
             stats["layers"] += 1
             stats["params"] += linear.weight.numel()
+        if ctx.stream is not None:  # streamed: keep the peak near one block (the factor and copies are freed)
+            del factor, linear, modules, result
+            return_freed_memory()
 
     run_blockwise(model, data, process, ctx, "GPTQ")
 
