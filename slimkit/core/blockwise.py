@@ -117,7 +117,7 @@ def linear_groups(block: nn.Module, calls: Sequence[CapturedCall],
               for key, members in groups.items()]
     result += [LinearGroup((name,), None) for name, m in modules.items()
                if name and isinstance(m, types) and name not in seen]
-    del keep
+    keep.clear()
     return result
 
 

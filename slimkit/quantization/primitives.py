@@ -227,6 +227,17 @@ class QuantizedWeight:
         return dequantize_weight(self.q, self.scale, self.zero, self.group_size, self.g_idx)
 
 
+def grouped_weight(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``w`` (rows, cols) as float32 (rows, n_groups, group_size), after checking it is 2-D and finite."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise DataError("weight contains NaN or inf; quantization needs finite values")
+    rows, cols = w.shape
+    n_groups, gs = split_groups(cols, group_size)
+    return w.detach().float().reshape(rows, n_groups, gs)
+
+
 def quantize_weight(
     w: torch.Tensor, bits: int, *, group_size: int | None = None, symmetric: bool = True
 ) -> QuantizedWeight:
@@ -238,13 +249,8 @@ def quantize_weight(
     gives one scale per row; otherwise each row is cut into groups of ``group_size``
     consecutive columns (``in`` must be divisible) with a scale each.
     """
-    if w.dim() != 2:
-        raise ValueError(f"quantize_weight expects a 2-D weight, got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise DataError("weight contains NaN or inf; quantization needs finite values")
+    grouped = grouped_weight(w, group_size)  # (rows, n_groups, group_size)
     rows, cols = w.shape
-    n_groups, gs = split_groups(cols, group_size)
-    grouped = w.detach().float().reshape(rows, n_groups, gs)  # (rows, n_groups, group_size)
     if is_binary(bits, symmetric):
         scale = binary_scale(grouped, -1).squeeze(-1)
     else:

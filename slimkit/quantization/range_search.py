@@ -28,25 +28,14 @@ import torch
 from slimkit.quantization.primitives import (
     QuantizedWeight,
     dequantize,
+    grouped_weight,
     qrange,
     quantize,
     scale_zero_from_range,
-    split_groups,
 )
 
 # Shrink factors 1.0, 0.95, ..., 0.5: AWQ's auto_clip range (n_grid 20, max_shrink 0.5).
 DEFAULT_GRID: tuple[float, ...] = tuple(1.0 - i / 20 for i in range(11))
-
-
-def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """``w`` (rows, cols) as float32 (rows, n_groups, group_size)."""
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or inf; quantization needs finite values")
-    rows, cols = w.shape
-    n_groups, gs = split_groups(cols, group_size)
-    return w.detach().float().reshape(rows, n_groups, gs)
 
 
 def _check_bits(bits: int, symmetric: bool) -> None:
@@ -105,7 +94,7 @@ def clip_errors(w: torch.Tensor, bits: int, group_size: int | None, symmetric: b
     """
     _check_bits(bits, symmetric)
     factors = _check_grid(grid)
-    grouped = _grouped(w, group_size)
+    grouped = grouped_weight(w, group_size)
     grams = None if gram is None else _group_grams(gram, grouped.shape[1], grouped.shape[2])
     lo, hi = grouped.amin(-1), grouped.amax(-1)
     out = []
@@ -132,7 +121,7 @@ def mse_clip_scales(w: torch.Tensor, bits: int, group_size: int | None, symmetri
     """
     _check_bits(bits, symmetric)
     factors = _check_grid(grid)
-    grouped = _grouped(w, group_size)
+    grouped = grouped_weight(w, group_size)
     grams = None if gram is None else _group_grams(gram, grouped.shape[1], grouped.shape[2])
     lo, hi = grouped.amin(-1), grouped.amax(-1)
     best_q = best_scale = best_zero = best_err = None
@@ -186,7 +175,7 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int | None, *, iters: i
     _check_bits(bits, False)
     if iters < 0 or not (0 < lp <= 1) or beta <= 0 or kappa < 1:
         raise ValueError(f"need iters >= 0, 0 < lp <= 1, beta > 0, kappa >= 1; got {iters}, {lp}, {beta}, {kappa}")
-    grouped = _grouped(w, group_size)  # (rows, n_groups, gs)
+    grouped = grouped_weight(w, group_size)  # (rows, n_groups, gs)
     qmin, qmax = qrange(bits, False)
     q, scale, zero, deq = _candidate(grouped, grouped.amin(-1), grouped.amax(-1), bits, False)
     best_q, best_scale, best_zero = q, scale, zero
