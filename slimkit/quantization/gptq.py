@@ -421,7 +421,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
                        else f"did not read the same input as {block_name}.{leader}")
                 notes.append(f"GPTQ: {block_name}.{r} {why}; RTN used")
                 done[r] = QuantLinear.from_linear(modules[r], config.bits, gs, config.symmetric)
-                _swap(block, r, _stand_in(modules[r], done[r]))
+                _swap(block, r, _stand_in(modules[r], done[r], ctx))
                 stats["rtn"] += 1
             else:
                 live.append(r)
@@ -440,7 +440,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
             result = gptq_quantize_factored(linear.weight.detach(), factor, bits=config.bits, group_size=gs,
                                             symmetric=config.symmetric, block_size=config.block_size)
             done[r] = QuantLinear.from_linear(linear, weight=result.weight)
-            _swap(block, r, _stand_in(linear, done[r]))
+            _swap(block, r, _stand_in(linear, done[r], ctx))
             stats["layers"] += 1
             stats["params"] += linear.weight.numel()
         if ctx.stream is not None:  # streamed: keep the peak near one block (the factor and copies are freed)
@@ -469,8 +469,14 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
     )
 
 
-def _stand_in(linear: nn.Linear, qlinear: QuantLinear) -> nn.Linear:
-    """A plain Linear computing what ``qlinear`` computes (its dequantized weight, the same bias)."""
+def _stand_in(linear: nn.Linear, qlinear: QuantLinear, ctx: Context) -> nn.Module:
+    """A plain Linear computing what ``qlinear`` computes (its dequantized weight, the same bias).
+
+    When streaming, memory comes first: the QuantLinear itself (dequantizing on every
+    forward) rather than a float copy of the weight.
+    """
+    if ctx.stream is not None:
+        return qlinear
     w = linear.weight
     new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     new.weight = nn.Parameter(qlinear.dense_weight(w.dtype), requires_grad=False)
