@@ -42,6 +42,17 @@ class Config:
         """Raise a ConfigError that names this config type and the offending field."""
         raise ConfigError(f"{type(self).__name__}.{field}: {message}")
 
+    def check_name_patterns(self, fields: tuple[str, ...] = ("include", "ignore")) -> None:
+        """Check that each of ``fields`` is a tuple of valid module name patterns (plain, glob or ``re:``)."""
+        from slimkit.core.targets import check_patterns
+
+        for name in fields:
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                # A bare string would otherwise be iterated character by character.
+                self.fail(name, f"must be a list of module name patterns, e.g. [{value!r}], got {type(value).__name__}")
+            check_patterns(value, f"{type(self).__name__}.{name}")
+
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data: ``type``, ``version`` and every field (tuples as lists)."""
         out: dict[str, Any] = {"type": type(self).__name__, "version": self.version}

@@ -65,7 +65,7 @@ from slimkit.core.calibration import (
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import check_patterns, select_modules, set_submodule
+from slimkit.core.targets import select_modules, set_submodule
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import QuantizedWeight, quantize_weight
 from slimkit.quantization.range_search import clip_factors, mse_clip_scales
@@ -327,11 +327,7 @@ class AWQ(Config):
         mt = self.max_tokens
         if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
             self.fail("max_tokens", f"must be a positive integer (e.g. 4096), got {mt!r}")
-        for name in ("include", "ignore"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple):
-                self.fail(name, f"must be a list of module name patterns, e.g. [{value!r}], got {type(value).__name__}")
-            check_patterns(value, f"AWQ.{name}")
+        self.check_name_patterns()
 
 
 def _call_tokens(call: CapturedCall) -> int:

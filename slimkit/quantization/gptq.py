@@ -46,7 +46,7 @@ from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
-from slimkit.core.targets import check_patterns, select_modules, set_submodule
+from slimkit.core.targets import select_modules, set_submodule
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import (
     BITS,
@@ -328,11 +328,7 @@ class GPTQ(Config):
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             self.fail("block_size", f"must be a positive integer (128 is usual), got {bs!r}")
-        for name in ("include", "ignore"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple):
-                self.fail(name, f"must be a list of module name patterns, e.g. [{value!r}], got {type(value).__name__}")
-            check_patterns(value, f"GPTQ.{name}")
+        self.check_name_patterns()
 
 
 def _divisor_hint(cols: int, gs: int) -> str:

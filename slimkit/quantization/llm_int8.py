@@ -29,7 +29,7 @@ from slimkit.core.config import Config
 from slimkit.core.errors import DataError
 from slimkit.core.modules import SlimkitModule, register_module_type
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import check_patterns, select_modules, set_submodule
+from slimkit.core.targets import select_modules, set_submodule
 from slimkit.quantization.modules import _QuantWeightMixin
 from slimkit.quantization.primitives import dequantize_weight, quantize_weight
 
@@ -175,11 +175,7 @@ class LLMInt8(Config):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not t > 0:
             self.fail("threshold", f"must be a number > 0 (|x| at which an input dim stays float; 6.0 in the "
                                    f"paper), got {t!r}")
-        for name in ("include", "ignore"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple):
-                self.fail(name, f"must be a list of module name patterns, e.g. [{value!r}], got {type(value).__name__}")
-            check_patterns(value, f"LLMInt8.{name}")
+        self.check_name_patterns()
 
 
 @register(LLMInt8)

@@ -19,7 +19,7 @@ from torch import nn
 from slimkit.core.config import Config
 from slimkit.core.modules import SlimkitModule, register_module_type
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import check_patterns, select_modules, set_submodule
+from slimkit.core.targets import select_modules, set_submodule
 
 LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _KINDS = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
@@ -109,11 +109,7 @@ class CastPrecision(Config):
         """Check the dtype name and the patterns."""
         if self.dtype not in LOW_DTYPES:
             self.fail("dtype", f"must be one of {', '.join(LOW_DTYPES)}, got {self.dtype!r}")
-        for key in ("include", "ignore"):
-            value = getattr(self, key)
-            if not isinstance(value, tuple):
-                self.fail(key, f"must be a list of module name patterns, e.g. [{value!r}], got {type(value).__name__}")
-            check_patterns(value, f"CastPrecision.{key}")
+        self.check_name_patterns()
 
 
 @register(CastPrecision)

@@ -56,11 +56,7 @@ def _check_common(cfg: Config, allowed_bits: tuple[int, ...]) -> None:
     for flag in ("symmetric", "embeddings", "reduce_range"):
         if not isinstance(getattr(cfg, flag), bool):
             cfg.fail(flag, f"must be true or false, got {getattr(cfg, flag)!r}")
-    for key in ("include", "ignore"):
-        value = getattr(cfg, key)
-        if not isinstance(value, tuple):
-            cfg.fail(key, f"must be a list of module name patterns, e.g. [{value!r}], got {type(value).__name__}")
-        check_patterns(value, f"{name}.{key}")
+    cfg.check_name_patterns()
 
 
 @dataclass(frozen=True)

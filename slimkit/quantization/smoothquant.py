@@ -39,7 +39,7 @@ from slimkit.core.calibration import BlockInputs
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import check_patterns, matches
+from slimkit.core.targets import matches
 
 
 def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor | Sequence[torch.Tensor],
@@ -96,11 +96,7 @@ class SmoothQuant(Config):
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1:
             self.fail("alpha", f"must be a number in (0, 1] (0.5 is the paper's default), got {a!r}")
-        for name in ("include", "ignore"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple):
-                self.fail(name, f"must be a list of module name patterns, e.g. [{value!r}], got {type(value).__name__}")
-            check_patterns(value, f"SmoothQuant.{name}")
+        self.check_name_patterns()
 
 
 def _selected(full_name: str, config: SmoothQuant) -> bool:

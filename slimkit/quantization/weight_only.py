@@ -21,7 +21,6 @@ from slimkit.core.errors import DataError
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import (
     check_layer_map,
-    check_patterns,
     select_modules,
     set_submodule,
     value_for,
@@ -92,12 +91,7 @@ class RTN(Config):
                                            "weights have no range to search); use range_opt: null")
             if self.range_opt == "hqq" and self.symmetric:
                 self.fail("range_opt", "'hqq' fits a zero point: use symmetric: false (or range_opt: 'mse')")
-        for name in ("include", "ignore"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple):
-                # A bare string would otherwise be iterated character by character.
-                self.fail(name, f"must be a list of module name patterns, e.g. [{value!r}], got {type(value).__name__}")
-            check_patterns(value, f"{type(self).__name__}.{name}")
+        self.check_name_patterns()
 
 
 def _skip_reason(module: nn.Module, config: RTN) -> str | None:
