@@ -34,6 +34,7 @@ from slimkit.quantization.attention import (CHILD, ROLES, QuantAttentionInputs, 
 from slimkit.quantization.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quantization.observers import make_observer
 from slimkit.quantization.primitives import BITS, QuantizedWeight, quantize_weight
+from slimkit.quantization.smoothquant import smooth_scales as smoothing_scale  # one formula for both smoothing forms
 
 WEIGHT_OBSERVERS = ("minmax", "mse", "percentile")
 
@@ -362,18 +363,6 @@ def calibrate_inputs(model: nn.Module, data: CalibrationData, names: list[str], 
     return observers
 
 
-def smoothing_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-input-channel scale s_j = max|X_j|^alpha / max|W_:,j|^(1 − alpha).
-
-    A channel that is all zero in the activations or the weights gets s = 1 (nothing to move).
-    """
-    a = act_absmax.double()
-    w = weight_absmax.double()
-    s = a.pow(alpha) / w.pow(1 - alpha)
-    ok = (a > 0) & (w > 0) & torch.isfinite(s)
-    return torch.where(ok, s, torch.ones_like(s)).float()
-
-
 @torch.no_grad()
 def _smoothing(model: nn.Module, data: CalibrationData, names: list[str], alpha: float) -> dict[str, torch.Tensor]:
     """Per-layer smoothing scales; layers fed the very same input tensor share one scale."""
@@ -418,7 +407,7 @@ def _smoothing(model: nn.Module, data: CalibrationData, names: list[str], alpha:
     first_input.clear()
     scales = {}
     for members in groups:
-        w_absmax = torch.stack([model.get_submodule(n).weight.detach().abs().amax(dim=0) for n in members]).amax(dim=0)
+        w_absmax = [model.get_submodule(n).weight.detach().abs().amax(dim=0) for n in members]
         s = smoothing_scale(absmax[members[0]], w_absmax, alpha)
         for n in members:
             scales[n] = s
