@@ -498,12 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         mini = minilm_part(settings)
     seconds = time.perf_counter() - start
     markdown = render(rows, info, mini, env, seconds)
-    print()
-    print(table(rows).to_text())
-    print()
-    print(markdown)
-    own_failures = [f"{r.label}: {r.error}" for r in rows if r.error and r.family != "peer"]
-    return harness.publish(args, SECTION, markdown, own_failures)
+    return harness.publish_rows(args, SECTION, rows, table(rows).to_text(), markdown)
 
 
 if __name__ == "__main__":

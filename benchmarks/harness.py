@@ -465,3 +465,17 @@ def publish(args: Any, section: str, markdown: str, own_failures: list[str]) -> 
         path = write_section(args.output, section, markdown)
         print(f"written: section {section!r} of {path}")
     return 0
+
+
+def publish_rows(args: Any, section: str, rows: Sequence[Any], table_text: str, markdown: str) -> int:
+    """Print a run's table and markdown, then ``publish`` it; rows whose ``family`` is not "peer" count as own.
+
+    ``rows`` have ``label``, ``error`` and ``family``: a failed fp32/slimkit row keeps the
+    section from being written (a peer that cannot run is a result to report).
+    """
+    print()
+    print(table_text)
+    print()
+    print(markdown)
+    own_failures = [f"{r.label}: {r.error}" for r in rows if r.error and r.family != "peer"]
+    return publish(args, section, markdown, own_failures)

@@ -167,3 +167,21 @@ def test_publish_writes_only_full_runs_without_own_failures(tmp_path, capsys):
     assert harness.publish(full, "s", "## table", []) == 0
     assert "## table" in out.read_text()
     assert "<!-- bench:s:start -->" in out.read_text()
+
+
+def test_publish_rows_blocks_the_write_only_for_a_failed_own_row(tmp_path, capsys):
+    from argparse import Namespace
+
+    from benchmarks import harness
+
+    out = tmp_path / "BENCHMARKS.md"
+    args = Namespace(quick=False, no_write=False, output=out)
+    peer_failed = [Namespace(label="ORT", error="could not run", family="peer"),
+                   Namespace(label="slimkit", error=None, family="slimkit")]
+    own_failed = [Namespace(label="slimkit GPTQ", error="boom", family="slimkit")]
+    assert harness.publish_rows(args, "s", own_failed, "TABLE", "## md") == 1
+    assert not out.exists()
+    assert "slimkit GPTQ: boom" in capsys.readouterr().err
+    assert harness.publish_rows(args, "s", peer_failed, "TABLE", "## md") == 0
+    assert "## md" in out.read_text()
+    assert "TABLE" in capsys.readouterr().out
