@@ -1,0 +1,1 @@
+"""Pruning: unstructured magnitude (with schedules and masks), N:M, SparseGPT, Wanda, and structured pruning."""
