@@ -3,7 +3,8 @@
 A slimkit checkpoint is a folder:
 
 - ``model.safetensors``: the whole state dict, compressed layers in their stored form
-  (e.g. int8 codes + float scales), tied tensors once;
+  (e.g. int8 codes + float scales), tied tensors once, sparse float weights as a bitmask
+  plus their non-zeros (``core.sparse_storage``), pruning masks baked into the weights;
 - ``config.json``: the transformers config (transformers models only);
 - tokenizer files, when the model has a tokenizer;
 - ``slimkit.json``: the format version, how to rebuild the architecture
@@ -97,7 +98,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) ->
 
     The tokenizer attached to the model is saved when ``tokenizer`` is not given.
     """
-    from safetensors.torch import save_model
+    from slimkit.core.sparse_storage import save_state_dict
 
     out_dir = Path(out_dir)
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(model)
@@ -107,12 +108,19 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) ->
         if arch["kind"] == "transformers":
             quiet_transformers()
             model.config.save_pretrained(tmp)
-        # save_model drops the duplicates of tied tensors and load_model restores them.
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # Tied tensors are written once (their aliases recorded), sparse ones compactly.
+        save_state_dict(checkpoint_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
+
+
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict ``save`` writes: pruning masks baked into plain weight names, the model left masked."""
+    from slimkit.pruning.masks import masked_modules, masked_state_dict
+
+    return masked_state_dict(model) if masked_modules(model) else model.state_dict()
 
 
 def checkpoint_meta(model: nn.Module) -> dict[str, Any]:
@@ -126,7 +134,7 @@ def checkpoint_meta(model: nn.Module) -> dict[str, Any]:
         arch = {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
     modules = {name: {"type": type(m).__name__, "spec": m.slimkit_spec()}
                for name, m in model.named_modules() if isinstance(m, SlimkitModule)}
-    return {
+    meta = {
         "format": "slimkit",
         "format_version": FORMAT_VERSION,
         "slimkit_version": _version(),
@@ -136,6 +144,20 @@ def checkpoint_meta(model: nn.Module) -> dict[str, Any]:
         "steps": info.get("steps", []),
         "modules": modules,
     }
+    structure = _structure(model, meta["steps"])
+    if structure is not None:
+        meta["structure"] = structure
+    return meta
+
+
+def _structure(model: nn.Module, steps: list[dict]) -> dict | None:
+    """The attributes structured pruning recorded (``pruning.resize``), or None for a model it never touched."""
+    if not any(step.get("type") == "StructuredPrune" for step in steps):
+        return None
+    from slimkit.pruning.resize import structure_of
+
+    return structure_of(model)
+
 
 
 def _version() -> str:
@@ -241,12 +263,14 @@ def _build_architecture(folder: Path, arch: dict[str, Any], skeleton: nn.Module 
 
 
 def _load_checkpoint(folder: Path, skeleton: nn.Module | None) -> nn.Module:
-    from safetensors.torch import load_model
+    from slimkit.pruning.masks import masked_modules, strip
 
     meta = _read_meta(folder)
     weights = folder / WEIGHTS_FILE
     check_safetensors(weights)
     model = _build_architecture(folder, meta.get("architecture", {}), skeleton)
+    if masked_modules(model):  # a masked skeleton: the file holds plain (baked) weights
+        strip(model)
     classes: dict[str, type] = {}
     for name, entry in meta.get("modules", {}).items():
         try:
@@ -260,17 +284,66 @@ def _load_checkpoint(folder: Path, skeleton: nn.Module | None) -> nn.Module:
             raise ModelLoadError(f"{folder}: module {where!r} does not exist in the rebuilt architecture") from None
         set_submodule(model, name, cls.from_slimkit_spec(entry["spec"]))
         classes[cls.__name__] = cls
-    try:
-        load_model(model, str(weights), strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:300]
-        raise ModelLoadError(f"{weights} does not match the architecture in {folder / META_FILE}: {first}") from None
+    state = _read_weights(weights)
+    if meta.get("structure") is not None:
+        # Structurally pruned: layers are smaller than the config builds them; take the file's shapes.
+        from slimkit.pruning.resize import resize_to_checkpoint
+
+        resize_to_checkpoint(model, {k: tuple(v.shape) for k, v in state.items()}, meta["structure"])
+    _load_weights(model, state, weights, folder / META_FILE)
     for cls in classes.values():
         cls.after_load(model)
     model.eval()
     tokenizer = _load_tokenizer(folder)
     return attach_info(model, kind=meta.get("kind"), source=meta.get("source"), tokenizer=tokenizer,
                        steps=meta.get("steps", []))
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in ``weights`` (compact tensors expanded, recorded aliases restored)."""
+    from slimkit.core.sparse_storage import load_state_dict
+
+    try:
+        state, aliases = load_state_dict(weights)
+    except ValueError as exc:
+        raise ModelLoadError(f"weights file {weights} is corrupt ({exc}); re-save it") from None
+    for alias, stored in aliases.items():
+        if stored in state and alias not in state:
+            state[alias] = state[stored]
+    return state
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Path, meta_file: Path) -> None:
+    """Load ``state`` (read from ``weights``) into ``model`` strictly; ModelLoadError naming what differs.
+
+    A key the file lacks is accepted only when it is an alias recorded in the file, or when
+    the rebuilt model ties it to a key the file holds (e.g. a checkpoint of an HF model
+    that omits its tied ``lm_head.weight``).
+    """
+    expected = model.state_dict()
+    tied = _tied_names(expected)
+    missing = [k for k in expected if k not in state and not (tied.get(k, set()) & state.keys())]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k!r} is {tuple(state[k].shape)} in the file but {tuple(expected[k].shape)} in the model"
+                  for k in state if k in expected and state[k].shape != expected[k].shape]
+    problems = []
+    for label, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{label}: {', '.join(map(str, items[:5]))}{more}")
+    if problems:
+        raise ModelLoadError(f"{weights} does not match the architecture in {meta_file}: {'; '.join(problems)}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, set[str]]:
+    """For each name in ``state`` that shares its memory (same storage and view) with others: those other names."""
+    groups: dict[tuple, set[str]] = {}
+    for name, t in state.items():
+        if t.numel() and t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            groups.setdefault(key, set()).add(name)
+    return {n: group - {n} for group in groups.values() if len(group) > 1 for n in group}
 
 
 def _load_tokenizer(folder: Path) -> Any:

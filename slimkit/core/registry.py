@@ -31,6 +31,10 @@ _BUILTIN_MODULES = (
     "slimkit.quantization.llm_int8",
     "slimkit.quantization.gptq",
     "slimkit.quantization.awq",
+    "slimkit.pruning.structured",
+    "slimkit.pruning.magnitude",
+    "slimkit.pruning.wanda",
+    "slimkit.pruning.sparsegpt",
 )
 
 

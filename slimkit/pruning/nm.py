@@ -59,10 +59,30 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def row_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool mask keeping the highest ``scores`` of each row, pruning exactly ``round(sparsity * cols)`` per row."""
-    rows, cols = scores.shape
-    k = int(round(sparsity * cols))
+    cols = scores.shape[1]
+    k = round(sparsity * cols)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k:
         lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
         keep.scatter_(1, lowest, False)
     return keep
+
+
+def fill_sparsity(config, owner: str) -> None:
+    """Give a config whose ``sparsity`` is None its default: 1 − N/M with an N:M ``pattern``, else 0.5.
+
+    Called from ``__post_init__`` (before validation), so ``to_dict`` / ``from_dict`` round trips stay exact.
+    """
+    if getattr(config, "sparsity", 0.5) is None:
+        nm = parse_pattern(config.pattern, f"{owner}.pattern") if isinstance(config.pattern, str) else None
+        object.__setattr__(config, "sparsity", 1.0 - nm[0] / nm[1] if nm else 0.5)
+
+
+def check_pattern_sparsity(config, nm: tuple[int, int] | None) -> None:
+    """ConfigError (via ``config.fail``) when an explicit sparsity disagrees with the N:M pattern's 1 − N/M."""
+    if nm is None:
+        return
+    implied = 1.0 - nm[0] / nm[1]
+    if abs(float(config.sparsity) - implied) > 1e-9:
+        config.fail("sparsity", f"the pattern {config.pattern} prunes exactly {implied:g} of the weights; "
+                                f"leave sparsity out or set it to {implied:g}")

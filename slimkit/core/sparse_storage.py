@@ -1,0 +1,212 @@
+"""Compact storage of sparse weights in a safetensors file, and tied tensors stored once.
+
+A pruned float tensor ``<name>`` is written as two tensors when that is smaller than the
+dense form:
+
+- ``<name>.__bitmask``: uint8, 1-D, ``ceil(numel / 8)`` bytes. Bit ``i`` of the row-major
+  flattened tensor is bit ``i % 8`` of byte ``i // 8``, least significant bit first
+  ("little" bit order, as ``numpy.packbits(..., bitorder="little")``); 1 = non-zero. The
+  padding bits of the last byte are 0.
+- ``<name>.__values``: the non-zero entries in row-major order, 1-D, in the tensor's dtype.
+
+The original shape and dtype are recorded in the file's metadata under ``slimkit.sparse``
+(JSON: ``{name: {"shape": [...], "dtype": "float32"}}``). At 50% sparsity a float32 tensor
+then takes 0.5 + 1/32 of its dense bytes (a float16 one 0.5 + 1/16).
+
+Which tensors: floating point (float16, bfloat16, float32, float64) with >= 2 dims, or
+1-D with >= 1024 elements, whose compact form (with its extra header entries) is smaller
+than the dense one. Integer tensors (quantized codes) and small vectors stay dense.
+
+Zeros are zeros: an entry is stored when it is ``!= 0``, so ``-0.0`` is reloaded as
+``+0.0`` (``torch.equal`` holds; the sign bit of a zero is not kept). NaN and inf are
+non-zero and kept bit for bit.
+
+Tied tensors (several names viewing the same memory, e.g. tied embeddings) are written once
+under the first name; the others are listed under ``slimkit.aliases`` (JSON:
+``{alias: stored_name}``). Files from ``safetensors.torch.save_model`` (which records an
+alias as a plain metadata entry ``alias -> stored_name``) are read the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from typing import Any
+
+import torch
+
+BITMASK_SUFFIX = ".__bitmask"
+VALUES_SUFFIX = ".__values"
+SPARSE_KEY = "slimkit.sparse"
+ALIASES_KEY = "slimkit.aliases"
+COMPACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MIN_1D_ELEMENTS = 1024
+_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in COMPACT_DTYPES}
+# Header bytes a compact pair costs beyond the dense entry: two JSON entries of about
+# len(name) + 80 characters, plus the shape/dtype record in the metadata.
+_PAIR_HEADER_BYTES = 240
+
+
+# -- pure functions -----------------------------------------------------------------------
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """Pack a 1-D bool tensor into uint8, bit ``i`` -> bit ``i % 8`` of byte ``i // 8`` (LSB first)."""
+    flags = flags.reshape(-1).to(torch.uint8)
+    n = flags.numel()
+    padded = torch.zeros(math.ceil(n / 8) * 8, dtype=torch.uint8, device=flags.device)
+    padded[:n] = flags
+    groups = padded.view(-1, 8)  # (bytes, 8): column b is bit b of each byte
+    out = torch.zeros(groups.shape[0], dtype=torch.uint8, device=flags.device)
+    for b in range(8):  # uint8 throughout: no int64 temporary the size of the tensor
+        out |= groups[:, b] << b
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bits of ``pack_bits`` output as a 1-D bool tensor; ValueError for a wrong length or padding."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"a bitmask must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    if packed.numel() != math.ceil(n / 8):
+        raise ValueError(f"a bitmask of {n} bits needs {math.ceil(n / 8)} bytes, got {packed.numel()}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1).to(torch.bool)  # (bytes * 8,)
+    if bool(bits[n:].any()):
+        raise ValueError("the bitmask's padding bits are not zero (corrupt data)")
+    return bits[:n]
+
+
+def pack_sparse(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bitmask, values)`` of ``t``: the packed non-zero flags and the non-zeros in row-major order."""
+    flat = t.detach().reshape(-1)
+    nonzero = flat != 0
+    return pack_bits(nonzero), flat[nonzero].clone()
+
+
+def unpack_sparse(bitmask: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """The dense tensor of ``shape`` that ``pack_sparse`` packed; ValueError when the parts do not fit together."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    nonzero = unpack_bits(bitmask, n)
+    count = int(nonzero.sum())
+    if values.dim() != 1 or values.numel() != count:
+        raise ValueError(f"the bitmask marks {count} non-zeros but {values.numel()} values are stored")
+    out = torch.zeros(n, dtype=values.dtype, device=values.device)
+    out[nonzero] = values
+    return out.reshape(shape)
+
+
+def compact_nbytes(numel: int, nonzeros: int, itemsize: int) -> int:
+    """Payload bytes of the compact form: the bitmask plus the non-zero values."""
+    return math.ceil(numel / 8) + nonzeros * itemsize
+
+
+def should_compact(t: torch.Tensor) -> bool:
+    """Whether ``t`` is written compactly: a float tensor of >= 2 dims (or >= 1024 elements) that shrinks."""
+    if t.dtype not in COMPACT_DTYPES or t.numel() == 0 or t.device.type == "meta":
+        return False
+    if t.dim() < 2 and t.numel() < MIN_1D_ELEMENTS:
+        return False
+    nonzeros = int(torch.count_nonzero(t))
+    dense = t.numel() * t.element_size()
+    return compact_nbytes(t.numel(), nonzeros, t.element_size()) + _PAIR_HEADER_BYTES < dense
+
+
+def dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to write (each shared memory once) and ``{alias: stored_name}`` for the names dropped.
+
+    Names are aliases when they view the same memory the same way (same storage, offset,
+    shape, strides, dtype): tied weights. Other tensors that overlap one storage
+    differently are copied, so each is written whole.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        if t.numel() == 0 or t.device.type == "meta":
+            continue  # empty tensors all report data_ptr 0: never aliases
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        groups.setdefault(key, []).append(name)
+    aliases = {alias: names[0] for names in groups.values() for alias in names[1:]}
+    unique = {k: v for k, v in state.items() if k not in aliases}
+    per_storage = Counter(v.untyped_storage().data_ptr() for v in unique.values() if v.numel())
+    for name, t in unique.items():
+        if t.numel() and per_storage[t.untyped_storage().data_ptr()] > 1:
+            unique[name] = t.clone()
+    return unique, aliases
+
+
+def encode_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata to write for ``state``: tied tensors once, sparse ones compact."""
+    unique, aliases = dedupe_shared(state)
+    tensors: dict[str, torch.Tensor] = {}
+    sparse: dict[str, dict[str, Any]] = {}
+    for name, t in unique.items():
+        t = t.detach()
+        if should_compact(t):
+            for suffix in (BITMASK_SUFFIX, VALUES_SUFFIX):
+                if name + suffix in unique:
+                    raise ValueError(f"cannot store {name!r} compactly: the state dict already has {name + suffix!r}")
+            bitmask, values = pack_sparse(t)
+            tensors[name + BITMASK_SUFFIX] = bitmask.cpu()
+            tensors[name + VALUES_SUFFIX] = values.cpu()
+            sparse[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        else:
+            tensors[name] = t.cpu().contiguous()  # safetensors writes only contiguous memory
+    metadata = {}
+    if sparse:
+        metadata[SPARSE_KEY] = json.dumps(sparse, separators=(",", ":"))
+    if aliases:
+        metadata[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
+    return tensors, metadata
+
+
+def decode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Invert ``encode_state_dict``: the dense state dict (aliases not expanded) and ``{alias: stored_name}``.
+
+    Raises ValueError naming the tensor when a compact pair is missing or inconsistent.
+    """
+    metadata = dict(metadata or {})
+    tensors = dict(tensors)
+    try:
+        sparse = json.loads(metadata.get(SPARSE_KEY, "{}"))
+        aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
+    except ValueError as exc:
+        raise ValueError(f"the {SPARSE_KEY}/{ALIASES_KEY} metadata is not valid JSON ({exc})") from None
+    for name, info in sparse.items():
+        try:
+            bitmask = tensors.pop(name + BITMASK_SUFFIX)
+            values = tensors.pop(name + VALUES_SUFFIX)
+        except KeyError as exc:
+            raise ValueError(f"compact tensor {name!r}: {exc.args[0]!r} is missing from the file") from None
+        dtype = _DTYPE_NAMES.get(str(info.get("dtype")))
+        if dtype is None or values.dtype != dtype:
+            raise ValueError(f"compact tensor {name!r}: values are {values.dtype}, the metadata says {info.get('dtype')!r}")
+        try:
+            tensors[name] = unpack_sparse(bitmask, values, info["shape"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"compact tensor {name!r}: {exc}") from None
+    # safetensors.torch.save_model records each dropped tied name as metadata[alias] = kept.
+    for key, value in metadata.items():
+        if key not in (SPARSE_KEY, ALIASES_KEY, "format") and value in tensors and key not in tensors:
+            aliases.setdefault(key, value)
+    return tensors, aliases
+
+
+# -- files -------------------------------------------------------------------------------
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write ``state`` to the safetensors file ``path``: tied tensors once, sparse float tensors compact."""
+    from safetensors.torch import save_file
+
+    tensors, extra = encode_state_dict(state)
+    save_file(tensors, str(path), metadata={**(metadata or {}), **extra})
+
+
+def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a file written by ``save_state_dict`` (or any safetensors file): dense tensors and ``{alias: stored}``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return decode_tensors(load_file(str(path)), metadata)

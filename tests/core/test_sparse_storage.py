@@ -1,0 +1,210 @@
+"""Compact sparse storage in safetensors: bit order, exact round trips, smaller files, tied tensors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file, save_model
+from torch import nn
+
+import slimkit as sk
+from slimkit.core.errors import ModelLoadError
+from slimkit.core.sparse_storage import (
+    ALIASES_KEY,
+    SPARSE_KEY,
+    decode_tensors,
+    dedupe_shared,
+    encode_state_dict,
+    load_state_dict,
+    pack_bits,
+    pack_sparse,
+    save_state_dict,
+    should_compact,
+    unpack_bits,
+    unpack_sparse,
+)
+
+
+def _sparse(shape, sparsity, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g).to(dtype)
+    n = math.prod(shape)
+    zero = torch.randperm(n, generator=g)[: round(sparsity * n)]
+    t.view(-1)[zero] = 0
+    return t
+
+
+def test_bit_order_is_little_endian_within_a_byte():
+    flags = torch.zeros(10, dtype=torch.bool)
+    flags[0] = flags[3] = flags[9] = True
+    assert pack_bits(flags).tolist() == [0b00001001, 0b00000010]
+    random = torch.rand(77, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert pack_bits(random).tolist() == np.packbits(random.numpy(), bitorder="little").tolist()
+    assert torch.equal(unpack_bits(pack_bits(random), 77), random)
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+       sparsity=st.floats(0.0, 1.0),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+       seed=st.integers(0, 1000))
+def test_pack_unpack_round_trip(shape, sparsity, dtype, seed):
+    t = _sparse(tuple(shape), sparsity, dtype, seed)
+    bitmask, values = pack_sparse(t)
+    assert bitmask.dtype == torch.uint8 and bitmask.numel() == math.ceil(t.numel() / 8)
+    assert values.dtype == dtype and values.numel() == int(torch.count_nonzero(t))
+    assert torch.equal(values, t.reshape(-1)[t.reshape(-1) != 0])  # row-major order
+    out = unpack_sparse(bitmask, values, t.shape)
+    assert out.dtype == dtype and out.shape == t.shape
+    assert torch.equal(out, t)
+
+
+def test_negative_zero_and_nan():
+    t = torch.tensor([[0.0, -0.0, float("nan"), 1.5], [float("-inf"), 0.0, -2.0, 0.0]])
+    out = unpack_sparse(*pack_sparse(t), t.shape)
+    assert torch.equal(out.isnan(), t.isnan())
+    assert torch.equal(out.nan_to_num(7.0), t.nan_to_num(7.0))
+    assert not torch.signbit(out[0, 1])  # -0.0 comes back as +0.0: zeros are zeros
+
+
+def test_unpack_rejects_inconsistent_parts():
+    bitmask, values = pack_sparse(_sparse((4, 4), 0.5))
+    with pytest.raises(ValueError, match="needs 2 bytes, got 3"):
+        unpack_sparse(torch.cat([bitmask, bitmask[:1]]), values, (4, 4))
+    with pytest.raises(ValueError, match="marks 8 non-zeros but 7 values"):
+        unpack_sparse(bitmask, values[:7], (4, 4))
+    with pytest.raises(ValueError, match="padding bits"):
+        unpack_bits(torch.tensor([0xFF], dtype=torch.uint8), 5)
+
+
+def test_which_tensors_are_compacted():
+    assert should_compact(_sparse((64, 64), 0.5))
+    assert should_compact(_sparse((4096,), 0.5))  # 1-D but >= 1024 elements
+    assert not should_compact(_sparse((512,), 0.9))  # a small vector (bias, norm) stays dense
+    assert not should_compact(_sparse((64, 64), 0.0))  # dense: compact would be larger
+    assert not should_compact(_sparse((2, 2), 0.5))  # tiny: the header entries outweigh the gain
+    assert not should_compact(torch.zeros(64, 64, dtype=torch.int8))  # quantized codes stay as they are
+    assert not should_compact(torch.zeros(64, 64, dtype=torch.int32))
+
+
+def test_file_is_smaller_at_half_sparsity(tmp_path):
+    t = _sparse((512, 512), 0.5)
+    save_file({"w": t}, str(tmp_path / "dense.safetensors"))
+    save_state_dict({"w": t}, tmp_path / "sparse.safetensors")
+    dense = (tmp_path / "dense.safetensors").stat().st_size
+    sparse = (tmp_path / "sparse.safetensors").stat().st_size
+    assert sparse / dense == pytest.approx(0.5 + 1 / 32, abs=2e-3)
+    state, aliases = load_state_dict(tmp_path / "sparse.safetensors")
+    assert aliases == {} and torch.equal(state["w"], t)
+    with safe_open(str(tmp_path / "sparse.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["w.__bitmask", "w.__values"]
+        assert json.loads(f.metadata()[SPARSE_KEY]) == {"w": {"shape": [512, 512], "dtype": "float32"}}
+
+
+def test_dedupe_shared():
+    a = torch.randn(4, 4)
+    big = torch.randn(8)
+    state = {"emb": a, "head": a, "first": big[:4], "second": big[4:], "other": torch.randn(3)}
+    unique, aliases = dedupe_shared(state)
+    assert aliases == {"head": "emb"}
+    assert set(unique) == {"emb", "first", "second", "other"}
+    assert unique["first"].untyped_storage().data_ptr() != unique["second"].untyped_storage().data_ptr()
+    tensors, meta = encode_state_dict(state)
+    decoded, aliases = decode_tensors(tensors, meta)
+    assert aliases == {"head": "emb"} and json.loads(meta[ALIASES_KEY]) == {"head": "emb"}
+    assert torch.equal(decoded["second"], big[4:])
+
+
+def test_pruned_digits_checkpoint_is_smaller_and_reloads_exactly(tmp_path):
+    dense = sk.load("digits-cnn")
+    sk.save(dense, tmp_path / "dense")
+    model = sk.load("digits-cnn")
+    sk.prune_(model, sk.Magnitude(sparsity=0.5))
+    sk.save(model, tmp_path / "pruned")
+    d = (tmp_path / "dense" / "model.safetensors").stat().st_size
+    p = (tmp_path / "pruned" / "model.safetensors").stat().st_size
+    assert p < 0.6 * d  # ~0.53 of the conv/linear bytes; BN and biases stay dense
+    reloaded = sk.load(tmp_path / "pruned")
+    expected = sk.strip(model).state_dict()
+    got = reloaded.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(reloaded(x), model.eval()(x))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("prune_head", [False, True])
+def test_tied_embeddings_survive(tmp_path, prune_head):
+    from tests.llm_archs import tiny_causal_lm
+
+    model = tiny_causal_lm("opt")
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    ignore = [] if prune_head else ["lm_head"]
+    sk.prune_(model, sk.Magnitude(sparsity=0.5, ignore=ignore))
+    ids = torch.randint(0, 128, (2, 10))
+    before = _logits(model, ids)
+    sk.save(model, tmp_path / "ck")
+    with safe_open(str(tmp_path / "ck" / "model.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    # The shared table is stored once (compactly when pruned); the other name is an alias.
+    stored = {k.split(".__")[0] for k in keys if "embed_tokens.weight" in k or "lm_head.weight" in k}
+    assert len(stored) == 1
+    compact = {k for k in keys if k.startswith(next(iter(stored)) + ".__")}
+    assert len(compact) == (2 if prune_head else 0)
+    assert set(json.loads(meta[ALIASES_KEY]).items()) & {("lm_head.weight", "model.decoder.embed_tokens.weight"),
+                                                         ("model.decoder.embed_tokens.weight", "lm_head.weight")}
+    reloaded = sk.load(tmp_path / "ck")
+    assert reloaded.lm_head.weight is reloaded.model.decoder.embed_tokens.weight
+    assert torch.equal(_logits(reloaded, ids), before)
+
+
+def test_quantized_codes_are_not_compacted(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight[:, :48] = 0  # int8 codes will be mostly zero: still stored as they are
+    sk.quantize_(model, sk.RTN(bits=8))
+    state = model.state_dict()
+    sk.save(model, tmp_path / "ck")
+    with safe_open(str(tmp_path / "ck" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(state)
+    reloaded = sk.load(tmp_path / "ck", skeleton=nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)))
+    x = torch.randn(3, 64)
+    assert torch.equal(reloaded(x), model(x))
+
+
+def test_checkpoint_written_by_save_model_still_loads(tmp_path):
+    # Before sparse storage, slimkit wrote weights with safetensors.torch.save_model.
+    from tests.llm_archs import tiny_causal_lm
+
+    model = tiny_causal_lm("opt")
+    sk.save(model, tmp_path / "ck")
+    save_model(model, str(tmp_path / "ck" / "model.safetensors"), metadata={"format": "pt"})
+    ids = torch.randint(0, 128, (1, 6))
+    assert torch.equal(_logits(sk.load(tmp_path / "ck"), ids), _logits(model, ids))
+
+
+def test_corrupt_compact_pair_is_named(tmp_path):
+    model = sk.load("digits-cnn")
+    sk.prune_(model, sk.Magnitude(sparsity=0.5))
+    sk.save(model, tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        meta = f.metadata()
+    name = "features.0.weight"
+    tensors[name + ".__values"] = tensors[name + ".__values"][:-1]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ModelLoadError, match=r"model.safetensors is corrupt .*'features.0.weight'.*values"):
+        sk.load(tmp_path / "ck")
