@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.calibration import BlockInputs, CalibrationData, CapturedCall, _first_output, iterate_blocks
+from slimkit.core.calibration import (
+    BlockInputs,
+    CalibrationData,
+    CapturedCall,
+    _first_output,
+    iterate_blocks,
+)
+from slimkit.core.errors import DataError
 
 # A Linear whose input is not the output tensor of any module, but is still linear in a
 # named sibling's output: down_proj reads act(gate(x)) * up(x), so scaling up_proj's output
@@ -170,6 +177,43 @@ def feed_inputs(block: nn.Module, calls: Iterable[CapturedCall], names: Sequence
         for h in handles:
             h.remove()
     return seen
+
+
+class _Enough(Exception):
+    """Raised from an input hook once every wanted layer has run on a call: the rest of the block is not needed."""
+
+
+def collect_inputs(block: nn.Module, calls: Sequence[CapturedCall], names: Sequence[str],
+                   fn: Callable[[str, torch.Tensor], None]) -> dict[str, int]:
+    """Stream every calibration token of the named layers' inputs into ``fn(name, x)``; returns tokens per layer.
+
+    The block runs one call at a time and is cut short once every named layer has seen
+    its input on that call (so the q/k/v pass of a true-sequential walk costs little).
+    """
+    counts = dict.fromkeys(names, 0)
+    seen: set[str] = set()
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        counts[name] += x.shape[0]
+        seen.add(name)
+        fn(name, x)
+        if len(seen) == len(names):
+            raise _Enough
+
+    for call in calls:
+        seen.clear()
+        try:
+            feed_inputs(block, [call], names, hook)
+        except _Enough:
+            pass
+    return counts
+
+
+def check_finite(name: str, module: nn.Module) -> None:
+    """DataError naming the layer if its (loaded) weight holds NaN or inf."""
+    w = module.weight
+    if not w.is_meta and not bool(torch.isfinite(w.detach()).all()):
+        raise DataError(f"layer {name!r} has NaN or inf in its weight; fix or ignore it (ignore=[{name!r}])")
 
 
 @torch.no_grad()

@@ -40,7 +40,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from slimkit.core.blockwise import feed_inputs, linear_groups, run_blockwise, warn_if_few_samples
+from slimkit.core.blockwise import (
+    check_finite,
+    collect_inputs,
+    linear_groups,
+    run_blockwise,
+    warn_if_few_samples,
+)
 from slimkit.core.calibration import BlockInputs, find_blocks
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError
@@ -372,7 +378,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
             chosen.add(name)
     for name, module in selected:
         if name in chosen:
-            _check_finite(name, module)  # meta (streamed) weights are checked once their block is loaded
+            check_finite(name, module)  # meta (streamed) weights are checked once their block is loaded
     del selected
 
     warn_if_few_samples(data, ctx, "GPTQ")
@@ -389,7 +395,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
                 groups.append(names)
         for names in groups:
             for r in names:
-                _check_finite(f"{b.name}.{r}", block.get_submodule(r))
+                check_finite(f"{b.name}.{r}", block.get_submodule(r))
         # No dict of the block's modules is kept here: it would hold every replaced float
         # Linear alive until the block is done (a second copy of the block's weights).
         done: dict[str, QuantLinear] = {}
@@ -486,16 +492,6 @@ def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
     set_submodule(block, name, new)
 
 
-def _check_finite(name: str, module: nn.Module) -> None:
-    w = module.weight
-    if not w.is_meta and not bool(torch.isfinite(w.detach()).all()):
-        raise DataError(f"layer {name!r} has NaN or inf in its weight; fix or ignore it (ignore=[{name!r}])")
-
-
-class _Enough(Exception):
-    """Raised from an input hook once every wanted layer has run on a call: the rest of the block is not needed."""
-
-
 def _hessians(block: nn.Module, calls, groups: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """One Hessian per group (its members read the same input, so the first member's is accumulated).
 
@@ -507,21 +503,9 @@ def _hessians(block: nn.Module, calls, groups: list[list[str]]) -> tuple[dict[st
     leaders = {g[0] for g in groups}
     H: dict[str, torch.Tensor] = {}
     n: dict[str, int] = {}
-    counts = dict.fromkeys(names, 0)
-    seen: set[str] = set()
 
     def fn(name: str, x: torch.Tensor) -> None:
-        counts[name] += x.shape[0]
-        seen.add(name)
         if name in leaders:
             H[name], n[name] = accumulate_hessian(H.get(name), n.get(name, 0), x)
-        if len(seen) == len(names):
-            raise _Enough
 
-    for call in calls:
-        seen.clear()
-        try:
-            feed_inputs(block, [call], names, fn)
-        except _Enough:
-            pass
-    return H, counts
+    return H, collect_inputs(block, calls, names, fn)
