@@ -76,7 +76,7 @@ class Group:
         lines = [f"group {self.root!r}: {self.units} {self.unit}(s), {len(self.members)} coupled slice(s)"]
         for m in self.members:
             side = "out" if m.dim == OUT else "in"
-            shape = tuple(getattr(m.module, "weight").shape) if getattr(m.module, "weight", None) is not None else ()
+            shape = tuple(m.module.weight.shape) if getattr(m.module, "weight", None) is not None else ()
             extra = ""
             if removed is not None:
                 extra = f", removes {int(m.channels(removed).numel())} channel(s)"
@@ -89,29 +89,109 @@ class Group:
         return self.details()
 
     def prune(self, keep_units: torch.Tensor) -> None:
-        """Keep only ``keep_units`` (unit indices) in every member, then run ``on_prune``."""
-        keep_units = torch.sort(torch.as_tensor(keep_units, dtype=torch.long).unique()).values
-        if keep_units.numel() == 0:
-            raise UnsupportedError(f"pruning would remove every {self.unit} of {self.root!r}")
-        if keep_units.numel() == self.units:
-            return
-        for m in self.members:
-            slice_module(m.module, m.dim, m.channels(keep_units), m.name)
-        self.units = int(keep_units.numel())
-        for m in self.members:
-            # Re-index the survivors: unit i of the pruned group is keep_units[i] of the old one.
-            m.index = _renumber(m.index[keep_units])
-        for fn in self.on_prune:
-            fn(keep_units)
+        """Keep only ``keep_units`` (unit indices) in every member, then run ``on_prune``.
+
+        Shorthand for ``prune_groups([self], [keep_units])``: when other groups share one
+        of this group's modules (two concat branches feeding one conv), prune them together
+        with ``prune_groups`` so their channel indices are renumbered too.
+        """
+        prune_groups([self], [keep_units])
 
 
-def _renumber(index: torch.Tensor) -> torch.Tensor:
-    """Map the kept channels (any ints) to 0..n-1 in sorted order, keeping the (units, k) layout."""
-    flat = index.reshape(-1)
-    order = torch.argsort(flat)
-    ranks = torch.empty_like(flat)
-    ranks[order] = torch.arange(flat.numel(), dtype=flat.dtype)
-    return ranks.reshape(index.shape)
+def _dim_key(module: nn.Module, dim: int) -> int:
+    """The physical dimension a member slices: a depthwise conv's IN and OUT sides are one dimension."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and \
+            module.groups == module.in_channels == module.out_channels:
+        return OUT
+    return dim
+
+
+def dim_size(module: nn.Module, dim: int) -> int:
+    """How many channels ``module`` has along ``dim`` (OUT or IN) as ``slice_module`` counts them."""
+    if isinstance(module, nn.Linear):
+        return module.out_features if dim == OUT else module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels if _dim_key(module, dim) == OUT else module.in_channels
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return module.num_features
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim if dim == IN else module.num_embeddings
+    raise UnsupportedError(f"{type(module).__name__} cannot be pruned structurally")
+
+
+def prune_groups(groups: list[Group], keeps: list[torch.Tensor]) -> None:
+    """Prune several groups at once: group ``i`` keeps units ``keeps[i]``; every module is sliced once.
+
+    Groups may share a module dimension as long as they own disjoint channels of it (a
+    concat's branches each own a slice of the next conv's inputs). All groups' indices are
+    renumbered to the sliced modules, so pass every group that references a module being
+    sliced, pruned or not (``keeps[i]`` = all units leaves group i unchanged but renumbers it).
+    Every group is checked before anything is modified.
+    """
+    if len(groups) != len(keeps):
+        raise ValueError(f"prune_groups got {len(groups)} groups and {len(keeps)} keep lists")
+    kept_units = []
+    for g, keep in zip(groups, keeps):
+        keep = torch.sort(torch.as_tensor(keep, dtype=torch.long).reshape(-1).unique()).values
+        if keep.numel() == 0:
+            raise UnsupportedError(f"pruning would remove every {g.unit} of {g.root!r}")
+        if keep.min() < 0 or keep.max() >= g.units:
+            raise ValueError(f"group {g.root!r}: unit indices must lie in [0, {g.units}), got {keep.tolist()}")
+        kept_units.append(keep)
+
+    # (module id, physical dim) -> [module, name, dim, channels to remove]
+    sliced: dict[tuple[int, int], list] = {}
+    for g, keep in zip(groups, kept_units):
+        if keep.numel() == g.units:
+            continue
+        removed = torch.ones(g.units, dtype=torch.bool)
+        removed[keep] = False
+        gone = removed.nonzero().reshape(-1)
+        for m in g.members:
+            key = (id(m.module), _dim_key(m.module, m.dim))
+            entry = sliced.setdefault(key, [m.module, m.name, m.dim, []])
+            entry[3].append(m.channels(gone))
+
+    # Two groups claiming one channel would each renumber it differently: refuse up front.
+    for key, (module, name, dim, _) in sliced.items():
+        claims = torch.cat([m.index.reshape(-1) for g in groups for m in g.members
+                            if (id(m.module), _dim_key(m.module, m.dim)) == key])
+        if claims.unique().numel() != claims.numel():
+            raise UnsupportedError(f"{name!r}: two groups claim the same channel of it; its groups overlap")
+
+    # old channel -> new position (-1 = removed), per sliced module dimension
+    maps: dict[tuple[int, int], torch.Tensor] = {}
+    for key, (module, name, dim, parts) in sliced.items():
+        size = dim_size(module, dim)
+        gone = torch.cat(parts).unique()
+        if gone.numel() >= size:
+            raise UnsupportedError(f"pruning would remove every channel of {name!r}")
+        keep_mask = torch.ones(size, dtype=torch.bool)
+        keep_mask[gone] = False
+        mapping = torch.full((size,), -1, dtype=torch.long)
+        mapping[keep_mask] = torch.arange(int(keep_mask.sum()))
+        maps[key] = mapping
+    for key, (module, name, dim, _) in sliced.items():
+        slice_module(module, dim, (maps[key] >= 0).nonzero().reshape(-1), name)
+
+    changed = [keep.numel() != g.units for g, keep in zip(groups, kept_units)]
+    for g, keep, pruned in zip(groups, kept_units, changed):
+        for m in g.members:
+            index = m.index[keep] if pruned else m.index
+            mapping = maps.get((id(m.module), _dim_key(m.module, m.dim)))
+            if mapping is not None:
+                index = mapping[index]
+                if (index < 0).any():
+                    raise RuntimeError(f"group {g.root!r}: a kept channel of {m.name!r} was removed by another group "
+                                       "(two groups claim the same channel)")
+            m.index = index
+        g.units = int(keep.numel())
+    for g, keep, pruned in zip(groups, kept_units, changed):
+        if pruned:
+            for fn in g.on_prune:
+                fn(keep)
 
 
 def _keep_param(module: nn.Module, attr: str, dim: int, keep: torch.Tensor) -> None:
@@ -182,27 +262,28 @@ def slice_module(module: nn.Module, dim: int, keep: torch.Tensor, name: str = ""
                            "ignore it or treat it as a boundary")
 
 
-def unit_weights(member: Member) -> torch.Tensor:
-    """The member's weight arranged per unit: (units, everything else), for importance scores.
+def unit_weights(member: Member, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """The member's weight (or ``tensor``, shaped like it, e.g. its gradient) arranged per unit: (units, rest).
 
+    Row ``u`` holds every element of the channels unit ``u`` owns, for importance scores.
     A norm member gives its affine weight (|gamma| is BN-scale importance); a member
     without a weight gives a zero-width tensor.
     """
     weight = getattr(member.module, "weight", None)
     if weight is None:
         return torch.zeros(member.index.shape[0], 0)
-    w = weight.detach()
+    w = (weight if tensor is None else tensor).detach()
+    flat = member.index.reshape(-1).to(w.device)
     if isinstance(member.module, nn.Embedding):
         w = w.t()  # Embedding's IN side is its columns; put it first like every other layer's dim
-        picked = w.index_select(0, member.index.reshape(-1))
+        picked = w.index_select(0, flat)
     elif isinstance(member.module, nn.modules.conv._ConvNd) and member.dim == IN and member.module.groups > 1:
-        picked = w.index_select(0, member.index.reshape(-1))  # depthwise: the channel's own kernel
+        picked = w.index_select(0, flat)  # depthwise: the channel's own kernel
     else:
-        picked = w.index_select(member.dim, member.index.reshape(-1))
+        picked = w.index_select(member.dim, flat)
         if member.dim == IN:
             picked = picked.transpose(0, 1)
-    units, per_unit = member.index.shape
-    return picked.reshape(units, -1)  # (units, per_unit * rest)
+    return picked.reshape(member.index.shape[0], -1)  # (units, channels_per_unit * rest)
 
 
 def is_norm(module: nn.Module) -> bool:
