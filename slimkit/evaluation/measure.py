@@ -136,10 +136,34 @@ def count_flops(model: nn.Module, inputs: Any) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    _register_cpu_attention_flops()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         _call(model, inputs)
     return int(counter.get_total_flops())
+
+
+_cpu_attention_registered = False
+
+
+def _register_cpu_attention_flops() -> None:
+    """Teach FlopCounterMode the CPU kernel of scaled_dot_product_attention (torch knows only the GPU ones).
+
+    Without it, a transformers model running SDPA on CPU counts no attention matmuls at all.
+    """
+    global _cpu_attention_registered
+    if _cpu_attention_registered:
+        return
+    _cpu_attention_registered = True
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def count_macs(model: nn.Module, inputs: Any) -> int:

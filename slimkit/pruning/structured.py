@@ -526,3 +526,8 @@ def apply_structured_prune(model: nn.Module, config: StructuredPrune, ctx: Conte
              + (f"; {shown}" if shown else ""))
     for line in graph_notes:
         ctx.note(f"StructuredPrune: {line}")
+    if is_transformers_model(model):
+        from slimkit.pruning.transformer_groups import sync_config
+
+        for line in sync_config(model):  # which config fields now describe the pruned sizes
+            ctx.note(f"StructuredPrune: {line}")

@@ -126,6 +126,17 @@ def test_flops_linear_and_conv_by_hand():
     assert count_flops(conv, img) == 2 * (5 * 4 * 4) * (2 * 3 * 3)
 
 
+def test_cpu_sdpa_attention_counts_its_two_matmuls_by_hand():
+    q = torch.randn(2, 3, 16, 8)  # (batch, heads, seq, head_dim)
+    k, v = torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 8)
+
+    def attend(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    # Q·Kᵀ and P·V: 2 · batch · heads · seq · seq · head_dim multiply-accumulates, 2 FLOPs each.
+    assert count_flops(attend, (q, k, v)) == 2 * 2 * (2 * 3 * 16 * 16 * 8)
+
+
 def test_flops_dict_and_tuple_inputs():
     class Two(nn.Module):
         def __init__(self):
