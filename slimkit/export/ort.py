@@ -95,7 +95,7 @@ def cpu_saturates_u8s8() -> bool:
 
 
 def ort_session(path: str | os.PathLike, threads: int = 2, *, exact: bool = True,
-                optimized_path: str | os.PathLike | None = None):
+                optimized_path: str | os.PathLike | None = None, spin: bool = True):
     """An ONNX Runtime CPU session: ``threads`` intra-op threads, 1 inter-op, all graph optimizations.
 
     Applies the session options slimkit recorded in the file: ``session.x64quantprecision=1``
@@ -105,7 +105,9 @@ def ort_session(path: str | os.PathLike, threads: int = 2, *, exact: bool = True
     ORT turns weight-only DequantizeLinear -> MatMul into MatMulNBits, whose default
     (accuracy level 4) quantizes the *activations* to int8 per block of 32 (faster decode,
     not what the PyTorch model computes); level 1 computes in float32. ``optimized_path``:
-    also write the optimized graph there (to see which fused kernels ORT chose).
+    also write the optimized graph there (to see which fused kernels ORT chose). ``spin=False``:
+    idle intra-op threads sleep instead of spinning, so sessions timed in turn (interleaved
+    benchmarks) do not steal each other's cores.
     """
     ort = _require_ort()
     path = Path(path)
@@ -116,6 +118,8 @@ def ort_session(path: str | os.PathLike, threads: int = 2, *, exact: bool = True
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     recorded = _recorded_session_config(path)
     if not cpu_saturates_u8s8():
         recorded = {k: v for k, v in recorded.items() if k not in ORT_SESSION_CONFIG}
