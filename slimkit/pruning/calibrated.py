@@ -11,7 +11,7 @@ calibration tokens, and the closing notes with the measured sparsity and time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from slimkit.pruning.nm import (
     check_nm_shape,
     check_pattern_sparsity,
     check_sparsity,
+    fill_sparsity,
     nm_keep_mask,
     parse_pattern,
     row_keep_mask,
@@ -57,15 +58,35 @@ def magnitude_keep_mask(weight: torch.Tensor, sparsity: float, nm: tuple[int, in
     return row_keep_mask(scores.reshape(1, -1), sparsity).reshape(scores.shape)
 
 
-def validate_pruning_fields(config: Config) -> None:
-    """Checks every block-wise pruning config shares: sparsity, pattern (and its sparsity), include/ignore."""
-    name = type(config).__name__
-    check_sparsity(config.sparsity, f"{name}.sparsity")
-    if config.pattern is not None and not isinstance(config.pattern, str):
-        config.fail("pattern", f"must be None (unstructured) or a string such as '2:4' or '4:8', "
-                               f"got {config.pattern!r}")
-    check_pattern_sparsity(config, parse_pattern(config.pattern, f"{name}.pattern"))
-    config.check_name_patterns()
+@dataclass(frozen=True)
+class BlockPruneConfig(Config):
+    """Fields and checks every block-wise pruning config (Wanda, SparseGPT) shares.
+
+    sparsity: None (0.5, or 1 − N/M with a pattern) or a fraction in [0, 1); pattern: None
+    (unstructured) or "N:M"; include / ignore: module name patterns.
+    """
+
+    family: ClassVar[str] = "prune"
+    needs_data: ClassVar[bool] = True
+
+    sparsity: float | None = None
+    pattern: str | None = None
+    include: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        fill_sparsity(self, type(self).__name__)  # None: 1 − N/M with a pattern, else 0.5
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Check sparsity, pattern (and that the two agree) and the name patterns."""
+        name = type(self).__name__
+        check_sparsity(self.sparsity, f"{name}.sparsity")
+        if self.pattern is not None and not isinstance(self.pattern, str):
+            self.fail("pattern", f"must be None (unstructured) or a string such as '2:4' or '4:8', "
+                                 f"got {self.pattern!r}")
+        check_pattern_sparsity(self, parse_pattern(self.pattern, f"{name}.pattern"))
+        self.check_name_patterns()
 
 
 @dataclass

@@ -36,31 +36,28 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from slimkit.core.blockwise import collect_inputs, run_blockwise, warn_if_few_samples
 from slimkit.core.calibration import BlockInputs
-from slimkit.core.config import Config
 from slimkit.core.errors import DataError
 from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
 from slimkit.pruning.calibrated import (
+    BlockPruneConfig,
     Pattern,
     block_groups,
     fallback_to_magnitude,
     finish_notes,
     pattern_nm,
     plan_pruning,
-    validate_pruning_fields,
     write_pruned,
 )
 from slimkit.pruning.nm import (
     check_nm_shape,
     check_sparsity,
-    fill_sparsity,
     nm_keep_mask,
 )
 from slimkit.quantization.gptq import (
@@ -173,7 +170,7 @@ def sparsegpt_prune(W: torch.Tensor, factor_or_H: HessianFactor | torch.Tensor, 
 
 
 @dataclass(frozen=True)
-class SparseGPT(Config):
+class SparseGPT(BlockPruneConfig):
     """SparseGPT pruning (OBS weight updates from the inputs' Hessian) of the Linear layers inside a decoder's blocks.
 
     sparsity: fraction of each selected layer's weights set to 0, in [0, 1), exact per layer.
@@ -188,23 +185,12 @@ class SparseGPT(Config):
     in the layers' ordinary weights, the kept ones updated.
     """
 
-    family: ClassVar[str] = "prune"
-    needs_data: ClassVar[bool] = True
-
-    sparsity: float | None = None
-    pattern: str | None = None
     block_size: int = 128
     dampening: float = 0.01
-    include: tuple[str, ...] = ()
-    ignore: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        fill_sparsity(self, "SparseGPT")  # None: 1 − N/M with a pattern, else 0.5
-        super().__post_init__()
 
     def validate(self) -> None:
         """Check sparsity and pattern (and that they agree), block_size, dampening and the name patterns."""
-        validate_pruning_fields(self)
+        super().validate()
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             self.fail("block_size", f"must be a positive integer (128 is usual), got {bs!r}")

@@ -24,29 +24,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from slimkit.core.blockwise import collect_inputs, run_blockwise, warn_if_few_samples
 from slimkit.core.calibration import BlockInputs
-from slimkit.core.config import Config
 from slimkit.core.errors import DataError
 from slimkit.core.registry import Context, register
 from slimkit.pruning.calibrated import (
+    BlockPruneConfig,
     Pattern,
     block_groups,
     fallback_to_magnitude,
     finish_notes,
     pattern_nm,
     plan_pruning,
-    validate_pruning_fields,
     write_pruned,
 )
 from slimkit.pruning.nm import (
     check_sparsity,
-    fill_sparsity,
     nm_keep_mask,
     row_keep_mask,
 )
@@ -112,7 +109,7 @@ def wanda_prune(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float,
 
 
 @dataclass(frozen=True)
-class Wanda(Config):
+class Wanda(BlockPruneConfig):
     """Wanda pruning (|W|·‖X‖ per output row, no weight update) of the Linear layers inside a decoder's blocks.
 
     sparsity: fraction of each selected layer's weights set to 0, in [0, 1); exactly
@@ -126,22 +123,6 @@ class Wanda(Config):
     weights are exact zeros in the layers' ordinary weights (``pruning.masks.
     attach_masks_from_zeros`` keeps them at zero while fine-tuning).
     """
-
-    family: ClassVar[str] = "prune"
-    needs_data: ClassVar[bool] = True
-
-    sparsity: float | None = None
-    pattern: str | None = None
-    include: tuple[str, ...] = ()
-    ignore: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        fill_sparsity(self, "Wanda")  # None: 1 − N/M with a pattern, else 0.5
-        super().__post_init__()
-
-    def validate(self) -> None:
-        """Check sparsity, pattern (and that the two agree) and the name patterns."""
-        validate_pruning_fields(self)
 
 
 # --- handler -------------------------------------------------------------------------------
