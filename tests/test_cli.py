@@ -107,3 +107,19 @@ def test_zoo_list_json():
     assert r.returncode == 0, r.stderr
     names = [row["name"] for row in json.loads(r.stdout)]
     assert names == ["stdlib-coder", "stdlib-coder-student", "digits-cnn", "minilm"]
+
+
+@pytest.mark.parametrize("step, needle", [
+    ("{type: Magnitude, sparsity: 1.0}", "sparsity must be a number in [0, 1)"),
+    ("{type: Wanda, pattern: '2:4', sparsity: 0.7}", "the pattern 2:4 prunes exactly 0.5"),
+    ("{type: StructuredPrune, ratio: 0.99, min_units: 1, targets: [neurons]}", "with 0 of its 64 neurons"),
+])
+def test_impossible_pruning_settings_exit_2(tiny_lm_dir, tmp_path, step, needle):
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text("version: 1\ncalibration: {corpus: stdlib, samples: 2, seq_len: 16}\n"
+                      f"stages:\n  - name: p\n    steps:\n      - {step}\n")
+    out = tmp_path / "out"
+    r = slimkit_cli("compress", "--model", tiny_lm_dir, "--recipe", recipe, "--out", out)
+    # Progress lines may come first (the model loads before the step fails); the error is one line, last.
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
+    assert needle in r.stderr.strip().splitlines()[-1], r.stderr
