@@ -23,7 +23,17 @@ Rows, at 50% unstructured and at 2:4 (keep 2 of every 4 consecutive input weight
   ``torch.ao.pruning.WeightNormSparsifier(sparse_block_shape=(1, 4), zeros_per_block=2)`` at
   2:4 (torch's own 2:4 magnitude sparsifier). Their masks must be identical to slimkit
   Magnitude's (checked layer by layer; a mismatch keeps the run from being written);
-- slimkit ``Wanda`` and ``SparseGPT`` (block 128, dampening 0.01), true-sequential.
+- slimkit ``Wanda`` and ``SparseGPT`` (block 128, dampening 0.01), true-sequential (each group's
+  inputs measured through the block's already-pruned groups) and, as the papers' reference
+  code does, with ``true_sequential=False`` (every group measured on the incoming block);
+- peers for Wanda and SparseGPT: llm-compressor's ``WandaPruningModifier`` and
+  ``SparseGPTModifier`` (``oneshot``, sparsity 0.5, ``mask_structure="2:4"`` at 2:4, the same
+  calibration windows, the decoder projections as targets), run in a child process by
+  ``benchmarks/peer_llmcompressor.py``. llm-compressor pins transformers and
+  compressed-tensors versions other than slimkit's, so give it its own folder:
+  ``pip install --target DIR llmcompressor loguru accelerate datasets pyarrow pandas
+  multiprocess dill xxhash nvidia-ml-py --no-deps`` (plus what they need) and pass
+  ``--peer-path DIR``; without it those rows say why they could not run.
 If slimkit's Magnitude is not available, the torch peer's row is the baseline (stated).
 
 Columns: perplexity and its change vs fp32; the increase over fp32 (ppl − ppl_fp32); that
@@ -139,7 +149,37 @@ def measured_sparsity(model: nn.Module, pattern: str | None,
     return (min(values), max(values)), not problems, problems
 
 
-def build_rows(settings: Settings) -> tuple[list[Row], dict[str, Any], list[str]]:
+def _llmcompressor(model: nn.Module, method: str, pattern: str | None, settings: Settings,
+                   peer_path: str | None) -> tuple[nn.Module, float, str]:
+    """llm-compressor's ``method`` run by ``peer_llmcompressor`` in a child process; (pruned copy, seconds, version)."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (peer_path, root, env.get("PYTHONPATH")) if p])
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "benchmarks.peer_llmcompressor", "--method", method, "--samples",
+               str(settings.n_calib), "--seq-len", str(SEQ_LEN), "--threads", str(torch.get_num_threads()), "--out", out]
+        if pattern:
+            cmd += ["--pattern", pattern]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+        if done.returncode != 0:
+            last = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+            raise RuntimeError(f"llm-compressor child exited {done.returncode}: {last[0][:200]}")
+        run = json.loads(Path(out, "run.json").read_text())
+        pruned = copy.deepcopy(model)
+        missing, unexpected = pruned.load_state_dict(load_file(str(Path(out, "model.safetensors"))), strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise RuntimeError(f"llm-compressor output does not match stdlib-coder: {missing[:3]} {unexpected[:3]}")
+    return pruned, float(run["seconds"]), str(run["version"])
+
+
+def build_rows(settings: Settings, peer_path: str | None = None) -> tuple[list[Row], dict[str, Any], list[str]]:
     """Load stdlib-coder, build every variant (failures recorded in their rows); returns rows, run facts, problems."""
     import slimkit as sk
     from slimkit.core.errors import SlimkitError
@@ -163,7 +203,28 @@ def build_rows(settings: Settings) -> tuple[list[Row], dict[str, Any], list[str]
     def finish(row: Row, pruned: nn.Module, pattern: str | None) -> None:
         row.lm = pruned.eval()
         row.sparsity, row.exact, issues = measured_sparsity(pruned, pattern, dense)
-        problems.extend(f"{row.label}: {p}" for p in issues[:5])
+        # Inexact sparsity is a result for a peer, but stops the write for slimkit's own rows.
+        if row.family == "peer" and row.method != "magnitude":
+            row.notes.extend(f"not exact: {p}" for p in issues[:3])
+        else:
+            problems.extend(f"{row.label}: {p}" for p in issues[:5])
+
+    def llmc_row(setting: str, pattern: str | None, method: str) -> Row:
+        name = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}[method]
+        row = Row(f"llm-compressor {name} {setting}", "peer", setting, method)
+        print(f"  building: {row.label}", flush=True)
+
+        def run() -> nn.Module:
+            with harness.OtherLoad() as load:
+                pruned, row.seconds, version = _llmcompressor(model, method, pattern, settings, peer_path)
+            row.other_load = load.fraction
+            row.label += f" ({version})"
+            return pruned
+
+        pruned = harness.guard(row, "llm-compressor", run)
+        if pruned is not None:
+            finish(row, pruned, pattern)
+        return row
 
     def slimkit_row(label: str, setting: str, pattern: str | None, method: str, name: str, **kw: Any) -> Row:
         row = Row(label, "slimkit", setting, method)
@@ -233,6 +294,12 @@ def build_rows(settings: Settings) -> tuple[list[Row], dict[str, Any], list[str]
         rows.append(slimkit_row(f"slimkit Wanda {setting}", setting, pattern, "wanda", "Wanda", sparsity=0.5))
         rows.append(slimkit_row(f"slimkit SparseGPT {setting}", setting, pattern, "sparsegpt", "SparseGPT",
                                 sparsity=0.5, block_size=128, dampening=0.01))
+        # The reference code's order: every group of a block measured before any is pruned.
+        rows.append(slimkit_row(f"slimkit Wanda {setting}, one pass per block", setting, pattern, "wanda", "Wanda",
+                                sparsity=0.5, true_sequential=False))
+        rows.append(slimkit_row(f"slimkit SparseGPT {setting}, one pass per block", setting, pattern, "sparsegpt",
+                                "SparseGPT", sparsity=0.5, block_size=128, dampening=0.01, true_sequential=False))
+        rows += [llmc_row(setting, pattern, "wanda"), llmc_row(setting, pattern, "sparsegpt")]
     return rows, info, problems
 
 
@@ -329,6 +396,17 @@ def target_lines(rows: list[Row]) -> list[str]:
             checks.append("exact sparsity: " + verdict(r.exact))
         if r.seconds is not None:
             checks.append(f"{r.seconds:.1f} s ≤ {MAX_SECONDS:.0f} s: " + verdict(r.seconds <= MAX_SECONDS))
+            peers = [p for p in rows if p.family == "peer" and p.method == r.method and p.setting == r.setting
+                     and p.seconds is not None and not p.error]
+            if r.method != "magnitude" and peers:
+                fastest = min(peers, key=lambda p: p.seconds)
+                checks.append(f"no slower than {fastest.label} ({fastest.seconds:.1f} s): "
+                              + verdict(r.seconds <= fastest.seconds))
+            if r.method != "magnitude":
+                rivals = [p for p in rows if p.family == "peer" and p.method == r.method and p.setting == r.setting
+                          and p.ppl is not None]
+                for p in rivals:
+                    checks.append(f"perplexity {r.ppl:.3f} vs {p.label}'s {p.ppl:.3f}")
         lines.append(f"- {r.label}: " + "; ".join(checks))
     return lines
 
@@ -388,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave BENCHMARKS.md alone")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (protocol: {THREADS}; fewer "
                         "only to get numbers on an overloaded machine, stated in the output)")
+    parser.add_argument("--peer-path", default=None, help="a folder holding llm-compressor and its pinned dependencies "
+                        "(pip install --target DIR ...); put on the peer child's PYTHONPATH only")
     parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -397,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment()
     start = time.perf_counter()
     print(f"[{MODEL}] building variants", flush=True)
-    rows, info, problems = build_rows(settings)
+    rows, info, problems = build_rows(settings, args.peer_path)
     measure(rows, info)
     seconds = time.perf_counter() - start
     markdown = render(rows, info, env, seconds)

@@ -64,6 +64,10 @@ class BlockPruneConfig(Config):
 
     sparsity: None (0.5, or 1 − N/M with a pattern) or a fraction in [0, 1); pattern: None
     (unstructured) or "N:M"; include / ignore: module name patterns.
+    true_sequential: measure
+    each group's inputs through the block's already-pruned groups (q/k/v, then o, then
+    gate/up, then down; GPTQ's option of that name); False measures every group on the
+    block as it came in, one pass, as the Wanda and SparseGPT reference code does.
     """
 
     family: ClassVar[str] = "prune"
@@ -73,6 +77,7 @@ class BlockPruneConfig(Config):
     pattern: str | None = None
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         fill_sparsity(self, type(self).__name__)  # None: 1 − N/M with a pattern, else 0.5
@@ -86,6 +91,8 @@ class BlockPruneConfig(Config):
             self.fail("pattern", f"must be None (unstructured) or a string such as '2:4' or '4:8', "
                                  f"got {self.pattern!r}")
         check_pattern_sparsity(self, parse_pattern(self.pattern, f"{name}.pattern"))
+        if not isinstance(self.true_sequential, bool):
+            self.fail("true_sequential", f"must be true or false, got {self.true_sequential!r}")
         self.check_name_patterns()
 
 

@@ -200,20 +200,17 @@ class SparseGPT(BlockPruneConfig):
                                    f"0.01 is usual), got {d!r}")
 
 
-def _leader_hessian(b: BlockInputs, names: list[str]) -> tuple[torch.Tensor | None, dict[str, int]]:
-    """The Hessian of the group's input and the tokens each member received.
-
-    Accumulated on the first member only: the members read one and the same tensor.
-    """
-    leader = names[0]
-    acc: dict[str, object] = {"H": None, "n": 0}
+def _leader_hessians(b: BlockInputs, groups: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """One Hessian per group (accumulated on its first member: the members read one tensor) and tokens per layer."""
+    leaders = {names[0] for names in groups}
+    acc: dict[str, tuple[torch.Tensor | None, int]] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
-        if name == leader:
-            acc["H"], acc["n"] = accumulate_hessian(acc["H"], acc["n"], x)
+        if name in leaders:
+            acc[name] = accumulate_hessian(*acc.get(name, (None, 0)), x)
 
-    counts = collect_inputs(b.block, b.calls, names, add)
-    return acc["H"], counts
+    counts = collect_inputs(b.block, b.calls, [r for names in groups for r in names], add)
+    return {name: H for name, (H, _) in acc.items()}, counts
 
 
 @register(SparseGPT)
@@ -232,9 +229,14 @@ def apply_sparsegpt(model: nn.Module, config: SparseGPT, ctx: Context) -> None:
     warn_if_few_samples(data, ctx, "SparseGPT")
 
     def process(b: BlockInputs) -> None:
-        for names in block_groups(b, run.chosen):
+        groups = block_groups(b, run.chosen)
+        if not config.true_sequential:  # every group measured on the block as it came in, one pass
+            hessians, counts = _leader_hessians(b, groups)
+        for names in groups:
             leader = names[0]
-            H, counts = _leader_hessian(b, names)
+            if config.true_sequential:
+                hessians, counts = _leader_hessians(b, [names])
+            H = hessians.pop(leader, None)
             live = []
             for r in names:
                 linear = b.block.get_submodule(r)
@@ -266,4 +268,5 @@ def apply_sparsegpt(model: nn.Module, config: SparseGPT, ctx: Context) -> None:
 
     run_blockwise(model, data, process, ctx, "SparseGPT")
     finish_notes(run, ctx, time.perf_counter() - start,
-                 f"block_size={config.block_size}, dampening={config.dampening:g}, true-sequential")
+                 f"block_size={config.block_size}, dampening={config.dampening:g}, "
+                 + ("true-sequential" if config.true_sequential else "one pass per block"))

@@ -153,8 +153,12 @@ def apply_wanda(model: nn.Module, config: Wanda, ctx: Context) -> None:
     warn_if_few_samples(data, ctx, "Wanda")
 
     def process(b: BlockInputs) -> None:
-        for names in block_groups(b, run.chosen):
-            sums, counts = _input_sq_norms(b, names)
+        groups = block_groups(b, run.chosen)
+        if not config.true_sequential:  # every group measured on the block as it came in, one pass
+            sums, counts = _input_sq_norms(b, [r for names in groups for r in names])
+        for names in groups:
+            if config.true_sequential:
+                sums, counts = _input_sq_norms(b, names)
             for r in names:
                 linear = b.block.get_submodule(r)
                 full = f"{b.name}.{r}"
@@ -165,5 +169,6 @@ def apply_wanda(model: nn.Module, config: Wanda, ctx: Context) -> None:
                 write_pruned(run, full, linear, pruned)
 
     run_blockwise(model, data, process, ctx, "Wanda")
-    settings = "true-sequential" if run.nm else "per output row, true-sequential"
+    order = "true-sequential" if config.true_sequential else "one pass per block"
+    settings = order if run.nm else f"per output row, {order}"
     finish_notes(run, ctx, time.perf_counter() - start, settings)

@@ -248,31 +248,36 @@ LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("
 
 
 @torch.no_grad()
-def reference_walk(model, data, pattern):
-    """Block by block, group by group; each group's Hessian from full-model forwards with the earlier groups pruned."""
+def reference_walk(model, data, pattern, true_sequential=True):
+    """Block by block, group by group; each group's Hessian from full-model forwards with the earlier groups
+    pruned (``true_sequential=False``: every group's Hessian measured before any group of the block is pruned)."""
     for layer in model.model.layers:
-        for group in LLAMA_GROUPS:
-            acc = {}
-            lead = layer.get_submodule(group[0])
-            def hook(_m, a, acc=acc):
-                acc["H"], acc["n"] = accumulate_hessian(acc.get("H"), acc.get("n", 0), a[0])
+        passes = [LLAMA_GROUPS] if not true_sequential else [(g,) for g in LLAMA_GROUPS]
+        for groups in passes:
+            acc = {g[0]: {} for g in groups}
+            handles = []
+            for g in groups:
+                def hook(_m, a, acc=acc[g[0]]):
+                    acc["H"], acc["n"] = accumulate_hessian(acc.get("H"), acc.get("n", 0), a[0])
 
-            h = lead.register_forward_pre_hook(hook)
+                handles.append(layer.get_submodule(g[0]).register_forward_pre_hook(hook))
             for batch in data:
                 model(**batch)
-            h.remove()
-            for name in group:
-                lin = layer.get_submodule(name)
-                lin.weight.copy_(sparsegpt_prune(lin.weight, acc["H"], 0.5, pattern, 128).weight)
+            for h in handles:
+                h.remove()
+            for g in groups:
+                for name in g:
+                    lin = layer.get_submodule(name)
+                    lin.weight.copy_(sparsegpt_prune(lin.weight, acc[g[0]]["H"], 0.5, pattern, 128).weight)
 
 
-@pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_handler_equals_full_model_true_sequential_reference(pattern):
+@pytest.mark.parametrize("pattern, true_sequential", [(None, True), ("2:4", True), (None, False), ("2:4", False)])
+def test_handler_equals_full_model_reference(pattern, true_sequential):
     data = calib()
     model, ref = tiny_causal_lm("llama"), tiny_causal_lm("llama")
     head = model.lm_head.weight.clone()
-    ctx = run(model, SparseGPT(pattern=pattern), data)
-    reference_walk(ref, data, pattern)
+    ctx = run(model, SparseGPT(pattern=pattern, true_sequential=true_sequential), data)
+    reference_walk(ref, data, pattern, true_sequential)
     refs = dict(ref.named_modules())
     pruned = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
     assert len(pruned) == 14

@@ -141,12 +141,14 @@ def run(model, cfg, data):
 
 
 @torch.no_grad()
-def reference_wanda(model, data, sparsity, pattern=None):
+def reference_wanda(model, data, sparsity, pattern=None, true_sequential=True):
     """The whole procedure with full-model forwards: block by block, group by group, each group's
-    input norms measured by running the model with every earlier group already pruned."""
+    input norms measured by running the model with every earlier group already pruned
+    (``true_sequential=False``: every group of a block measured before any of it is pruned)."""
     n_m = tuple(int(v) for v in pattern.split(":")) if pattern else None
+    passes = LLAMA_GROUPS if true_sequential else (sum(LLAMA_GROUPS, ()),)
     for layer in model.model.layers:
-        for group in LLAMA_GROUPS:
+        for group in passes:
             sums = {}
             handles = []
             for name in group:
@@ -165,13 +167,13 @@ def reference_wanda(model, data, sparsity, pattern=None):
                 lin.weight[~keep] = 0.0
 
 
-@pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_handler_equals_full_model_true_sequential_reference(pattern):
+@pytest.mark.parametrize("pattern, true_sequential", [(None, True), ("2:4", True), (None, False), ("2:4", False)])
+def test_handler_equals_full_model_reference(pattern, true_sequential):
     data = calib()
     model, ref = tiny_causal_lm("llama"), tiny_causal_lm("llama")
     head = model.lm_head.weight.clone()
-    ctx = run(model, Wanda(sparsity=0.5, pattern=pattern), data)
-    reference_wanda(ref, data, 0.5, pattern)
+    ctx = run(model, Wanda(sparsity=0.5, pattern=pattern, true_sequential=true_sequential), data)
+    reference_wanda(ref, data, 0.5, pattern, true_sequential)
     pruned = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
     refs = dict(ref.named_modules())
     assert len(pruned) == 14
