@@ -7,6 +7,7 @@ takes well under a second, and has widths divisible by 32 so group sizes 16/32 a
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 ARCHS = ("llama", "qwen2", "mistral", "opt")
 
@@ -38,3 +39,45 @@ def token_batches(n: int = 4, seq_len: int = 32, vocab: int = 128, seed: int = 1
     """(n, seq_len) random token ids, seeded."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seq_len), generator=g)
+
+
+# --- a toy decoder whose blocks hold a Linear no token reaches (for the fallback paths) -------
+
+
+class Block(nn.Module):
+    """A toy decoder block whose ``spare`` Linear is never called."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.spare = nn.Linear(32, width)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class ToyLM(nn.Module):
+    """Embedding, two toy ``Block``s and a head (seeded): the unused ``spare`` layers exercise fallbacks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 32)
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(32, 50)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def toy_data(n: int = 32):
+    """``n`` seeded token rows of 16 for ToyLM, in batches of 8."""
+    from slimkit.core.calibration import CalibrationData
+
+    return CalibrationData.from_tensors(torch.randint(0, 50, (n, 16), generator=torch.Generator().manual_seed(0)),
+                                        batch_size=8, key="input_ids")

@@ -20,7 +20,7 @@ from slimkit.core.registry import Context, config_types, handler_for
 from slimkit.pruning.sparsegpt import SparseGPT, sparsegpt_prune
 from slimkit.pruning.wanda import wanda_prune
 from slimkit.quantization.gptq import accumulate_hessian, factor_hessian
-from tests.llm_archs import tiny_causal_lm, token_batches
+from tests.llm_archs import ToyLM, tiny_causal_lm, token_batches, toy_data
 
 torch.set_num_threads(1)
 
@@ -310,40 +310,6 @@ def test_handler_closer_to_dense_than_layerwise_magnitude(arch):
         base = mag(input_ids=ids).logits
     assert torch.isfinite(out).all()
     assert (out - ref).norm() < 0.8 * (base - ref).norm()
-
-
-class Block(nn.Module):
-    """A toy decoder block whose ``spare`` Linear is never called."""
-
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(32)
-        self.up = nn.Linear(32, 64)
-        self.down = nn.Linear(64, 32)
-        self.spare = nn.Linear(32, 32)
-
-    def forward(self, x):
-        return x + self.down(torch.relu(self.up(self.norm(x))))
-
-
-class ToyLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(50, 32)
-        self.layers = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(32, 50)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
-
-
-def toy_data(n=32):
-    return CalibrationData.from_tensors(torch.randint(0, 50, (n, 16), generator=torch.Generator().manual_seed(0)),
-                                        batch_size=8, key="input_ids")
 
 
 def test_unused_linear_falls_back_to_layer_magnitude_with_a_note():

@@ -22,7 +22,7 @@ from slimkit.pruning.wanda import (
     wanda_prune,
     wanda_scores,
 )
-from tests.llm_archs import tiny_causal_lm, token_batches
+from tests.llm_archs import ToyLM, tiny_causal_lm, token_batches, toy_data
 
 torch.set_num_threads(1)
 
@@ -219,40 +219,6 @@ def test_exact_per_row_counts_on_other_architectures(arch, sparsity):
     with torch.no_grad():
         out = model(input_ids=ids).logits
     assert torch.isfinite(out).all() and not torch.equal(out, dense)
-
-
-class Block(nn.Module):
-    """A toy decoder block whose ``spare`` Linear is never called."""
-
-    def __init__(self, width=32):
-        super().__init__()
-        self.norm = nn.LayerNorm(32)
-        self.up = nn.Linear(32, 64)
-        self.down = nn.Linear(64, 32)
-        self.spare = nn.Linear(32, width)
-
-    def forward(self, x):
-        return x + self.down(torch.relu(self.up(self.norm(x))))
-
-
-class ToyLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(50, 32)
-        self.layers = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(32, 50)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
-
-
-def toy_data(n=32):
-    return CalibrationData.from_tensors(torch.randint(0, 50, (n, 16), generator=torch.Generator().manual_seed(0)),
-                                        batch_size=8, key="input_ids")
 
 
 def test_unused_linear_falls_back_to_magnitude_per_row_with_a_note():

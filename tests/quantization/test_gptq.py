@@ -28,7 +28,7 @@ from slimkit.quantization.primitives import (
     quantize_weight,
     scale_zero_from_range,
 )
-from tests.llm_archs import tiny_causal_lm, token_batches
+from tests.llm_archs import ToyLM, tiny_causal_lm, token_batches
 
 torch.set_num_threads(1)
 
@@ -394,35 +394,6 @@ def test_true_sequential_changes_later_groups_only():
     la, lb = a.model.layers[0], b.model.layers[0]
     assert torch.equal(la.self_attn.q_proj.qweight, lb.self_attn.q_proj.qweight)
     assert not torch.equal(la.mlp.down_proj.qweight, lb.mlp.down_proj.qweight)
-
-
-class Block(nn.Module):
-    """A toy decoder block whose ``spare`` Linear is never called."""
-
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(32)
-        self.up = nn.Linear(32, 64)
-        self.down = nn.Linear(64, 32)
-        self.spare = nn.Linear(32, 32)
-
-    def forward(self, x):
-        return x + self.down(torch.relu(self.up(self.norm(x))))
-
-
-class ToyLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(50, 32)
-        self.layers = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(32, 50)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
 
 
 def test_unused_linear_falls_back_to_rtn_with_a_note():
