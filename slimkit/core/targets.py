@@ -97,3 +97,16 @@ def value_for(name: str, setting):
         if pattern != "default" and matches(name, pattern):
             return value
     return setting["default"]
+
+
+def subclass_reason(module: nn.Module, replacement: str) -> str:
+    """Why ``module`` (a subclass of a layer type) is skipped: ``replacement`` cannot stand in for it.
+
+    A layer holding a pruning mask (a torch parametrization) says how to make it quantizable.
+    """
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        return ("its weight holds a pruning mask (a parametrization): call slimkit.strip(model) first "
+                "to bake the mask in, then quantize")
+    return f"it is a {type(module).__name__}, a subclass {replacement} cannot stand in for"

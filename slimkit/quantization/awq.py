@@ -65,7 +65,7 @@ from slimkit.core.calibration import (
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import select_modules, set_submodule
+from slimkit.core.targets import select_modules, set_submodule, subclass_reason
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import QuantizedWeight, quantize_weight
 from slimkit.quantization.range_search import clip_factors, mse_clip_scales
@@ -337,7 +337,7 @@ def _call_tokens(call: CapturedCall) -> int:
 
 def _skip_reason(module: nn.Module, config: AWQ) -> str | None:
     if type(module) is not nn.Linear:
-        return f"it is a {type(module).__name__}, a Linear subclass a QuantLinear cannot stand in for"
+        return subclass_reason(module, "a QuantLinear")
     if config.group_size is not None and module.in_features % config.group_size:
         return f"in_features {module.in_features} is not divisible by group_size {config.group_size}"
     return None

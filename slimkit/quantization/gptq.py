@@ -52,7 +52,7 @@ from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
-from slimkit.core.targets import select_modules, set_submodule
+from slimkit.core.targets import select_modules, set_submodule, subclass_reason
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import (
     BITS,
@@ -368,7 +368,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
         if not name.startswith(prefix):
             outside.append(name)
         elif type(module) is not nn.Linear:
-            ctx.note(f"GPTQ: skipped {name}: it is a {type(module).__name__}, a subclass QuantLinear cannot stand in for")
+            ctx.note(f"GPTQ: skipped {name}: {subclass_reason(module, 'a QuantLinear')}")
         elif gs is not None and module.in_features % gs:
             raise ConfigError(
                 f"GPTQ.group_size: {gs} does not divide in_features {module.in_features} of {name}; "

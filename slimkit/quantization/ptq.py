@@ -28,13 +28,29 @@ from slimkit.core.calibration import CalibrationData, run_model
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import check_layer_map, check_patterns, matches, select_modules, set_submodule, value_for
-from slimkit.quantization.attention import (CHILD, ROLES, QuantAttentionInputs, attention_modules, unsupported_reason,
-                                            use_quantized_attention)
+from slimkit.core.targets import (
+    check_layer_map,
+    check_patterns,
+    matches,
+    select_modules,
+    set_submodule,
+    subclass_reason,
+    value_for,
+)
+from slimkit.quantization.attention import (
+    CHILD,
+    ROLES,
+    QuantAttentionInputs,
+    attention_modules,
+    unsupported_reason,
+    use_quantized_attention,
+)
 from slimkit.quantization.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quantization.observers import make_observer
 from slimkit.quantization.primitives import BITS, QuantizedWeight, quantize_weight
-from slimkit.quantization.smoothquant import smooth_scales as smoothing_scale  # one formula for both smoothing forms
+from slimkit.quantization.smoothquant import (
+    smooth_scales as smoothing_scale,  # one formula for both smoothing forms
+)
 
 WEIGHT_OBSERVERS = ("minmax", "mse", "percentile")
 
@@ -207,7 +223,7 @@ class StaticQuant(Config):
 def skip_reason(module: nn.Module, group_size: int | None) -> str | None:
     """Why ``module`` cannot become a quantized (or QAT) layer, or None when it can."""
     if type(module) not in (nn.Linear, nn.Conv2d, nn.Embedding):
-        return f"it is a {type(module).__name__}, a subclass a quantized layer cannot stand in for"
+        return subclass_reason(module, "a quantized layer")
     if module.weight.is_meta:
         return "its weight is on the meta device (not loaded)"
     if isinstance(module, nn.Conv2d):

@@ -23,6 +23,7 @@ from slimkit.core.targets import (
     check_layer_map,
     select_modules,
     set_submodule,
+    subclass_reason,
     value_for,
 )
 from slimkit.quantization.modules import QuantEmbedding, QuantLinear
@@ -99,7 +100,7 @@ def _skip_reason(module: nn.Module, config: RTN) -> str | None:
     if type(module) not in (nn.Linear, nn.Embedding):
         # Subclasses (e.g. MultiheadAttention's out_proj) carry behaviour or are read
         # directly by their parent; a QuantLinear would silently drop that.
-        return f"it is a {type(module).__name__}, a subclass a QuantLinear/QuantEmbedding cannot stand in for"
+        return subclass_reason(module, "a QuantLinear/QuantEmbedding")
     if module.weight.is_meta:
         return "its weight is on the meta device (not loaded)"
     if isinstance(module, nn.Embedding) and module.max_norm is not None:

@@ -175,3 +175,18 @@ def test_save_masked_model_reload_equal(tmp_path):
     masked_skeleton = _mlp(2)
     apply_mask(masked_skeleton[0], torch.ones(16, 12, dtype=torch.bool))
     assert torch.equal(sk.load(tmp_path / "ck", skeleton=masked_skeleton)(x), out)
+
+
+def test_quantizing_a_masked_layer_says_to_strip_first():
+    import slimkit as sk
+    from slimkit.core.registry import Context
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    sk.prune_(model, sk.Magnitude(sparsity=0.5))
+    ctx = Context()
+    sk.quantize_(model, sk.RTN(bits=8), ctx=ctx)
+    assert any("call slimkit.strip(model) first" in n for n in ctx.notes)
+    sk.strip(model)
+    sk.quantize_(model, sk.RTN(bits=8))  # once stripped, the layers quantize and keep their zeros
+    assert type(model[0]).__name__ == "QuantLinear"
+    assert float((model[0].dense_weight() == 0).float().mean()) >= 0.5
