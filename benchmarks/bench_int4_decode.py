@@ -25,7 +25,6 @@ on one (1, 32) random sequence relative to max |fp32 logits| — a plumbing chec
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
@@ -242,10 +241,7 @@ def render(rows: list[Row], info: dict[str, Any], env: dict[str, Any], s: Settin
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_int4_decode", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: small model, few runs; never written")
-    parser.add_argument("--no-write", action="store_true", help="print the table only; leave BENCHMARKS.md alone")
-    parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
+    parser = harness.bench_parser("bench_int4_decode", __doc__.split("\n")[0], quick="smoke test: small model, few runs; never written")
     args = parser.parse_args(argv)
 
     harness.set_threads(THREADS)

@@ -33,7 +33,6 @@ fp32 or slimkit row stops the run from writing BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
@@ -351,10 +350,7 @@ def render(rows: list[Row], info: dict[str, Any], env: dict[str, Any], settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_int8_coder", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: fewer tokens, windows, runs; never written")
-    parser.add_argument("--no-write", action="store_true", help="print the table only; leave BENCHMARKS.md alone")
-    parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
+    parser = harness.bench_parser("bench_int8_coder", __doc__.split("\n")[0], quick="smoke test: fewer tokens, windows, runs; never written")
     args = parser.parse_args(argv)
 
     harness.set_threads(THREADS)

@@ -34,7 +34,6 @@ the fp32 or slimkit rows stops the run from writing BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -632,11 +631,8 @@ def render(lm: dict[str, Any], enc: dict[str, Any], env: dict[str, Any], setting
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_int8_weight_only", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: fewer runs and tokens; never written")
-    parser.add_argument("--no-write", action="store_true", help="print the tables only; leave BENCHMARKS.md alone")
+    parser = harness.bench_parser("bench_int8_weight_only", __doc__.split("\n")[0], quick="smoke test: fewer runs and tokens; never written", no_write="print the tables only; leave BENCHMARKS.md alone")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile latency rows")
-    parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     harness.set_threads(THREADS)

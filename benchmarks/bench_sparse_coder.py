@@ -50,7 +50,6 @@ inexact sparsity, or a magnitude mask differing from torch's, stops the run from
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -461,14 +460,11 @@ def render(rows: list[Row], info: dict[str, Any], env: dict[str, Any], seconds: 
 
 def main(argv: list[str] | None = None) -> int:
     summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph on one line
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_sparse_coder", description=summary)
-    parser.add_argument("--quick", action="store_true", help="smoke test: fewer tokens and windows; never written")
-    parser.add_argument("--no-write", action="store_true", help="print the table only; leave BENCHMARKS.md alone")
+    parser = harness.bench_parser("bench_sparse_coder", summary, quick="smoke test: fewer tokens and windows; never written")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (protocol: {THREADS}; fewer "
                         "only to get numbers on an overloaded machine, stated in the output)")
     parser.add_argument("--peer-path", default=None, help="a folder holding llm-compressor and its pinned dependencies "
                         "(pip install --target DIR ...); put on the peer child's PYTHONPATH only")
-    parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     harness.set_threads(args.threads)

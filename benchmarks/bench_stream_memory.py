@@ -154,11 +154,9 @@ def render(made: dict, run: dict, checked: dict, settings: dict, env: dict) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_stream_memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small model; never written")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser = harness.bench_parser("bench_stream_memory", __doc__.split("\n")[0], quick="a small model; never written",
+                                  no_write="print only")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:

@@ -29,14 +29,12 @@ as stated. Prune time: wall seconds of the pruning call alone.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from benchmarks import harness
@@ -351,11 +349,8 @@ def verdicts(name: str, rows: list[Row], tolerance: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_structured", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: short fine-tunes, few timings; never written")
-    parser.add_argument("--no-write", action="store_true", help="print the tables only; leave BENCHMARKS.md alone")
+    parser = harness.bench_parser("bench_structured", __doc__.split("\n")[0], quick="smoke test: short fine-tunes, few timings; never written", no_write="print the tables only; leave BENCHMARKS.md alone")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for every timing (default 2)")
-    parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     threads = harness.set_threads(args.threads)
     env = harness.environment()

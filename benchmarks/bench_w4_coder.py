@@ -48,7 +48,6 @@ failure of an fp32 or slimkit row stops the run from writing BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -605,14 +604,11 @@ def render(rows: list[Row], info: dict[str, Any], env: dict[str, Any], seconds: 
 
 def main(argv: list[str] | None = None) -> int:
     summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph on one line
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_w4_coder", description=summary)
-    parser.add_argument("--quick", action="store_true", help="smoke test: fewer tokens and windows; never written")
-    parser.add_argument("--no-write", action="store_true", help="print the table only; leave BENCHMARKS.md alone")
+    parser = harness.bench_parser("bench_w4_coder", summary, quick="smoke test: fewer tokens and windows; never written")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch / ORT threads (protocol: {THREADS}; "
                         "fewer only to get numbers on an overloaded machine, stated in the output)")
     parser.add_argument("--only", default="", help="development: comma-separated label substrings of the rows "
                         "to build (fp32 and slimkit RTN always are); implies --no-write")
-    parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
     args.no_write = args.no_write or bool(only)

@@ -37,7 +37,6 @@ show how many of its groups can be folded there (none: see the notes it prints).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import re
@@ -479,10 +478,7 @@ def render(rows: list[Row], info: dict[str, Any], mini: dict[str, Any], env: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_w8a8", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: fewer tokens, windows, runs; never written")
-    parser.add_argument("--no-write", action="store_true", help="print the tables only; leave BENCHMARKS.md alone")
-    parser.add_argument("--output", type=Path, default=harness.BENCHMARKS_FILE, help=argparse.SUPPRESS)
+    parser = harness.bench_parser("bench_w8a8", __doc__.split("\n")[0], quick="smoke test: fewer tokens, windows, runs; never written", no_write="print the tables only; leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
 
     harness.set_threads(THREADS)

@@ -450,6 +450,21 @@ def guard(row: Any, stage: str, fn: Callable[[], Any]) -> Any:
         return None
 
 
+def bench_parser(name: str, description: str, quick: str, no_write: str = "print the table only; leave BENCHMARKS.md alone"):
+    """The argument parser every benchmark starts from: ``--quick`` (help ``quick``), ``--no-write`` and the hidden ``--output``.
+
+    ``name`` is the module under ``benchmarks`` (the program is ``python -m benchmarks.<name>``);
+    a benchmark adds its own options to the returned parser.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--no-write", action="store_true", help=no_write)
+    parser.add_argument("--output", type=Path, default=BENCHMARKS_FILE, help=argparse.SUPPRESS)
+    return parser
+
+
 def publish(args: Any, section: str, markdown: str, own_failures: list[str]) -> int:
     """End a benchmark run: the exit code, and the section written into ``args.output`` when it should be.
 
