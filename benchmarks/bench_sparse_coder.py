@@ -111,17 +111,6 @@ def _targets(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
 
 
-def _timed(row: Row, fn: Callable[[], Any]) -> Any:
-    """``fn()`` with its wall seconds and the share of CPU other processes took meanwhile put on ``row``."""
-    with harness.OtherLoad() as load:
-        t = time.perf_counter()
-        out = fn()
-        row.seconds = time.perf_counter() - t
-    row.other_load = load.fraction
-    print(f"    {row.seconds:.2f} s", flush=True)
-    return out
-
-
 def measured_sparsity(model: nn.Module, pattern: str | None,
                       dense: dict[str, float]) -> tuple[tuple[float, float], bool, list[str]]:
     """((min, max) zero fraction over the pruned layers, exact?, problems) — from the weights themselves.
@@ -244,7 +233,7 @@ def build_rows(settings: Settings, peer_path: str | None = None) -> tuple[list[R
                 warnings.simplefilter("ignore")  # --quick's few windows warn; the full run has 64
                 return sk.prune_(work, cfg, data=calib, ctx=ctx)
 
-        pruned = harness.guard(row, "prune_", lambda: _timed(row, prune))
+        pruned = harness.guard(row, "prune_", lambda: harness.timed_row(row, prune))
         if pruned is not None:
             finish(row, pruned, pattern)
             row.notes += [n for n in ctx.notes if ("magnitude (" in n and n.endswith(" used")) or "escalated" in n]
@@ -254,7 +243,7 @@ def build_rows(settings: Settings, peer_path: str | None = None) -> tuple[list[R
         row = Row(label, "peer", setting, "magnitude")
         print(f"  building: {label}", flush=True)
         work = copy.deepcopy(model)
-        if harness.guard(row, "prune", lambda: _timed(row, lambda: prune(work))) is not None:
+        if harness.guard(row, "prune", lambda: harness.timed_row(row, lambda: prune(work))) is not None:
             finish(row, work, pattern)
         return row
 
@@ -305,21 +294,6 @@ def build_rows(settings: Settings, peer_path: str | None = None) -> tuple[list[R
 # ---------------------------------------------------------------------------------------
 # Measuring and reporting
 # ---------------------------------------------------------------------------------------
-
-
-def measure(rows: list[Row], info: dict[str, Any]) -> None:
-    """Perplexity of every row that was built, on the eval windows."""
-    from slimkit.evaluation.quality import perplexity
-    from slimkit.evaluation.suite import PPL_CONTEXT, PPL_STRIDE
-
-    ids = info["data"].token_ids
-    for row in rows:
-        if row.lm is None:
-            continue
-        print(f"  perplexity: {row.label}", flush=True)
-        result = harness.guard(row, "perplexity",
-                               lambda row=row: perplexity(row.lm, ids, context=PPL_CONTEXT, stride=PPL_STRIDE))
-        row.ppl = None if result is None else result.perplexity
 
 
 def baseline(rows: list[Row], setting: str | None) -> Row | None:
@@ -474,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     print(f"[{MODEL}] building variants", flush=True)
     rows, info, problems = build_rows(settings, args.peer_path)
-    measure(rows, info)
+    harness.perplexity_rows(rows, info["data"].token_ids)
     seconds = time.perf_counter() - start
     markdown = render(rows, info, env, seconds)
 

@@ -185,17 +185,6 @@ def onnx_nbits_bits(path: Path) -> tuple[float, int]:
 # ---------------------------------------------------------------------------------------
 
 
-def _timed(row: Row, fn: Callable[[], Any]) -> Any:
-    """``fn()`` with its wall seconds and the share of CPU other processes took meanwhile put on ``row``."""
-    with harness.OtherLoad() as load:
-        t = time.perf_counter()
-        out = fn()
-        row.seconds = time.perf_counter() - t
-    row.other_load = load.fraction
-    print(f"    {row.seconds:.1f} s", flush=True)
-    return out
-
-
 def _slimkit_config(name: str, **kw: Any) -> Any:
     """``slimkit.<name>(**kw)``; an ImportError / TypeError here means the method has not landed."""
     import slimkit as sk
@@ -299,8 +288,8 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
             return row
         ctx = Context()
         work_model = copy.deepcopy(model)
-        q = harness.guard(row, "quantize_", lambda: _timed(row, lambda: sk.quantize_(work_model, cfg, data=calib,
-                                                                                     ctx=ctx)))
+        q = harness.guard(row, "quantize_", lambda: harness.timed_row(
+            row, lambda: sk.quantize_(work_model, cfg, data=calib, ctx=ctx)))
         if q is None:
             return row
         row.lm = q.eval()
@@ -378,7 +367,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
             config = algo() if algo is not None else None
             quantizer = _ort_quantizer(model=str(fp32_path), bits=BITS, block_size=GROUP, is_symmetric=symmetric,
                                        nodes_to_exclude=_lm_head_nodes(fp32_path), algo_config=config)
-            _timed(row, quantizer.process)
+            harness.timed_row(row, quantizer.process)
             out = folder / "model.onnx"
             quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
             row.bits, n_nodes = onnx_nbits_bits(out)
@@ -415,7 +404,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
         work_model = copy.deepcopy(model)
 
         def build() -> None:
-            q = _timed(row, lambda: quantize(work_model))
+            q = harness.timed_row(row, lambda: quantize(work_model))
             folder = Path(tempfile.mkdtemp(dir=work))
             _save_state_dict(q, folder / "model.safetensors")
             path = folder / "model.safetensors"
@@ -455,21 +444,6 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
 # ---------------------------------------------------------------------------------------
 # Measuring and reporting
 # ---------------------------------------------------------------------------------------
-
-
-def measure(rows: list[Row], info: dict[str, Any]) -> None:
-    """Perplexity of every row that was built, on the eval windows, in the row's own runtime."""
-    from slimkit.evaluation.quality import perplexity
-    from slimkit.evaluation.suite import PPL_CONTEXT, PPL_STRIDE
-
-    ids = info["data"].token_ids
-    for row in rows:
-        if row.lm is None:
-            continue
-        print(f"  perplexity: {row.label}", flush=True)
-        result = harness.guard(row, "perplexity",
-                               lambda row=row: perplexity(row.lm, ids, context=PPL_CONTEXT, stride=PPL_STRIDE))
-        row.ppl = None if result is None else result.perplexity
 
 
 def gap_closed(ppl: float, ppl_rtn: float, ppl_fp32: float) -> float | None:
@@ -621,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="slimkit-bench-w4-") as tmp:
         print(f"[{MODEL}] building variants", flush=True)
         rows, info = build_rows(settings, Path(tmp))
-        measure(rows, info)
+        harness.perplexity_rows(rows, info["data"].token_ids)
     seconds = time.perf_counter() - start
     markdown = render(rows, info, env, seconds)
 

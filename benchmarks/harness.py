@@ -450,6 +450,34 @@ def guard(row: Any, stage: str, fn: Callable[[], Any]) -> Any:
         return None
 
 
+def timed_row(row: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()``, putting its wall seconds on ``row.seconds`` and other processes' CPU share on ``row.other_load``."""
+    with OtherLoad() as load:
+        t = time.perf_counter()
+        out = fn()
+        row.seconds = time.perf_counter() - t
+    row.other_load = load.fraction
+    print(f"    {row.seconds:.2f} s", flush=True)
+    return out
+
+
+def perplexity_rows(rows: Sequence[Any], token_ids: Any) -> None:
+    """Sliding-window perplexity (slimkit's context and stride) of every row with a model ``row.lm``, into ``row.ppl``.
+
+    A failure becomes the row's recorded reason (``guard``), so one broken row does not end the run.
+    """
+    from slimkit.evaluation.quality import perplexity
+    from slimkit.evaluation.suite import PPL_CONTEXT, PPL_STRIDE
+
+    for row in rows:
+        if row.lm is None:
+            continue
+        print(f"  perplexity: {row.label}", flush=True)
+        result = guard(row, "perplexity",
+                       lambda row=row: perplexity(row.lm, token_ids, context=PPL_CONTEXT, stride=PPL_STRIDE))
+        row.ppl = None if result is None else result.perplexity
+
+
 def bench_parser(name: str, description: str, quick: str, no_write: str = "print the table only; leave BENCHMARKS.md alone"):
     """The argument parser every benchmark starts from: ``--quick`` (help ``quick``), ``--no-write`` and the hidden ``--output``.
 
