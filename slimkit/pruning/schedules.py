@@ -89,10 +89,17 @@ def iterative_sparsity(round_index: int, rounds: int, final: float, geometric: b
 # --- configs -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class _ScheduleConfig(Config):
     """What Gradual and Iterative share: the Magnitude settings of every pruning step."""
 
     family: ClassVar[str] = "prune"
+
+    scope: str = "layer"
+    criterion: str = "l1"
+    seed: int = 0
+    include: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
 
     def magnitude(self, sparsity: float) -> Magnitude:
         """The one-shot Magnitude config that one pruning step applies at ``sparsity``."""
@@ -128,12 +135,6 @@ class Gradual(_ScheduleConfig):
     end_step: int = 1000
     frequency: int = 100
     power: float = 3.0
-    scope: str = "layer"
-    criterion: str = "l1"
-    seed: int = 0
-    include: tuple[str, ...] = ()
-    ignore: tuple[str, ...] = ()
-
     def validate(self) -> None:
         """Check the schedule (begin < end, frequency >= 1, 0 <= initial <= final < 1) and the Magnitude fields."""
         for name in ("initial_sparsity", "final_sparsity"):
@@ -174,12 +175,6 @@ class Iterative(_ScheduleConfig):
     final_sparsity: float = 0.8
     rounds: int = 4
     geometric: bool = False
-    scope: str = "layer"
-    criterion: str = "l1"
-    seed: int = 0
-    include: tuple[str, ...] = ()
-    ignore: tuple[str, ...] = ()
-
     def validate(self) -> None:
         """Check final_sparsity in [0, 1), rounds >= 1, the flag and the Magnitude fields."""
         v = self.final_sparsity
