@@ -81,3 +81,11 @@ def toy_data(n: int = 32):
 
     return CalibrationData.from_tensors(torch.randint(0, 50, (n, 16), generator=torch.Generator().manual_seed(0)),
                                         batch_size=8, key="input_ids")
+
+
+def indefinite_hessian(H, n, x):
+    """A stand-in for ``accumulate_hessian`` whose result is strongly indefinite whatever the dampening."""
+    H = torch.zeros(x.shape[-1], x.shape[-1]) if H is None else H
+    H[0, 0] = H[1, 1] = 1.0
+    H[0, 1] = H[1, 0] = 1e4
+    return H, n + x.shape[0]

@@ -20,7 +20,13 @@ from slimkit.core.registry import Context, config_types, handler_for
 from slimkit.pruning.sparsegpt import SparseGPT, sparsegpt_prune
 from slimkit.pruning.wanda import wanda_prune
 from slimkit.quantization.gptq import accumulate_hessian, factor_hessian
-from tests.llm_archs import ToyLM, tiny_causal_lm, token_batches, toy_data
+from tests.llm_archs import (
+    ToyLM,
+    indefinite_hessian,
+    tiny_causal_lm,
+    token_batches,
+    toy_data,
+)
 
 torch.set_num_threads(1)
 
@@ -368,13 +374,7 @@ def test_no_data_indivisible_nm_and_nan_fail_before_any_change():
 def test_handler_names_layer_whose_hessian_is_not_positive_definite(monkeypatch):
     from slimkit.pruning import sparsegpt
 
-    def indefinite(H, n, x):
-        H = torch.zeros(x.shape[-1], x.shape[-1]) if H is None else H
-        H[0, 0] = H[1, 1] = 1.0
-        H[0, 1] = H[1, 0] = 1e4  # strongly indefinite whatever the dampening
-        return H, n + x.shape[0]
-
-    monkeypatch.setattr(sparsegpt, "accumulate_hessian", indefinite)
+    monkeypatch.setattr(sparsegpt, "accumulate_hessian", indefinite_hessian)
     with pytest.raises(DataError, match=r"Hessian of layers\.0\.up is not positive definite even with damp="):
         run(ToyLM(), SparseGPT(ignore=["spare"]), toy_data(4))
 

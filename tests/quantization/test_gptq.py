@@ -28,7 +28,7 @@ from slimkit.quantization.primitives import (
     quantize_weight,
     scale_zero_from_range,
 )
-from tests.llm_archs import ToyLM, tiny_causal_lm, token_batches
+from tests.llm_archs import ToyLM, indefinite_hessian, tiny_causal_lm, token_batches
 
 torch.set_num_threads(1)
 
@@ -438,13 +438,7 @@ def test_nan_weight_raises_before_any_change_and_few_samples_warn():
 def test_handler_names_layer_whose_hessian_is_not_positive_definite(monkeypatch):
     from slimkit.quantization import gptq
 
-    def indefinite(H, n, x):
-        H = torch.zeros(x.shape[-1], x.shape[-1]) if H is None else H
-        H[0, 0] = H[1, 1] = 1.0
-        H[0, 1] = H[1, 0] = 1e4  # strongly indefinite whatever the dampening
-        return H, n + x.shape[0]
-
-    monkeypatch.setattr(gptq, "accumulate_hessian", indefinite)
+    monkeypatch.setattr(gptq, "accumulate_hessian", indefinite_hessian)
     data = CalibrationData.from_tensors(torch.randint(0, 50, (4, 8)), key="input_ids")
     with pytest.raises(DataError, match=r"Hessian of layers\.0\.up is not positive definite even with damp="):
         run(ToyLM(), GPTQ(bits=4, group_size=32, ignore=["spare"]), data)
