@@ -32,15 +32,6 @@ from slimkit.pruning.nm import (
     row_keep_mask,
 )
 
-Pattern = str | tuple[int, int] | None
-
-
-def pattern_nm(pattern: Pattern) -> tuple[int, int] | None:
-    """``"2:4"`` or ``(2, 4)`` -> ``(2, 4)``; None / "unstructured" -> None (ConfigError for anything else)."""
-    if isinstance(pattern, tuple):
-        return parse_pattern(f"{pattern[0]}:{pattern[1]}")
-    return parse_pattern(pattern)
-
 
 def magnitude_keep_mask(weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
                         per_row: bool) -> torch.Tensor:

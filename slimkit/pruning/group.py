@@ -25,8 +25,6 @@ from slimkit.core.errors import UnsupportedError
 
 OUT, IN = 0, 1  # member.dim: the output side (weight rows, norm features) or the input side (weight columns)
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
-
 
 @dataclass
 class Member:
@@ -284,8 +282,3 @@ def unit_weights(member: Member, tensor: torch.Tensor | None = None) -> torch.Te
         if member.dim == IN:
             picked = picked.transpose(0, 1)
     return picked.reshape(member.index.shape[0], -1)  # (units, channels_per_unit * rest)
-
-
-def is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalization layer (its slice follows its producer's channels)."""
-    return isinstance(module, _NORMS)

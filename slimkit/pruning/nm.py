@@ -28,6 +28,16 @@ def parse_pattern(pattern: str | None, owner: str = "pattern") -> tuple[int, int
     return n, m
 
 
+Pattern = str | tuple[int, int] | None
+
+
+def pattern_nm(pattern: Pattern) -> tuple[int, int] | None:
+    """``"2:4"`` or ``(2, 4)`` -> ``(2, 4)``; None / "unstructured" -> None (ConfigError for anything else)."""
+    if isinstance(pattern, tuple):
+        return parse_pattern(f"{pattern[0]}:{pattern[1]}")
+    return parse_pattern(pattern)
+
+
 def check_sparsity(value: object, owner: str) -> None:
     """ConfigError unless ``value`` is a number in [0, 1) (1.0 would remove every weight)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:

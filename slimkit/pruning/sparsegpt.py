@@ -47,18 +47,18 @@ from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
 from slimkit.pruning.calibrated import (
     BlockPruneConfig,
-    Pattern,
     block_groups,
     fallback_to_magnitude,
     finish_notes,
-    pattern_nm,
     plan_pruning,
     write_pruned,
 )
 from slimkit.pruning.nm import (
+    Pattern,
     check_nm_shape,
     check_sparsity,
     nm_keep_mask,
+    pattern_nm,
 )
 from slimkit.quantization.gptq import (
     HessianError,

@@ -34,17 +34,17 @@ from slimkit.core.errors import DataError
 from slimkit.core.registry import Context, register
 from slimkit.pruning.calibrated import (
     BlockPruneConfig,
-    Pattern,
     block_groups,
     fallback_to_magnitude,
     finish_notes,
-    pattern_nm,
     plan_pruning,
     write_pruned,
 )
 from slimkit.pruning.nm import (
+    Pattern,
     check_sparsity,
     nm_keep_mask,
+    pattern_nm,
     row_keep_mask,
 )
 
