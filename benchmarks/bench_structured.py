@@ -68,7 +68,7 @@ def _digits_finetune(model, epochs: int) -> None:
     import torch
     from torch import nn
 
-    from slimkit.zoo.digits import _random_shift, load_digits_split
+    from slimkit.zoo.digits import random_shift, load_digits_split
 
     x, y = load_digits_split("train")
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def _digits_finetune(model, epochs: int) -> None:
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
             idx = perm[i:i + 64]
-            loss = loss_fn(model(_random_shift(x[idx], gen)), y[idx])
+            loss = loss_fn(model(random_shift(x[idx], gen)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -62,12 +62,26 @@ def factorize_(model: nn.Module, config: Config, data: CalibrationData | None = 
     return _verb("factorize", model, config, data, ctx)
 
 
+def distill_(student: nn.Module, teacher: nn.Module, config: Config, data: Any = None,
+             ctx: Context | None = None) -> nn.Module:
+    """Train ``student`` in place to imitate the frozen ``teacher`` with ``config`` (a ``Distill``).
+
+    ``data`` is training data: a callable ``step -> batch`` or an iterable of batches; by
+    default batches from the train split of the model's built-in corpus. Returns the student.
+    """
+    ctx = ctx or Context()
+    ctx.teacher = teacher
+    ctx.data = data  # training data, never a recipe's calibration data left from an earlier step
+    return _verb("distill", student, config, data, ctx)
+
+
 def apply_recipe(model: nn.Module | str, recipe: Any, data: CalibrationData | None = None,
                  ctx: Context | None = None) -> nn.Module:
     """Run every step of ``recipe`` (a Recipe, a YAML path or a shipped recipe name) on ``model`` in order.
 
     Calibration data is built from the recipe's ``calibration`` section when a step needs
-    data and none is given. Returns the model (loaded first when given by name or path).
+    data and none is given. Returns the model (loaded first when given by name or path); a
+    recipe whose ``Distill`` step builds a student returns that student, the model untouched.
     """
     from slimkit.recipe.runner import run_recipe
     from slimkit.recipe.schema import Recipe, resolve_recipe
@@ -75,8 +89,7 @@ def apply_recipe(model: nn.Module | str, recipe: Any, data: CalibrationData | No
     if not isinstance(recipe, Recipe):
         recipe = resolve_recipe(os.fspath(recipe))
     model = load(model)
-    run_recipe(model, recipe, data=data, ctx=ctx)
-    return model
+    return run_recipe(model, recipe, data=data, ctx=ctx).model
 
 
 def evaluate(model: nn.Module | str, baseline: nn.Module | str | None = None, data: Any = None,

@@ -1,4 +1,4 @@
-"""The ``slimkit`` command: compress, eval, zoo.
+"""The ``slimkit`` command: compress, distill, eval, zoo, export.
 
 A user's mistake (a SlimkitError) prints one line on stderr and exits with code 2,
 with no traceback and no partial output; anything else is a bug and keeps its traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ app.add_typer(export_app, name="export")
 
 DEFAULT_MODEL = "stdlib-coder"
 DEFAULT_RECIPE = "int8-weight-only"
+DEFAULT_DISTILL_RECIPE = "kd-digits"
 _OUTPUT_MARKER = "report.json"
 
 
@@ -84,22 +86,31 @@ def compress(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
 ) -> None:
     """Compress a model with a recipe and print a before/after table of measured figures."""
+    from slimkit.recipe.schema import resolve_recipe
+
+    rec = resolve_recipe(recipe or DEFAULT_RECIPE)
+    _run_recipe_command(_Ui(quiet, as_json), model or rec.model or DEFAULT_MODEL, rec, out)
+
+
+def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path) -> None:
+    """Load, apply the recipe to a copy, save it and measure it beside the original: compress and distill."""
     from slimkit.core.atomic import atomic_dir
     from slimkit.core.io import load, save
     from slimkit.core.registry import Context
     from slimkit.evaluation.suite import compare, resolve_eval_data
     from slimkit.recipe.runner import run_recipe
-    from slimkit.recipe.schema import resolve_recipe
 
-    ui = _Ui(quiet, as_json)
-    rec = resolve_recipe(recipe or DEFAULT_RECIPE)
-    model_name = model or rec.model or DEFAULT_MODEL
-    _check_out_dir(out)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes and measures
+    if main_process:
+        _check_out_dir(out)
     with ui.step(f"loading {model_name}"):
         baseline = load(model_name)
         compressed = copy.deepcopy(baseline)
     with ui.step(f"applying {', '.join(type(s).__name__ for s in rec.steps)}") as update:
         ctx = run_recipe(compressed, rec, ctx=Context(progress=update))
+        compressed = ctx.model
+    if not main_process:
+        return
     with ui.step("loading evaluation data"):
         data = resolve_eval_data(baseline)
     with atomic_dir(out) as tmp:
@@ -111,6 +122,47 @@ def compress(
             report.environment.update({"model": model_name, "recipe": rec.source or "", "output": str(out)})
         report.write(tmp)
     _print_report(ui, report, out)
+
+
+@app.command()
+def distill(
+    recipe: str = typer.Option(DEFAULT_DISTILL_RECIPE, "--recipe", "-r", help="Recipe with a Distill step (path or shipped name)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher: zoo name or model folder (default: the recipe's model)."),
+    student: Optional[str] = typer.Option(None, "--student", "-s", help='Student: a zoo name or folder, "default", "layers:0,2,5", "layers:3" or "width:0.5" (default: the recipe\'s).'),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: the recipe's)."),
+    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="Folder for training checkpoints (default: OUT.checkpoints)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --checkpoints after an interruption."),
+    out: Path = typer.Option(Path("slimkit-distill"), "--out", "-o", help="Output folder: DIR/model (the student) and DIR/report.{md,json,html}."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
+) -> None:
+    """Distill a teacher into a student and print teacher vs student figures (multi-process: run it under torchrun)."""
+    import dataclasses
+
+    from slimkit.recipe.schema import Stage, resolve_recipe
+
+    rec = resolve_recipe(recipe)
+    if not any(s.family == "distill" for s in rec.steps):
+        raise SlimkitError(f"recipe {rec.source} has no Distill step; use `slimkit compress` for it")
+    ckpt = str(checkpoints if checkpoints is not None else out.with_name(out.name + ".checkpoints"))
+
+    def override(step):
+        if step.family != "distill":
+            return step
+        changes = {"checkpoint_dir": ckpt, "resume": resume}
+        if student is not None:
+            changes["student"] = student
+        if steps is not None:
+            changes["steps"] = steps
+            if step.warmup_steps >= steps:  # the recipe's warm-up was planned for its own step count
+                changes["warmup_steps"] = steps // 10
+        if not step.checkpoint_every:
+            changes["checkpoint_every"] = max(1, (steps or step.steps) // 10)
+        return dataclasses.replace(step, **changes)
+
+    stages = tuple(Stage(st.name, tuple(override(s) for s in st.steps)) for st in rec.stages)
+    rec = dataclasses.replace(rec, stages=stages)
+    _run_recipe_command(_Ui(quiet, as_json), teacher or rec.model or DEFAULT_MODEL, rec, out)
 
 
 def _print_report(ui: _Ui, report, out: Path | None) -> None:

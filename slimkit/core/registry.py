@@ -35,6 +35,7 @@ _BUILTIN_MODULES = (
     "slimkit.pruning.magnitude",
     "slimkit.pruning.wanda",
     "slimkit.pruning.sparsegpt",
+    "slimkit.distillation.distill",
 )
 
 
@@ -45,12 +46,17 @@ class Context:
     ``data`` is the CalibrationData (or None), ``notes`` collects lines for the report
     (skipped layers and why), ``progress`` is a callable ``(description, fraction)``,
     ``stream`` is set by ``streaming.compress_checkpoint`` (see ``blockwise.run_blockwise``).
+    ``teacher`` is the model a distillation step learns from (in a recipe: the model as it was
+    before the first step); ``model`` is set by the recipe runner to the model it ended with,
+    which differs from the one passed in when a step builds a new (student) model.
     """
 
     data: Any = None
     notes: list[str] = field(default_factory=list)
     progress: Callable[[str, float], None] | None = None
     stream: Any = None  # a streaming.BlockStream when blocks are read from disk one at a time
+    teacher: Any = None
+    model: Any = None
 
     def note(self, line: str) -> None:
         """Record a line that the run's report will show."""

@@ -54,15 +54,29 @@ def needs_data(recipe: Recipe) -> bool:
 
 def run_recipe(model: nn.Module, recipe: Recipe, data: CalibrationData | None = None,
                ctx: Context | None = None) -> Context:
-    """Apply every step of ``recipe`` to ``model`` in place through the public verbs; returns the context (notes)."""
+    """Apply every step of ``recipe`` to ``model`` through the public verbs; returns the context (notes).
+
+    Steps change the model in place, except a ``Distill`` step with a ``student``: it builds
+    a new model from the current one and trains it, and later steps work on that model.
+    ``ctx.model`` is the model the recipe ended with. A distillation step's teacher is the
+    model as it was before the first step (an uncompressed copy, kept only when needed).
+    """
+    import copy
+
     from slimkit import api
 
     ctx = ctx or Context()
     if data is None and needs_data(recipe):
         data = calibration_from_spec(model, recipe.calibration or CalibrationSpec())
+    if ctx.teacher is None and any(step.family == "distill" for step in recipe.steps):
+        ctx.teacher = copy.deepcopy(model)
     verbs: dict[str, Any] = {"quantize": api.quantize_, "prune": api.prune_, "factorize": api.factorize_}
     for stage in recipe.stages:
         for step in stage.steps:
+            if step.family == "distill":
+                model = api.distill_(step.build_student(model), ctx.teacher, step, ctx=ctx)
+                continue
             verb = verbs.get(step.family, api.apply)
             verb(model, step, data, ctx)
+    ctx.model = model
     return ctx

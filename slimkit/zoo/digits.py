@@ -162,7 +162,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def _random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Each image shifted by -1, 0 or +1 pixel on each axis (zero fill), drawn from ``gen``."""
     n = x.shape[0]
     padded = nn.functional.pad(x, (1, 1, 1, 1))
@@ -210,7 +210,7 @@ def train_digits(
         perm = torch.randperm(len(x_train), generator=gen)
         for i in range(0, len(x_train), batch_size):
             idx = perm[i : i + batch_size]
-            xb = _random_shift(x_train[idx], gen)
+            xb = random_shift(x_train[idx], gen)
             loss = loss_fn(model(xb), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,2 @@
+"""Knowledge distillation: losses (``losses.py``), teacher/student feature capture (``distiller.py``),
+student builders (``students.py``), the trainer (``trainer.py``) and the recipe step (``distill.py``)."""

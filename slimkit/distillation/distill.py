@@ -1,0 +1,403 @@
+"""The ``Distill`` step: train a student against a frozen teacher, as a recipe stage or ``slimkit.distill_``.
+
+In a recipe the teacher is the model as it was before the first step, so ``Distill`` after
+``Wanda`` or ``StructuredPrune`` is recovery training of the compressed model against the
+uncompressed one (``student: ""``, the default); with ``student`` set it first builds a new
+model (a zoo student, ``layers:0,2,5`` layer dropping, ``width:0.5``) and trains that.
+
+Training data is never the evaluation split: the train split of the model's built-in corpus
+(digits images with labels; random windows of the stdlib text; stdlib docstring sentences
+for encoders) unless ``distill_`` is given data. Periodic evaluation uses the calibration split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from slimkit.core.errors import ConfigError, DataError, UnsupportedError
+from slimkit.core.io import model_info, tokenizer_of
+from slimkit.core.registry import Context, register
+from slimkit.distillation.trainer import TrainSettings
+
+LOSSES = ("auto", "kd", "forward_kl", "reverse_kl", "mixed_kl", "cosine")
+FEATURE_LOSSES = ("hint", "attention", "rkd", "similarity")
+CORPORA = ("auto", "digits", "stdlib", "stdlib-sentences")
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill(TrainSettings):
+    """Knowledge distillation from a frozen teacher (with the training fields of ``TrainSettings``).
+
+    ``student``: "" trains the model itself (recovery after compression); "default" the zoo
+    teacher's default student; a zoo name ("stdlib-coder-student") or a checkpoint folder;
+    "layers:0,2,5" (keep those teacher layers), "layers:3" (3 evenly spaced layers) or
+    "width:0.5" (a narrower, freshly initialised config). ``loss``: "kd" (logits, Hinton),
+    "forward_kl" / "reverse_kl" / "mixed_kl" (token level, causal LMs), "cosine" (encoder
+    embeddings), "auto" picks by model kind. ``temperature``, ``alpha`` (weight of the label
+    cross-entropy) and ``beta`` (mixed_kl's forward share) go to that loss. ``features``
+    lists ``[student_module, teacher_module]`` pairs trained with ``feature_loss`` scaled by
+    ``feature_weight`` (a projector is added where widths differ). ``corpus`` and ``seq_len``
+    choose the built-in training data.
+    """
+
+    family: ClassVar[str] = "distill"
+
+    student: str = ""
+    loss: str = "auto"
+    temperature: float = 2.0
+    alpha: float = 0.5
+    beta: float = 0.5
+    features: tuple = ()
+    feature_loss: str = "hint"
+    feature_weight: float = 1.0
+    corpus: str = "auto"
+    seq_len: int = 128
+
+    def __post_init__(self) -> None:
+        features = self.features
+        if isinstance(features, dict):  # YAML's natural form {student: teacher}
+            features = list(features.items())
+        if isinstance(features, (list, tuple)):
+            object.__setattr__(self, "features", tuple(tuple(p) if isinstance(p, (list, tuple)) else p
+                                                       for p in features))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Check the distillation fields (and the training fields)."""
+        super().validate()
+        if not isinstance(self.student, str):
+            self.fail("student", f"must be a string (\"\", \"default\", a zoo name, \"layers:0,2,5\", \"width:0.5\"), "
+                      f"got {self.student!r}")
+        if self.student.startswith(("layers:", "width:")):
+            _parse_student_spec(self.student, self.fail)
+        for name, allowed in (("loss", LOSSES), ("feature_loss", FEATURE_LOSSES), ("corpus", CORPORA)):
+            value = getattr(self, name)
+            if value not in allowed:
+                from slimkit.core.errors import closest
+
+                self.fail(name, f"unknown value {value!r}{closest(str(value), allowed)}; choose one of {', '.join(allowed)}")
+        if not _is_number(self.temperature) or not self.temperature > 0:
+            self.fail("temperature", f"must be a positive number, got {self.temperature!r}")
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0 <= v <= 1:
+                self.fail(name, f"must be a number in [0, 1], got {v!r}")
+        if not _is_number(self.feature_weight) or self.feature_weight < 0:
+            self.fail("feature_weight", f"must be a non-negative number, got {self.feature_weight!r}")
+        for pair in self.features:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)):
+                self.fail("features", f"each entry must be [student_module, teacher_module], got {pair!r}")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            self.fail("seq_len", f"must be an integer >= 2, got {self.seq_len!r}")
+
+    def build_student(self, model: nn.Module) -> nn.Module:
+        """The model this step trains: ``model`` itself when ``student`` is "", else a new one built from it."""
+        spec = self.student
+        if spec == "":
+            return model
+        from slimkit.distillation.students import make_student
+
+        if spec == "default":
+            return make_student(model, seed=self.seed)
+        if spec.startswith(("layers:", "width:")):
+            layers, width = _parse_student_spec(spec, self.fail)
+            return make_student(model, layers=layers, width=width, seed=self.seed)
+        from slimkit.core.io import load
+
+        return load(spec)  # a zoo name or a checkpoint folder (ModelLoadError names what is wrong)
+
+
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _parse_student_spec(spec: str, fail: Callable[[str, str], None]) -> tuple[Any, float | None]:
+    """``layers:0,2,5`` -> ([0, 2, 5], None); ``layers:3`` -> (3, None); ``width:0.5`` -> (None, 0.5)."""
+    key, _, value = spec.partition(":")
+    try:
+        if key == "width":
+            width = float(value)
+            if not 0 < width <= 1:
+                raise ValueError
+            return None, width
+        numbers = [int(v) for v in value.split(",")]
+        return (numbers[0] if len(numbers) == 1 else numbers), None
+    except ValueError:
+        fail("student", f"cannot read {spec!r}: write layers:0,2,5 (teacher layers to keep), layers:3 "
+                        "(how many, evenly spaced) or width:0.5 (0 < ratio <= 1)")
+        raise  # unreachable: fail raises
+
+
+# -- losses from the config -----------------------------------------------------------------
+class Weighted(nn.Module):
+    """``weight`` × another loss (its part keeps the inner loss's name)."""
+
+    def __init__(self, loss: nn.Module, weight: float):
+        super().__init__()
+        self.inner = loss
+        self.weight = float(weight)
+        self.part_name = type(loss).__name__
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The inner loss, scaled."""
+        return self.weight * self.inner(*args, **kwargs)
+
+
+def output_loss_for(config: Distill, kind: str) -> nn.Module:
+    """The output loss module a config asks for ("auto": kd / forward_kl / cosine by model kind)."""
+    from slimkit.distillation import losses
+
+    name = config.loss
+    if name == "auto":
+        name = {"causal-lm": "forward_kl", "encoder": "cosine"}.get(kind, "kd")
+    if name == "kd":
+        return losses.KDLoss(temperature=config.temperature, alpha=config.alpha)
+    if name == "cosine":
+        return losses.CosineEmbeddingLoss()
+    divergence = {"forward_kl": "forward", "reverse_kl": "reverse", "mixed_kl": "mix"}[name]
+    if kind != "causal-lm":
+        raise UnsupportedError(f"Distill.loss={name!r} is a token-level loss for causal LMs; this model is a {kind}: "
+                               "use loss: kd (classifiers) or cosine (encoders)")
+    return losses.TokenKDLoss(divergence=divergence, temperature=config.temperature, alpha=config.alpha,
+                              beta=config.beta)
+
+
+def feature_loss_for(config: Distill, student_width: int, teacher_width: int) -> nn.Module:
+    """One feature pair's loss (with a projector when a hint's widths differ), scaled by ``feature_weight``."""
+    from slimkit.distillation import losses
+
+    if config.feature_loss == "hint":
+        dims = (student_width, teacher_width) if student_width != teacher_width else (None, None)
+        loss: nn.Module = losses.HintLoss(*dims)
+    elif config.feature_loss == "attention":
+        loss = losses.AttentionTransferLoss()
+    elif config.feature_loss == "rkd":
+        loss = losses.RKDLoss()
+    else:
+        loss = losses.SimilarityLoss()
+    return Weighted(loss, config.feature_weight)
+
+
+def _feature_widths(student: nn.Module, teacher: nn.Module, pairs: tuple, batch: Any) -> list[tuple[int, int]]:
+    """Channel widths (dim 1 of 4-D features, else the last dim) of each feature pair, from one batch."""
+    from slimkit.distillation.distiller import FeatureHooks, _Capture, call_model, split_batch
+
+    s_hooks = FeatureHooks(student, [s for s, _ in pairs], "the student")
+    t_hooks = FeatureHooks(teacher, [t for _, t in pairs], "the teacher")
+    try:
+        b = split_batch(batch, model_info(student)["kind"])
+        with torch.no_grad(), _Capture(s_hooks, t_hooks):
+            call_model(student, b.inputs)
+            call_model(teacher, b.inputs)
+        s_feats, t_feats = s_hooks.take(), t_hooks.take()
+    finally:
+        s_hooks.remove()
+        t_hooks.remove()
+
+    def width(x: torch.Tensor) -> int:
+        return x.shape[1] if x.dim() == 4 else x.shape[-1]
+
+    return [(width(s_feats[s]), width(t_feats[t])) for s, t in pairs]
+
+
+# -- built-in training data -------------------------------------------------------------------
+def _resolve_corpus(config: Distill, kind: str) -> str:
+    if config.corpus != "auto":
+        return config.corpus
+    return {"classifier": "digits", "causal-lm": "stdlib", "encoder": "stdlib-sentences"}.get(kind, "")
+
+
+def _epoch_rows(n: int, batch_size: int, step: int, seed: int, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Row indices of a step's batch: the data in a seeded random order per epoch, batches in sequence."""
+    flat = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, pos = flat // n, flat % n
+    for e in epochs.unique().tolist():
+        if e not in cache:
+            cache[e] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
+    return torch.stack([cache[int(e)][int(p)] for e, p in zip(epochs, pos)])
+
+
+def training_batches(model: nn.Module, config: Distill) -> Callable[[int], Any]:
+    """``step -> global batch`` from the train split of the built-in corpus for ``model`` (deterministic)."""
+    kind = model_info(model)["kind"]
+    corpus = _resolve_corpus(config, kind)
+    bs, seed = config.batch_size, config.seed
+    perms: dict[int, torch.Tensor] = {}
+    if corpus == "digits":
+        from slimkit.zoo.digits import load_digits_split, random_shift
+
+        x, y = load_digits_split("train")
+
+        def digits_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = _epoch_rows(len(x), bs, step, seed, perms)
+            gen = torch.Generator().manual_seed(seed * 7919 + step)
+            return random_shift(x[rows], gen), y[rows]
+
+        return digits_batch
+    tokenizer = tokenizer_of(model)
+    if corpus in ("stdlib", "stdlib-sentences") and tokenizer is None:
+        raise DataError(f"the {corpus!r} training corpus needs a model with a tokenizer; pass data to distill_")
+    if corpus == "stdlib":
+        # Twice the tokens the run reads, so windows seldom repeat, without tokenizing the whole split.
+        ids = _train_ids(tokenizer, 2 * config.steps * bs * config.seq_len, seed)
+        if len(ids) <= config.seq_len + 1:
+            raise DataError(f"the stdlib train split has {len(ids)} tokens, fewer than seq_len={config.seq_len}")
+
+        def lm_batch(step: int) -> dict[str, torch.Tensor]:
+            gen = torch.Generator().manual_seed(seed * 7919 + step)
+            starts = torch.randint(0, len(ids) - config.seq_len - 1, (bs,), generator=gen)
+            return {"input_ids": torch.stack([ids[s:s + config.seq_len] for s in starts.tolist()])}
+
+        return lm_batch
+    if corpus == "stdlib-sentences":
+        from slimkit.zoo.minilm import sample_texts
+
+        texts = sample_texts("train", n=10**9, seed=seed)
+
+        def sentence_batch(step: int) -> dict[str, torch.Tensor]:
+            rows = _epoch_rows(len(texts), bs, step, seed, perms)
+            enc = tokenizer([texts[int(i)] for i in rows], padding=True, truncation=True, max_length=config.seq_len,
+                            return_tensors="pt")
+            return dict(enc)
+
+        return sentence_batch
+    raise DataError(f"no built-in training corpus for a {kind!r} model: pass data to slimkit.distill_ "
+                    "(a callable step -> batch, or an iterable of batches)")
+
+
+def _train_ids(tokenizer: Any, min_tokens: int, seed: int) -> torch.Tensor:
+    """Token ids of stdlib train-split files taken in a seeded random order until ``min_tokens`` (or all)."""
+    import random
+
+    from slimkit.zoo.corpus import load_split
+    from slimkit.zoo.stdlib_coder import encode_corpus
+
+    files = list(load_split("train"))
+    random.Random(seed).shuffle(files)
+    chunks, total = [], 0
+    for i in range(0, len(files), 32):
+        chunk = encode_corpus(tokenizer, files[i:i + 32])
+        chunks.append(chunk)
+        total += len(chunk)
+        if total >= min_tokens:
+            break
+    return torch.cat(chunks)
+
+
+def calibration_metric(student: nn.Module, teacher: nn.Module, config: Distill) -> Callable[[nn.Module], dict]:
+    """Periodic evaluation on the calibration split (never the eval split): accuracy, perplexity or cosine."""
+    kind = model_info(student)["kind"]
+    corpus = _resolve_corpus(config, kind)
+    if corpus == "digits":
+        from slimkit.zoo.digits import accuracy, load_digits_split
+
+        x, y = load_digits_split("calibration")
+        return lambda module: {"calib_accuracy": accuracy(student, x, y)}
+    tokenizer = tokenizer_of(student)
+    if corpus == "stdlib" and tokenizer is not None:
+        from slimkit.zoo.corpus import load_split
+        from slimkit.zoo.stdlib_coder import encode_corpus
+
+        ids = encode_corpus(tokenizer, load_split("calibration")[:20])
+        n = min(16, (len(ids) - 1) // config.seq_len)
+        windows = ids[: n * config.seq_len].view(n, config.seq_len)
+
+        @torch.no_grad()
+        def calib_ppl(module: nn.Module) -> dict:
+            was = student.training
+            student.eval()
+            device = next(student.parameters()).device
+            loss = sum(student(input_ids=w[None].to(device), labels=w[None].to(device)).loss.item() for w in windows)
+            student.train(was)
+            return {"calib_ppl": math.exp(loss / max(n, 1))}
+
+        return calib_ppl if n > 0 else (lambda module: {})
+    if corpus == "stdlib-sentences" and tokenizer is not None:
+        from slimkit.evaluation.quality import embedding_fidelity, encode_sentences
+        from slimkit.zoo.minilm import sample_texts
+
+        texts = sample_texts("calibration", n=128, seed=0)
+        reference = encode_sentences(teacher, tokenizer, texts)
+
+        def calib_cosine(module: nn.Module) -> dict:
+            was = student.training
+            fid = embedding_fidelity(encode_sentences(student, tokenizer, texts), reference)
+            student.train(was)
+            return {"calib_cosine": fid.mean_cosine}
+
+        return calib_cosine
+    return lambda module: {}
+
+
+# -- the handler ------------------------------------------------------------------------------
+def check_weights_finite(model: nn.Module, role: str) -> None:
+    """DataError naming the first parameter of ``model`` that holds NaN or inf."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p.detach()).all()):
+            raise DataError(f"the {role}'s parameter {name!r} holds NaN or inf; fix the model before distilling")
+
+
+def _keep_pruned_zeros(model: nn.Module, ctx: Context) -> None:
+    """Mask a pruned model's zeros so fine-tuning keeps its sparsity (masks are baked in on save)."""
+    if not any(step.get("family") == "prune" or step.get("type") in _PRUNE_TYPES
+               for step in model_info(model)["steps"]):
+        return
+    from slimkit.pruning.masks import attach_masks_from_zeros
+
+    masked = attach_masks_from_zeros(model)
+    if masked:
+        ctx.note(f"Distill: kept the zeros of {len(masked)} pruned layer(s) fixed while training")
+
+
+_PRUNE_TYPES = ("Magnitude", "Gradual", "Iterative", "Wanda", "SparseGPT")
+
+
+def _frozen_quantized(model: nn.Module) -> int:
+    from slimkit.core.modules import SlimkitModule
+
+    return sum(1 for m in model.modules() if isinstance(m, SlimkitModule) and not any(
+        p.requires_grad for p in m.parameters(recurse=False)) and hasattr(m, "weight_bits_per_element"))
+
+
+@register(Distill)
+def apply_distill(student: nn.Module, config: Distill, ctx: Context) -> None:
+    """Train ``student`` in place against ``ctx.teacher`` (frozen) with the config's losses and schedule."""
+    from slimkit.distillation.distiller import Distiller
+    from slimkit.distillation.trainer import Trainer, init_distributed
+
+    teacher = ctx.teacher
+    if teacher is None:
+        raise ConfigError("Distill needs a teacher: in a recipe it is the model before the first step; in Python "
+                          "call slimkit.distill_(student, teacher, config)")
+    check_weights_finite(teacher, "teacher")
+    check_weights_finite(student, "student")
+    kind = model_info(student)["kind"]
+    _keep_pruned_zeros(student, ctx)
+    frozen = _frozen_quantized(student)
+    if frozen:
+        ctx.note(f"Distill: {frozen} quantized layer(s) have integer codes and stay frozen; to recover their "
+                 "accuracy, put Distill between QAT(step=prepare) and QAT(step=convert)")
+    data = ctx.data if ctx.data is not None else training_batches(student, config)
+    first = data(0) if callable(data) else next(iter(data))
+    pairs = tuple(config.features)
+    feature_losses = None
+    if pairs:
+        widths = _feature_widths(student, teacher, pairs, first)
+        feature_losses = {s: (t, feature_loss_for(config, ws, wt)) for (s, t), (ws, wt) in zip(pairs, widths)}
+    distiller = Distiller(teacher, student, output_loss_for(config, kind), feature_losses)
+    init_distributed()
+    evaluate = calibration_metric(student, teacher, config) if ctx.data is None else None
+    try:
+        result = Trainer(distiller, config, data, evaluate=evaluate, progress=ctx.progress).fit()
+    finally:
+        distiller.close()
+        student.eval()
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+    ctx.note(f"Distill: {result.steps} steps of batch {config.batch_size} in {result.seconds:.0f}s "
+             f"on {result.world_size} process(es), final loss {result.final_loss:.4g}" + (f", {metrics}" if metrics else ""))
