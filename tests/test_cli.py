@@ -123,3 +123,27 @@ def test_impossible_pruning_settings_exit_2(tiny_lm_dir, tmp_path, step, needle)
     # Progress lines may come first (the model loads before the step fails); the error is one line, last.
     assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
     assert needle in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_distill_trains_a_student_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "kd"
+    r = slimkit_cli("distill", "--recipe", "kd-digits", "--steps", "3", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["compressed"]["params_total"] < 0.1 * report["baseline"]["params_total"]  # 8/16/32 vs 32/64/128
+    assert "accuracy" in report["compressed"]["quality"]
+    assert any("Distill: 3 steps of batch 64" in n for n in report["notes"])
+    ckpt = tmp_path / "kd.checkpoints" / "last"
+    assert (ckpt / "model.safetensors").is_file() and json.loads((ckpt / "trainer.json").read_text())["step"] == 3
+    # An interrupted or extended run continues from the checkpoint instead of starting over.
+    r = slimkit_cli("distill", "--recipe", "kd-digits", "--steps", "5", "--resume", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert any("Distill: 5 steps (resumed at step 3)" in n for n in json.loads(r.stdout)["notes"])
+
+
+def test_distill_user_mistakes_exit_2(tmp_path):
+    out = tmp_path / "kd"
+    r = slimkit_cli("distill", "--recipe", "kd-digits", "--student", "layers:7", "--steps", "2", "--out", out, "--quiet")
+    _assert_user_error(r, "layers", out)
+    r = slimkit_cli("distill", "--recipe", "int8-weight-only", "--out", out)
+    _assert_user_error(r, "no Distill step", out)

@@ -399,5 +399,6 @@ def apply_distill(student: nn.Module, config: Distill, ctx: Context) -> None:
         distiller.close()
         student.eval()
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
-    ctx.note(f"Distill: {result.steps} steps of batch {config.batch_size} in {result.seconds:.0f}s "
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    ctx.note(f"Distill: {result.steps} steps{resumed} of batch {config.batch_size} in {result.seconds:.0f}s "
              f"on {result.world_size} process(es), final loss {result.final_loss:.4g}" + (f", {metrics}" if metrics else ""))
