@@ -473,3 +473,7 @@ class SelfDistiller(nn.Module):
             parts[f"exit[{name}]"] = value.detach()
             total = total + value
         return DistillOutput(total, parts, out)
+
+    def close(self) -> None:
+        """Remove the feature hooks from the model (the exit heads are no longer fed)."""
+        self._hooks.remove()

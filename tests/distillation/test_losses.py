@@ -649,3 +649,25 @@ def test_large_logits_stay_finite(a, b, temperature):
         assert torch.isfinite(loss)
         (grad,) = torch.autograd.grad(loss, s)
         assert torch.isfinite(grad).all()
+
+
+def test_softmax_kl_with_minus_inf_teacher_logits_skips_those_classes():
+    """A masked class (teacher logit -inf, probability 0) adds nothing; both code paths agree elsewhere."""
+    from slimkit.distillation.losses import softmax_kl
+
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g, requires_grad=True)
+    masked = t.clone()
+    masked[:, 4:] = float("-inf")
+    got = softmax_kl(masked, s)
+    p = torch.softmax(t[:, :4].double(), -1)
+    log_q = torch.log_softmax(s.double(), -1)[:, :4]
+    expected = (p * (p.log() - log_q)).sum(-1)
+    assert torch.allclose(got.double(), expected, atol=1e-6)
+    got.sum().backward()
+    assert torch.isfinite(s.grad).all()
+    # Finite logits take the fused path: the same values as the explicit formula.
+    fused = softmax_kl(t, s)
+    p_all = torch.softmax(t.double(), -1)
+    explicit = (p_all * (p_all.log() - torch.log_softmax(s.double(), -1))).sum(-1)
+    assert torch.allclose(fused.double(), explicit, atol=1e-6)
