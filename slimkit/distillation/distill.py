@@ -345,8 +345,7 @@ def check_weights_finite(model: nn.Module, role: str) -> None:
 
 def _keep_pruned_zeros(model: nn.Module, ctx: Context) -> None:
     """Mask a pruned model's zeros so fine-tuning keeps its sparsity (masks are baked in on save)."""
-    if not any(step.get("family") == "prune" or step.get("type") in _PRUNE_TYPES
-               for step in model_info(model)["steps"]):
+    if not any(step.get("type") in _PRUNE_TYPES for step in model_info(model)["steps"]):
         return
     from slimkit.pruning.masks import attach_masks_from_zeros
 
@@ -355,7 +354,7 @@ def _keep_pruned_zeros(model: nn.Module, ctx: Context) -> None:
         ctx.note(f"Distill: kept the zeros of {len(masked)} pruned layer(s) fixed while training")
 
 
-_PRUNE_TYPES = ("Magnitude", "Gradual", "Iterative", "Wanda", "SparseGPT")
+_PRUNE_TYPES = ("Magnitude", "Gradual", "Iterative", "Wanda", "SparseGPT")  # the ones that leave zeros
 
 
 def _frozen_quantized(model: nn.Module) -> int:

@@ -123,3 +123,30 @@ def test_distill_recipe_rejects_unknown_values_with_the_closest_name():
         Distill(features=(("a",),))
     assert Distill(features={"a": "b"}).features == (("a", "b"),)
     assert json.loads(json.dumps(Distill(features={"a": "b"}).to_dict()))["features"] == [["a", "b"]]
+
+
+def test_distill_refuses_nan_weights_and_a_missing_teacher():
+    from slimkit.core.errors import ConfigError, DataError
+
+    teacher = sk.load("digits-cnn")
+    student = sk.make_student(teacher)
+    with torch.no_grad():
+        teacher.features[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match=r"teacher's parameter 'features\.0\.weight' holds NaN"):
+        sk.distill_(student, teacher, Distill(steps=2))
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        sk.apply(student, Distill(steps=2))
+
+
+def test_distill_feature_pairs_from_a_recipe_get_a_projector_where_widths_differ():
+    """kd-digits with a hint on the last block: 32 student channels -> 128 teacher channels, a learned projector."""
+    from slimkit.core.registry import Context
+
+    teacher = sk.load("digits-cnn")
+    student = sk.make_student(teacher)
+    ctx = Context()
+    config = Distill(loss="kd", steps=2, batch_size=16, features={"features.10": "features.10"}, feature_weight=0.5)
+    sk.distill_(student, teacher, config, ctx=ctx)
+    assert "Distill: 2 steps" in ctx.notes[-1]
+    with pytest.raises(sk.SlimkitError, match=r"did you mean 'features\.10'"):
+        sk.distill_(student, teacher, Distill(steps=2, features={"features.11": "features.10"}))
