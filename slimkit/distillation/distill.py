@@ -343,15 +343,21 @@ def check_weights_finite(model: nn.Module, role: str) -> None:
             raise DataError(f"the {role}'s parameter {name!r} holds NaN or inf; fix the model before distilling")
 
 
-def _keep_pruned_zeros(model: nn.Module, ctx: Context) -> None:
-    """Mask a pruned model's zeros so fine-tuning keeps its sparsity (masks are baked in on save)."""
-    if not any(step.get("type") in _PRUNE_TYPES for step in model_info(model)["steps"]):
-        return
-    from slimkit.pruning.masks import attach_masks_from_zeros
+def _keep_pruned_zeros(model: nn.Module, ctx: Context) -> bool:
+    """Mask a pruned model's zeros so fine-tuning keeps its sparsity; True when masks were added here.
 
+    A model that already carries masks (``Magnitude(keep_masks=True)``) keeps its own.
+    """
+    if not any(step.get("type") in _PRUNE_TYPES for step in model_info(model)["steps"]):
+        return False
+    from slimkit.pruning.masks import attach_masks_from_zeros, masked_modules
+
+    if masked_modules(model):
+        return False
     masked = attach_masks_from_zeros(model)
     if masked:
         ctx.note(f"Distill: kept the zeros of {len(masked)} pruned layer(s) fixed while training")
+    return bool(masked)
 
 
 _PRUNE_TYPES = ("Magnitude", "Gradual", "Iterative", "Wanda", "SparseGPT")  # the ones that leave zeros
@@ -377,7 +383,7 @@ def apply_distill(student: nn.Module, config: Distill, ctx: Context) -> None:
     check_weights_finite(teacher, "teacher")
     check_weights_finite(student, "student")
     kind = model_info(student)["kind"]
-    _keep_pruned_zeros(student, ctx)
+    added_masks = _keep_pruned_zeros(student, ctx)
     frozen = _frozen_quantized(student)
     if frozen:
         ctx.note(f"Distill: {frozen} quantized layer(s) have integer codes and stay frozen; to recover their "
@@ -397,6 +403,10 @@ def apply_distill(student: nn.Module, config: Distill, ctx: Context) -> None:
     finally:
         distiller.close()
         student.eval()
+        if added_masks:  # bake them in: plain weights run at full speed, and the zeros stay zeros
+            from slimkit.pruning.masks import strip
+
+            strip(student)
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     ctx.note(f"Distill: {result.steps} steps{resumed} of batch {config.batch_size} in {result.seconds:.0f}s "
