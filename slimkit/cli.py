@@ -107,7 +107,8 @@ def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path) -> None:
         baseline = load(model_name)
         compressed = copy.deepcopy(baseline)
     with ui.step(f"applying {', '.join(type(s).__name__ for s in rec.steps)}") as update:
-        ctx = run_recipe(compressed, rec, ctx=Context(progress=update))
+        # The untouched baseline doubles as a distillation step's teacher (no third copy in memory).
+        ctx = run_recipe(compressed, rec, ctx=Context(progress=update, teacher=baseline))
         compressed = ctx.model
     if not main_process:
         return
