@@ -103,6 +103,8 @@ def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path) -> None:
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes and measures
     if main_process:
         _check_out_dir(out)
+    else:
+        ui.quiet = True  # one progress display per run, not one per process
     with ui.step(f"loading {model_name}"):
         baseline = load(model_name)
         compressed = copy.deepcopy(baseline)
