@@ -23,7 +23,7 @@ from torch import nn
 from slimkit.core.errors import ConfigError, DataError, UnsupportedError
 from slimkit.core.io import model_info, tokenizer_of
 from slimkit.core.registry import Context, register
-from slimkit.distillation.trainer import TrainSettings
+from slimkit.distillation.trainer import TrainSettings, _is_number
 
 LOSSES = ("auto", "kd", "forward_kl", "reverse_kl", "mixed_kl", "cosine")
 FEATURE_LOSSES = ("hint", "attention", "rkd", "similarity")
@@ -113,10 +113,6 @@ class Distill(TrainSettings):
         return load(spec)  # a zoo name or a checkpoint folder (ModelLoadError names what is wrong)
 
 
-def _is_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def _parse_student_spec(spec: str, fail: Callable[[str, str], None]) -> tuple[Any, float | None]:
     """``layers:0,2,5`` -> ([0, 2, 5], None); ``layers:3`` -> (3, None); ``width:0.5`` -> (None, 0.5)."""
     key, _, value = spec.partition(":")
@@ -186,15 +182,16 @@ def feature_loss_for(config: Distill, student_width: int, teacher_width: int) ->
 
 def _feature_widths(student: nn.Module, teacher: nn.Module, pairs: tuple, batch: Any) -> list[tuple[int, int]]:
     """Channel widths (dim 1 of 4-D features, else the last dim) of each feature pair, from one batch."""
-    from slimkit.distillation.distiller import FeatureHooks, _Capture, call_model, split_batch
+    from slimkit.core.calibration import run_model
+    from slimkit.distillation.distiller import FeatureHooks, _Capture, parse_batch
 
     s_hooks = FeatureHooks(student, [s for s, _ in pairs], "the student")
     t_hooks = FeatureHooks(teacher, [t for _, t in pairs], "the teacher")
     try:
-        b = split_batch(batch, model_info(student)["kind"])
+        b = parse_batch(batch, model_info(student)["kind"])
         with torch.no_grad(), _Capture(s_hooks, t_hooks):
-            call_model(student, b.inputs)
-            call_model(teacher, b.inputs)
+            run_model(student, b.inputs)
+            run_model(teacher, b.inputs)
         s_feats, t_feats = s_hooks.take(), t_hooks.take()
     finally:
         s_hooks.remove()
@@ -302,22 +299,12 @@ def calibration_metric(student: nn.Module, teacher: nn.Module, config: Distill) 
     tokenizer = tokenizer_of(student)
     if corpus == "stdlib" and tokenizer is not None:
         from slimkit.zoo.corpus import load_split
-        from slimkit.zoo.stdlib_coder import encode_corpus
+        from slimkit.zoo.stdlib_coder import encode_corpus, windowed_loss
 
         ids = encode_corpus(tokenizer, load_split("calibration")[:20])
-        n = min(16, (len(ids) - 1) // config.seq_len)
-        windows = ids[: n * config.seq_len].view(n, config.seq_len)
-
-        @torch.no_grad()
-        def calib_ppl(module: nn.Module) -> dict:
-            was = student.training
-            student.eval()
-            device = next(student.parameters()).device
-            loss = sum(student(input_ids=w[None].to(device), labels=w[None].to(device)).loss.item() for w in windows)
-            student.train(was)
-            return {"calib_ppl": math.exp(loss / max(n, 1))}
-
-        return calib_ppl if n > 0 else (lambda module: {})
+        if (len(ids) - 1) // config.seq_len < 1:
+            return lambda module: {}
+        return lambda module: {"calib_ppl": math.exp(windowed_loss(student, ids, config.seq_len, 16))}
     if corpus == "stdlib-sentences" and tokenizer is not None:
         from slimkit.evaluation.quality import embedding_fidelity, encode_sentences
         from slimkit.zoo.minilm import sample_texts

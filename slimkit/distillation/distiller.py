@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.core.calibration import run_model
 from slimkit.core.errors import ConfigError, DataError, closest
 from slimkit.core.io import model_info, tokenizer_of
 
@@ -60,7 +61,7 @@ class _Batch:
     mask: torch.Tensor | None
 
 
-def split_batch(batch: Any, kind: str) -> _Batch:
+def parse_batch(batch: Any, kind: str) -> _Batch:
     """Inputs, labels and padding mask of a batch (see the module docstring for the accepted forms)."""
     if isinstance(batch, torch.Tensor):
         inputs, labels, mask = batch, None, None
@@ -78,11 +79,6 @@ def split_batch(batch: Any, kind: str) -> _Batch:
         if mask is not None:
             labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
     return _Batch(inputs, labels, mask)
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """One forward: a dict as keyword arguments, anything else positionally."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
 def _first_tensor(value: Any, what: str) -> torch.Tensor:
@@ -285,11 +281,11 @@ class Distiller(nn.Module):
         return out
 
     def _compute(self, batch: Any) -> DistillOutput:
-        b = split_batch(batch, self.kind)
+        b = parse_batch(batch, self.kind)
         with torch.no_grad(), _Capture(self._teacher_hooks):
-            t_out = call_model(self.teacher, b.inputs)
+            t_out = run_model(self.teacher, b.inputs)
         with _Capture(self._student_hooks):
-            s_out = call_model(self.student, b.inputs)
+            s_out = run_model(self.student, b.inputs)
         t_feats, s_feats = self._teacher_hooks.take(), self._student_hooks.take()
         parts: dict[str, torch.Tensor] = {}
         total = None
@@ -368,10 +364,10 @@ class MutualDistiller(nn.Module):
 
     def forward(self, batch: Any) -> DistillOutput:
         """Every student on ``batch``; the sum of their objectives, one part per student."""
-        b = split_batch(batch, self.kind)
+        b = parse_batch(batch, self.kind)
         if b.labels is None:
             raise DataError("mutual learning needs labels: pass (inputs, labels) batches")
-        outs = [call_model(s, b.inputs) for s in self.students]
+        outs = [run_model(s, b.inputs) for s in self.students]
         preds = [model_prediction(s, o, b.mask) for s, o in zip(self.students, outs)]
         parts, total = {}, None
         for k, pred in enumerate(preds):
@@ -444,9 +440,9 @@ class SelfDistiller(nn.Module):
     @torch.no_grad()
     def prepare(self, batch: Any) -> None:
         """Size and build the exit heads from one batch."""
-        b = split_batch(batch, "classifier")
+        b = parse_batch(batch, "classifier")
         with _Capture(self._hooks):
-            logits = _first_tensor(call_model(self.model, b.inputs), "the model output")
+            logits = _first_tensor(run_model(self.model, b.inputs), "the model output")
         feats = self._hooks.take()
         device = logits.device
         for i, name in enumerate(self.exits):
@@ -459,11 +455,11 @@ class SelfDistiller(nn.Module):
             if self._handed_out:
                 raise ConfigError("call SelfDistiller.prepare(batch) before building the optimizer")
             self.prepare(batch)
-        b = split_batch(batch, "classifier")
+        b = parse_batch(batch, "classifier")
         if b.labels is None:
             raise DataError("self-distillation needs labels: pass (inputs, labels) batches")
         with _Capture(self._hooks):
-            out = call_model(self.model, b.inputs)
+            out = run_model(self.model, b.inputs)
         feats = self._hooks.take()
         deepest = _first_tensor(out, "the model output")
         total = nn.functional.cross_entropy(deepest, b.labels)

@@ -440,7 +440,20 @@ def hint_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
     return F.mse_loss(s, t)
 
 
-class HintLoss(nn.Module):
+class _Projected(nn.Module):
+    """A loss with an optional learned projector ``nn.Linear(student_dim, teacher_dim)``, built in ``__init__``."""
+
+    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None) -> None:
+        super().__init__()
+        self.projector: nn.Linear | None = _build_projector(_dims(type(self).__name__, student_dim, teacher_dim))
+
+    @property
+    def has_projector(self) -> bool:
+        """True when a learned projector maps student channels to teacher channels."""
+        return self.projector is not None
+
+
+class HintLoss(_Projected):
     """FitNets hint loss, Romero et al. 2015, "FitNets: Hints for Thin Deep Nets".
 
     L = mean over elements of (F_t − r(F_s))². With ``student_dim`` != ``teacher_dim`` the
@@ -450,15 +463,6 @@ class HintLoss(nn.Module):
     exactly a 1×1 Conv2d. Equal dims or none: r is the identity. ``has_projector`` /
     ``projector`` tell which. ``forward(student_feat, teacher_feat)``.
     """
-
-    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None) -> None:
-        super().__init__()
-        self.projector: nn.Linear | None = _build_projector(_dims("HintLoss", student_dim, teacher_dim))
-
-    @property
-    def has_projector(self) -> bool:
-        """True when a learned projector maps student channels to teacher channels."""
-        return self.projector is not None
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
         """The scalar hint loss (teacher detached)."""
@@ -705,7 +709,7 @@ def cosine_embedding_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, 
     return (gap * keep).sum() / keep.sum().clamp_min(1)
 
 
-class CosineEmbeddingLoss(nn.Module):
+class CosineEmbeddingLoss(_Projected):
     """Cosine embedding distillation, DistilBERT (Sanh et al. 2019): L = mean over rows of 1 − cos(r(e_s), e_t).
 
     Same projector rule as ``HintLoss``: ``student_dim`` != ``teacher_dim`` builds an
@@ -713,15 +717,6 @@ class CosineEmbeddingLoss(nn.Module):
     applied on the last axis. ``forward(student_emb, teacher_emb, mask=None)``: (N, D) or
     (N, T, D) embeddings, ``mask`` (N, T) (or (N,)) excluding padding rows.
     """
-
-    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None) -> None:
-        super().__init__()
-        self.projector: nn.Linear | None = _build_projector(_dims("CosineEmbeddingLoss", student_dim, teacher_dim))
-
-    @property
-    def has_projector(self) -> bool:
-        """True when a learned projector maps student width to teacher width."""
-        return self.projector is not None
 
     def forward(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -92,11 +92,12 @@ def encode_corpus(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _windowed_loss(model, ids: torch.Tensor, seq_len: int, max_windows: int) -> float:
-    """Mean next-token NLL over the first ``max_windows`` non-overlapping windows of ``ids``."""
+def windowed_loss(model, ids: torch.Tensor, seq_len: int, max_windows: int) -> float:
+    """Mean next-token NLL over the first ``max_windows`` non-overlapping windows of ``ids`` (model mode kept)."""
+    was_training = model.training
     model.eval()
     n = min(max_windows, (len(ids) - 1) // seq_len)
-    x = ids[: n * seq_len].view(n, seq_len)
+    x = ids[: n * seq_len].view(n, seq_len).to(next(model.parameters()).device)
     total, count = 0.0, 0
     for i in range(0, n, 8):
         batch = x[i : i + 8]
@@ -104,7 +105,7 @@ def _windowed_loss(model, ids: torch.Tensor, seq_len: int, max_windows: int) -> 
         tokens = batch.numel() - batch.shape[0]  # the first token of each window is not predicted
         total += out.loss.item() * tokens
         count += tokens
-    model.train()
+    model.train(was_training)
     return total / count
 
 
@@ -173,7 +174,7 @@ def train(
         opt.step()
         step += 1
         if step % 250 == 0:
-            calib_loss = _windowed_loss(model, calib_ids, SEQ_LEN, 64)
+            calib_loss = windowed_loss(model, calib_ids, SEQ_LEN, 64)
             history.append({"step": step, "train_loss": loss.item(), "calib_ppl": math.exp(calib_loss),
                             "seconds": round(time.time() - t_train)})
             log(f"step {step} loss {loss.item():.3f} calib ppl {math.exp(calib_loss):.2f} lr {cur_lr:.2e} "
