@@ -27,15 +27,8 @@ One optimizer step (``step`` counts the steps already taken, 0 for the first):
 After step k (k = step + 1 steps done): ``evaluate`` every ``eval_every`` steps and at the
 end, then a checkpoint every ``checkpoint_every`` steps and at the end, then ``progress``.
 
-Checkpoints are a folder ``checkpoint_dir/last`` replaced atomically (a temporary folder
-renamed into place), written by rank 0 alone, with no pickle anywhere:
-
-- ``model.safetensors``: ``module.state_dict()`` (tied tensors once, via
-  ``core.sparse_storage``); a Distiller keeps its frozen teacher out of it;
-- ``optimizer.safetensors``: every optimizer state tensor as ``state.<param index>.<name>``,
-  and the torch RNG state as ``rng.cpu`` (and ``rng.cuda`` on a GPU) so dropout resumes exactly;
-- ``trainer.json``: the step, the history, ``settings.to_dict()``, the optimizer's param
-  groups and non-tensor state, the world size.
+Checkpoints are a folder ``checkpoint_dir/last`` replaced atomically, written by rank 0 alone,
+with no pickle anywhere (the files: ``checkpoint.py``).
 
 Resuming (``resume=True``) loads ``checkpoint_dir/last`` strictly and continues from its step.
 A run resumed from a checkpoint equals the uninterrupted run exactly when the data is
@@ -73,9 +66,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from slimkit.core.atomic import atomic_dir
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError, SlimkitError, UnsupportedError
+from slimkit.distillation.checkpoint import (
+    CHECKPOINT_NAME,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    load_checkpoint_weights,
+    load_model,
+    load_optimizer_state,
+    names_text,
+    read_state,
+    write_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +89,6 @@ SGD_MOMENTUM = 0.9
 # Cosine and linear decay end at this fraction of lr rather than 0, so the last steps still
 # learn (the LLaMA / nanoGPT choice of min_lr = lr / 10).
 FINAL_LR_RATIO = 0.1
-CHECKPOINT_NAME = "last"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer.json"
-CHECKPOINT_FORMAT = "slimkit.trainer"
-CHECKPOINT_VERSION = 1
 _RESERVED = ("step", "loss", "lr", "grad_norm")  # history keys a part may not overwrite
 
 
@@ -108,10 +106,6 @@ class TrainingDiverged(SlimkitError):
         self.bad_parts = bad_parts
         self.checkpoint = checkpoint
         self.checkpoint_step = checkpoint_step
-
-
-class CheckpointError(SlimkitError):
-    """A trainer checkpoint that cannot be read or does not match the module, optimizer or settings."""
 
 
 # --- the schedule (pure) -------------------------------------------------------------------
@@ -340,83 +334,6 @@ def _process_group() -> tuple[int, int]:
     return 0, 1
 
 
-# --- checkpoints ---------------------------------------------------------------------------
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from slimkit.core.sparse_storage import load_state_dict
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the checkpoint folder")
-    try:
-        return load_state_dict(path)
-    except Exception as exc:  # safetensors' own error types vary by version
-        raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
-
-
-def load_checkpoint_weights(module: nn.Module, folder: str | os.PathLike) -> int:
-    """Load ``model.safetensors`` of a trainer checkpoint folder into ``module`` (strict); returns its step.
-
-    ``folder`` is ``checkpoint_dir/last`` (or ``checkpoint_dir``, which holds it). Raises
-    CheckpointError naming the file when it is missing, corrupt or does not match the module.
-    """
-    folder = Path(folder)
-    if not (folder / STATE_FILE).exists() and (folder / CHECKPOINT_NAME / STATE_FILE).exists():
-        folder = folder / CHECKPOINT_NAME
-    state = _read_state(folder / STATE_FILE)
-    _load_model(module, folder / MODEL_FILE)
-    return int(state["step"])
-
-
-def _load_model(module: nn.Module, path: Path) -> None:
-    tensors, aliases = _read_safetensors(path)
-    for alias, stored in aliases.items():  # tied weights are stored once
-        if stored in tensors:
-            tensors[alias] = tensors[stored]
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match the module (missing {_names(missing)}, unexpected "
-                              f"{_names(unexpected)}); resume with the same model, or start a fresh checkpoint_dir")
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"{path}: does not match the module: {exc}") from None
-
-
-def _names(names: list[str]) -> str:
-    if not names:
-        return "none"
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the checkpoint folder")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot be read as JSON ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a slimkit trainer checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    if not isinstance(state.get("version"), int) or state["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')!r} is newer than this slimkit "
-                              f"reads ({CHECKPOINT_VERSION})")
-    for key, kind in (("step", int), ("history", list), ("settings", dict), ("optimizer", dict)):
-        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            raise CheckpointError(f"{path}: {key!r} is missing or not a {kind.__name__}")
-    return state
-
-
-def _json_value(value: Any) -> Any:
-    """A non-tensor optimizer value as JSON (tuples become lists; restored from the live optimizer's types)."""
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, (tuple, list)):
-        return [_json_value(v) for v in value]
-    raise UnsupportedError(f"cannot checkpoint optimizer value {value!r} ({type(value).__name__})")
-
-
 # --- the trainer ---------------------------------------------------------------------------
 
 
@@ -605,40 +522,18 @@ class Trainer:
         return Path(self.settings.checkpoint_dir) / CHECKPOINT_NAME
 
     def _write_checkpoint(self, step: int) -> None:
-        from safetensors.torch import save_file
-
-        from slimkit.core.sparse_storage import save_state_dict
-
         folder = self._folder()
         if self.rank == 0:
-            tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
-            if self.device.type == "cuda":
-                tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-            opt = self.optimizer.state_dict()
-            scalars: dict[str, dict[str, Any]] = {}
-            for index, entry in opt["state"].items():
-                for name, value in entry.items():
-                    if isinstance(value, torch.Tensor):
-                        tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous().clone()
-                    else:
-                        scalars.setdefault(str(index), {})[name] = _json_value(value)
-            state = {
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
-                "history": self.history, "settings": self.settings.to_dict(), "world_size": self.world,
-                "optimizer": {"param_groups": [{k: _json_value(v) for k, v in g.items()} for g in opt["param_groups"]],
-                              "scalars": scalars},
-            }
-            with atomic_dir(folder) as tmp:
-                save_state_dict(self.module.state_dict(), tmp / MODEL_FILE)
-                save_file(tensors, str(tmp / OPTIMIZER_FILE))
-                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str), encoding="utf-8")
+            write_checkpoint(folder, self.module, self.optimizer, {
+                "step": step, "history": self.history, "settings": self.settings.to_dict(), "world_size": self.world},
+                self.device)
         self._barrier()  # every rank now knows the checkpoint exists
         self.checkpoint, self.checkpoint_step = str(folder), step
 
     def _check_resumable(self, folder: Path) -> dict[str, Any]:
         """Read ``trainer.json`` and refuse settings the checkpoint cannot continue under (module docstring)."""
         s = self.settings
-        state = _read_state(folder / STATE_FILE)
+        state = read_state(folder / STATE_FILE)
         step, saved = state["step"], state["settings"]
         if step > s.steps:
             raise ConfigError(f"{type(s).__name__}.steps: the checkpoint {folder} is at step {step}, past steps "
@@ -652,49 +547,11 @@ class Trainer:
 
     def _load_checkpoint(self, folder: Path, state: dict[str, Any]) -> int:
         step = state["step"]
-        _load_model(self.module, folder / MODEL_FILE)
-        self._load_optimizer(folder / OPTIMIZER_FILE, state["optimizer"], folder / STATE_FILE)
+        load_model(self.module, folder / MODEL_FILE)
+        load_optimizer_state(self.optimizer, folder, state["optimizer"], self.settings.optimizer, self.device)
         self.history = state["history"]
         self.checkpoint, self.checkpoint_step = str(folder), step
         return step
-
-    def _load_optimizer(self, path: Path, meta: dict[str, Any], state_path: Path) -> None:
-        tensors, _ = _read_safetensors(path)
-        current = self.optimizer.state_dict()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        saved_groups = meta.get("param_groups")
-        if not isinstance(saved_groups, list) or [len(g.get("params", [])) for g in saved_groups] != \
-                [len(g["params"]) for g in current["param_groups"]]:
-            raise CheckpointError(f"{state_path}: the optimizer state is for a different set of trainable "
-                                  f"parameters ({sum(len(g.get('params', [])) for g in saved_groups or [])} saved, "
-                                  f"{len(params)} now)")
-        per_param: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("rng."):
-                continue
-            kind, _, rest = key.partition(".")
-            index, _, name = rest.partition(".")
-            if kind != "state" or not index.isdigit() or not name or int(index) >= len(params):
-                raise CheckpointError(f"{path}: unexpected tensor {key!r}")
-            p = params[int(index)]
-            if value.dim() > 0 and value.shape != p.shape:
-                raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, its parameter "
-                                      f"{tuple(p.shape)}")
-            per_param.setdefault(int(index), {})[name] = value
-        for index, entry in (meta.get("scalars") or {}).items():
-            if not str(index).isdigit() or int(index) >= len(params) or not isinstance(entry, dict):
-                raise CheckpointError(f"{state_path}: unexpected optimizer state for parameter {index!r}")
-            per_param.setdefault(int(index), {}).update(entry)
-        # The live param groups (this run's lr, weight_decay, ...) win over the saved ones.
-        try:
-            self.optimizer.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: cannot be loaded into the {self.settings.optimizer} optimizer ({exc})") \
-                from None
-        if "rng.cpu" in tensors:
-            torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
 
     # -- collectives ----------------------------------------------------------------------
 
@@ -866,7 +723,7 @@ class Trainer:
         unused = [n for n, p in self.module.named_parameters() if p.requires_grad and p.grad is None]
         if unused:
             raise UnsupportedError(f"under DistributedDataParallel every trainable parameter needs a gradient each "
-                                   f"step; these got none: {_names(unused)} (freeze them: requires_grad=False)")
+                                   f"step; these got none: {names_text(unused)} (freeze them: requires_grad=False)")
 
     def _diverged(self, done: int, loss: float, parts: dict[str, float], grad_norm: float, bad: list[str]) -> None:
         values = ", ".join(f"{n}={v}" for n, v in [("loss", loss), *parts.items(), ("grad_norm", grad_norm)]
