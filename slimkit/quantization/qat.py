@@ -466,6 +466,7 @@ def _logits(out: Any) -> torch.Tensor:
 def apply_qat_train(model: nn.Module, config: QATTrain, ctx: Context) -> None:
     """Fine-tune a QAT-prepared ``model`` on ``ctx.data`` by distillation from its own float outputs."""
     from slimkit.core.calibration import run_model
+    from slimkit.distillation.losses import kd_loss
 
     if not qat_layers(model):
         raise UnsupportedError("QATTrain trains a QAT-prepared model: run QAT(step='prepare') before it")
@@ -480,7 +481,7 @@ def apply_qat_train(model: nn.Module, config: QATTrain, ctx: Context) -> None:
     set_fake_quant(model, False)
     try:
         with torch.no_grad():  # the teacher: the float model as prepared, before any step
-            targets = [F.softmax(_logits(run_model(model, b)).float() / T, dim=-1) for b in batches]
+            targets = [_logits(run_model(model, b)).float() for b in batches]
     finally:
         set_fake_quant(model, True)
     gen = torch.Generator().manual_seed(config.seed)
@@ -493,10 +494,8 @@ def apply_qat_train(model: nn.Module, config: QATTrain, ctx: Context) -> None:
             if not order:
                 order = torch.randperm(len(batches), generator=gen).tolist()
             i = order.pop()
-            out = _logits(run_model(model, batches[i])).float() / T
-            n = out.shape[-1]
-            loss = F.kl_div(F.log_softmax(out, dim=-1).reshape(-1, n), targets[i].reshape(-1, n),
-                            reduction="batchmean") * T * T
+            # Hinton KD with no labels: T²·KL(softmax(z_float/T) ‖ softmax(z/T)), averaged over rows.
+            loss = kd_loss(_logits(run_model(model, batches[i])).float(), targets[i], temperature=T)
             if not torch.isfinite(loss):
                 raise DataError(f"QATTrain: the loss became {float(loss)} at step {step}; lower lr")
             opt.zero_grad(set_to_none=True)
