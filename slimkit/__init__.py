@@ -16,6 +16,8 @@ _EXPORTS = {
     "quantize_": "slimkit.api",
     "prune_": "slimkit.api",
     "factorize_": "slimkit.api",
+    "SVD": "slimkit.factorization.svd",
+    "FactorizedLinear": "slimkit.factorization.svd",
     "distill_": "slimkit.api",
     "Distill": "slimkit.distillation.distill",
     "Distiller": "slimkit.distillation.distiller",

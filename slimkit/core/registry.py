@@ -36,6 +36,7 @@ _BUILTIN_MODULES = (
     "slimkit.pruning.wanda",
     "slimkit.pruning.sparsegpt",
     "slimkit.distillation.distill",
+    "slimkit.factorization.svd",
 )
 
 
