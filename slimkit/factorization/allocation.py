@@ -133,14 +133,72 @@ def _predictions(model: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
     return out
 
 
+class _Replay(nn.Module):
+    """Stands in for an unchanged block: returns what it returned on the same batch in the reference pass."""
+
+    def __init__(self, outputs: list[Any], batch: list[int]):
+        super().__init__()
+        self.outputs, self.batch = outputs, batch
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.outputs[self.batch[0]]
+
+
+def _block_outputs(model: nn.Module) -> tuple[str, nn.ModuleList, list[list[Any]]] | None:
+    """The model's repeated blocks and a list per block to record its outputs in (None without blocks)."""
+    from slimkit.core.calibration import find_blocks
+    from slimkit.core.errors import UnsupportedError
+
+    try:
+        name, blocks = find_blocks(model)
+    except UnsupportedError:
+        return None
+    return name, blocks, [[] for _ in blocks]
+
+
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batches: list[Any]) -> list[list[float]]:
-    """The output divergence of ``model`` with only one layer replaced by each of its options in turn."""
+    """The output divergence of ``model`` with only one layer replaced by each of its options in turn.
+
+    In a model with repeated blocks, the blocks before the one holding the layer are not
+    run again: they replay their recorded outputs (they cannot have changed).
+    """
     kind = model_info(model)["kind"]
+    found = _block_outputs(model)
     was_training = model.training
     model.eval()
+    handles = []
+    if found is not None:
+        _, blocks, recorded = found
+        handles = [b.register_forward_hook(lambda _m, _a, out, i=i: recorded[i].append(out))
+                   for i, b in enumerate(blocks)]
     try:
         reference = _predictions(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    current = [0]
+
+    def run(layer_name: str) -> list[torch.Tensor]:
+        if found is None:
+            return _predictions(model, batches)
+        blocks_name, blocks, recorded = found
+        prefix = blocks_name + "."
+        first = int(layer_name[len(prefix):].split(".")[0]) if layer_name.startswith(prefix) else 0
+        originals = list(blocks)
+        for i in range(first):
+            blocks[i] = _Replay(recorded[i], current)
+        try:
+            out = []
+            for k, batch in enumerate(batches):
+                current[0] = k
+                out.extend(_predictions(model, [batch]))
+            return out
+        finally:
+            for i in range(first):
+                blocks[i] = originals[i]
+
+    try:
         costs = []
         for layer in layers:
             original = model.get_submodule(layer.name)
@@ -148,7 +206,7 @@ def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batche
             for _, _, build in layer.options:
                 set_submodule(model, layer.name, build())
                 try:
-                    new = _predictions(model, batches)
+                    new = run(layer.name)
                 finally:
                     set_submodule(model, layer.name, original)
                 row.append(sum(output_divergence(kind, r, n) for r, n in zip(reference, new)) / len(batches))

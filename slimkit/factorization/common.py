@@ -25,7 +25,7 @@ from slimkit.core.config import Config
 from slimkit.core.registry import Context
 
 RULES = ("rank", "rank_ratio", "param_ratio", "energy", "budget")
-DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_GRID = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)  # coarse: each point costs a forward pass per layer
 
 
 @dataclass(frozen=True)

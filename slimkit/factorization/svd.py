@@ -446,11 +446,13 @@ def apply_svd(model: nn.Module, config: SVD, ctx: Context) -> None:
                         lambda s=spectrum, r=r, b=bias: FactorizedLinear.from_factors(s.factors(r), b)) for r in ranks]
             layers.append(LayerChoices(name, linear.weight.numel(), options))
         ranks = choose_by_budget(model, layers, config.budget, ctx.data, config.sensitivity_batches, ctx, label)
+        dense = [name for name, _ in chosen if name not in ranks]
         for name, linear in chosen:
             if name in ranks:
                 _replace(model, name, linear, spectra[name], ranks[name], run)
-            else:
-                run.skip(name, "kept dense: the budget was met without it")
+        if dense:
+            run.notes.append(f"{label}: {len(dense)} layer(s) kept dense, the budget was met without them: "
+                             + ", ".join(dense))
     else:
         for name, linear in chosen:
             rank = _rank_by_rule(linear, spectra[name], config)

@@ -108,3 +108,31 @@ def test_output_divergence_is_one_minus_cosine_for_encoders_and_kl_otherwise():
     kl = float((p * (p.log() - q.log())).sum(-1).mean())
     assert abs(output_divergence("causal-lm", a, b) - kl) < 1e-12
     assert output_divergence("classifier", a, a) == 0.0
+
+
+def test_replaying_the_unchanged_blocks_gives_the_same_sensitivities(tiny_llama, monkeypatch):
+    from torch import nn
+
+    from slimkit.core.io import attach_info
+    from slimkit.factorization import allocation
+    from slimkit.factorization.allocation import LayerChoices, measure_sensitivity
+
+    attach_info(tiny_llama, kind="causal-lm")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 12), generator=g)} for _ in range(2)]
+
+    def shrunk(linear, scale):
+        def build():
+            new = nn.Linear(linear.in_features, linear.out_features, bias=False)
+            new.weight.data = linear.weight.detach() * scale
+            return new
+        return build
+
+    layers = [LayerChoices(name, 1, [(s, 0, shrunk(tiny_llama.get_submodule(name), s)) for s in (0.5, 0.9)])
+              for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "lm_head")]
+    replayed = measure_sensitivity(tiny_llama, layers, batches)
+    monkeypatch.setattr(allocation, "_block_outputs", lambda model: None)
+    full = measure_sensitivity(tiny_llama, layers, batches)
+    assert torch.allclose(torch.tensor(replayed), torch.tensor(full), rtol=1e-5, atol=1e-9)
+    assert all(row[0] > row[1] > 0 for row in full)  # a larger change moves the output more
+    assert type(tiny_llama.model.layers[0]).__name__ == "LlamaDecoderLayer"  # blocks restored
