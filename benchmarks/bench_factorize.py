@@ -47,7 +47,7 @@ DIGITS_BATCH = 256
 KEEP = (0.8, 0.6)  # share of the encoder Linear weights kept: 20% and 40% fewer
 P7_ERROR_RATIO, P7_LATENCY = 3.0, 0.9
 DIGITS_MACS, DIGITS_POINTS = 0.5, 1.0
-QUICK_DISTILL = {"steps": 3, "batch_size": 8, "eval_every": 0}
+QUICK_DISTILL = {"steps": 3, "warmup_steps": 1, "batch_size": 8, "eval_every": 0}
 
 
 @dataclass

@@ -161,6 +161,23 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return batch.to(device)
 
 
+def trim_padding(batch: Batch) -> Batch:
+    """A right-padded dict batch cut to its longest row (every (batch, tokens) tensor sliced alike).
+
+    Exact for models whose attention masks the padding and whose positions count from the
+    left (BERT, Llama): the kept tokens see the same inputs. Left padding, a batch with no
+    ``attention_mask`` or a tensor batch is returned unchanged.
+    """
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None or mask.dim() != 2:
+        return batch
+    length = int(mask.sum(1).max())
+    if length == mask.shape[1] or bool(mask[:, length:].any()) or not bool(mask[:, :1].all()):
+        return batch
+    return {k: v[:, :length] if v.dim() >= 2 and tuple(v.shape[:2]) == tuple(mask.shape) else v
+            for k, v in batch.items()}
+
+
 class _StopForward(Exception):
     """Raised from a hook once every wanted input is recorded, to skip the rest of the forward."""
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.calibration import _model_device, _to, run_model
+from slimkit.core.calibration import _model_device, _to, run_model, trim_padding
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.io import model_info
 from slimkit.core.registry import Context
@@ -229,7 +229,7 @@ def choose_by_budget(model: nn.Module, layers: Sequence[LayerChoices], budget: f
         return {}
     start = time.perf_counter()
     device = _model_device(model)
-    sample = [_to(b, device) for _, b in zip(range(batches), data)]
+    sample = [trim_padding(_to(b, device)) for _, b in zip(range(batches), data)]  # padding costs time, changes nothing
     costs = measure_sensitivity(model, layers, sample)
     dense = [layer.dense_params for layer in layers]
     target = int(budget * sum(dense))

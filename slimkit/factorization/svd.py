@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from slimkit.core.blockwise import check_finite
-from slimkit.core.calibration import _model_device, _to, run_model
+from slimkit.core.calibration import _model_device, _to, run_model, trim_padding
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.modules import SlimkitModule, register_module_type
 from slimkit.core.registry import Context, register
@@ -360,7 +360,7 @@ def collect_input_stats(model: nn.Module, names: list[str], data: Any, gram: boo
     model.eval()
     try:
         for batch in data:
-            batch = _to(batch, device)
+            batch = trim_padding(_to(batch, device))
             padding[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
             run_model(model, batch)
     finally:

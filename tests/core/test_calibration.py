@@ -86,3 +86,24 @@ def test_iterate_blocks_feeds_edited_block_outputs(tiny_llama):
                 expected = tiny_llama.model.layers[0](first_input, **blk.calls[0].kwargs)
             expected = expected[0] if isinstance(expected, tuple) else expected
             assert torch.allclose(blk.calls[0].args[0], expected, atol=1e-6)
+
+
+def test_trim_padding_cuts_right_padding_only_and_keeps_bert_outputs():
+    from transformers import BertConfig, BertModel
+
+    from slimkit.core.calibration import trim_padding
+
+    ids = torch.arange(12).reshape(2, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    out = trim_padding({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])})
+    assert out["input_ids"].shape == (2, 4) and out["attention_mask"].shape == (2, 4) and out["labels"].shape == (2,)
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    assert trim_padding({"input_ids": ids, "attention_mask": left})["input_ids"].shape == (2, 6)
+    assert trim_padding(ids) is ids
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=16)).eval()
+    with torch.no_grad():
+        full = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        cut = bert(**trim_padding({"input_ids": ids, "attention_mask": mask})).last_hidden_state
+    assert torch.allclose(full[0, :3], cut[0, :3], atol=1e-5) and torch.allclose(full[1, :4], cut[1, :4], atol=1e-5)
