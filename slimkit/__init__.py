@@ -18,6 +18,8 @@ _EXPORTS = {
     "factorize_": "slimkit.api",
     "SVD": "slimkit.factorization.svd",
     "FactorizedLinear": "slimkit.factorization.svd",
+    "Tucker": "slimkit.factorization.conv",
+    "CP": "slimkit.factorization.conv",
     "distill_": "slimkit.api",
     "Distill": "slimkit.distillation.distill",
     "Distiller": "slimkit.distillation.distiller",

@@ -37,6 +37,7 @@ _BUILTIN_MODULES = (
     "slimkit.pruning.sparsegpt",
     "slimkit.distillation.distill",
     "slimkit.factorization.svd",
+    "slimkit.factorization.conv",
 )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from slimkit.core.config import Config
 from slimkit.core.registry import Context
@@ -37,6 +38,7 @@ class LowRankConfig(Config):
     """
 
     family = "factorize"
+    extra_rules: ClassVar[tuple[str, ...]] = ()  # boolean rules a subclass adds (Tucker's vbmf)
 
     rank: int = 0
     rank_ratio: float = 0.0
@@ -56,14 +58,14 @@ class LowRankConfig(Config):
 
     def rule(self) -> str:
         """The name of the one rank rule that is set."""
-        return next(r for r in RULES if getattr(self, r))
+        return next(r for r in RULES + self.extra_rules if getattr(self, r))
 
     def validate(self) -> None:
         """Exactly one rank rule, each in range; a valid sensitivity grid and selection patterns."""
-        chosen = [r for r in RULES if getattr(self, r)]
+        chosen = [r for r in RULES + self.extra_rules if getattr(self, r)]
         if len(chosen) != 1:
             what = f"{', '.join(chosen)} are all set" if chosen else "none is set"
-            self.fail("rank", f"set exactly one of {', '.join(RULES)} ({what}); e.g. param_ratio: 0.8 keeps "
+            self.fail("rank", f"set exactly one of {', '.join(RULES + self.extra_rules)} ({what}); e.g. param_ratio: 0.8 keeps "
                               "80% of each layer's parameters")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             self.fail("rank", f"must be a positive integer, got {self.rank!r}")
