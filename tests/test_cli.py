@@ -147,3 +147,20 @@ def test_distill_user_mistakes_exit_2(tmp_path):
     _assert_user_error(r, "layers", out)
     r = slimkit_cli("distill", "--recipe", "int8-weight-only", "--out", out)
     _assert_user_error(r, "no Distill step", out)
+
+
+@pytest.mark.parametrize("step, needle", [
+    ("{type: SVD, rank: -1}", "must be a positive integer"),
+    ("{type: SVD, rank: 40, force: true}", "above the full rank 32"),
+    ("{type: SVD, rank: 20}", "above the break-even rank 15"),
+    ("{type: SVD, param_ratio: 0.5, energy: 0.9}", "set exactly one of"),
+    ("{type: Tucker, param_ratio: 0.5}", "has none selected; use SVD"),
+])
+def test_impossible_factorization_settings_exit_2(tiny_lm_dir, tmp_path, step, needle):
+    recipe = tmp_path / "factorize.yaml"
+    recipe.write_text("version: 1\ncalibration: {corpus: stdlib, samples: 2, seq_len: 16}\n"
+                      f"stages:\n  - name: f\n    steps:\n      - {step}\n")
+    out = tmp_path / "out"
+    r = slimkit_cli("compress", "--model", tiny_lm_dir, "--recipe", recipe, "--out", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
+    assert needle in r.stderr.strip().splitlines()[-1], r.stderr

@@ -348,8 +348,12 @@ def _conv_candidates(model: nn.Module, config: _ConvConfig, run: FactorizeRun) -
 
     factor_children = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, _FactorizedConv)
                        for c in m._children}
+    selected = select_modules(model, (nn.Conv2d,), config.include, config.ignore)
+    if not selected:
+        raise UnsupportedError(f"{type(config).__name__} factorizes Conv2d layers and {type(model).__name__} has none "
+                               "selected; use SVD for Linear layers")
     chosen = []
-    for name, conv in select_modules(model, (nn.Conv2d,), config.include, config.ignore):
+    for name, conv in selected:
         kh, kw = conv.kernel_size
         if name in factor_children:
             continue
