@@ -443,16 +443,6 @@ def _settings_text(step) -> str:
             f"{step.steps} steps of batch {step.batch_size}")
 
 
-def _parse_parts(text: str) -> tuple[str, ...]:
-    import argparse
-
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise argparse.ArgumentTypeError(f"unknown part {bad[0] if bad else text!r}; choose from {', '.join(PARTS)}")
-    return tuple(p for p in PARTS if p in parts)
-
-
 def _parse_seeds(text: str) -> tuple[int, ...]:
     import argparse
 
@@ -531,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                                   quick="smoke test: 1 seed, a few steps, few timings; never written",
                                   no_write="print the tables only; leave BENCHMARKS.md alone")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training and timing (default 2)")
-    parser.add_argument("--parts", type=_parse_parts, default=PARTS,
+    parser.add_argument("--parts", type=harness.parts_type(PARTS), default=PARTS,
                         help=f"comma-separated subset of {','.join(PARTS)} (default all; a subset is never written)")
     parser.add_argument("--seeds", type=_parse_seeds, default=None,
                         help="digits seeds, comma-separated (default 0,1,2,3,4; --quick: 0)")

@@ -223,13 +223,13 @@ def minilm_verdicts(rows: list[Row]) -> list[str]:
 def run_digits(args) -> tuple[list[Row], dict[str, Any]]:
     import slimkit as sk
     from slimkit.evaluation.measure import count_macs
-    from slimkit.recipe.runner import calibration_from_spec
+    from slimkit.recipe.runner import calibration_from_spec, needs_data
     from slimkit.zoo.digits import accuracy, load_digits_split
 
     recipe = _recipe("tucker-digits")
     tucker, recover = _step(recipe, "factorize"), _step(recipe, "distill")
     dense = sk.load("digits-cnn").eval()
-    data = calibration_from_spec(dense, recipe.calibration)
+    data = calibration_from_spec(dense, recipe.calibration) if needs_data(recipe) else None
     rows = [Row("fp32 digits-cnn", "fp32", dense)]
     one_shot = {}
     cp = sk.CP(param_ratio=tucker.param_ratio, ignore=tucker.ignore)  # the same per-layer parameter ratio
@@ -292,7 +292,7 @@ def digits_verdicts(rows: list[Row]) -> list[str]:
     latency = row.latency_ms / dense.latency_ms
     ok = macs <= DIGITS_MACS and points <= DIGITS_POINTS
     return [f"- digits-cnn Tucker-2: MACs {macs:.3f}x dense (target <= {DIGITS_MACS:g}x), accuracy after the recover "
-            f"step {100 * row.quality:.2f}% vs dense {100 * dense.quality:.2f}% ({points:+.2f} pt below; target "
+            f"step {100 * row.quality:.2f}% vs dense {100 * dense.quality:.2f}% ({points:.2f} pt below; target "
             f"within {DIGITS_POINTS:g} pt); latency {latency:.3f}x dense (measured, no target): "
             f"{'met' if ok else 'MISSED'}"]
 
@@ -303,20 +303,10 @@ def _settings(step) -> str:
             f"{step.steps} steps of batch {step.batch_size}, loss {step.loss}")
 
 
-def _parse_parts(text: str) -> tuple[str, ...]:
-    import argparse
-
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise argparse.ArgumentTypeError(f"unknown part {bad[0] if bad else text!r}; choose from {', '.join(PARTS)}")
-    return tuple(p for p in PARTS if p in parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = harness.bench_parser("bench_factorize", __doc__.splitlines()[0],
                                   "smoke test: a few recover steps and timings; BENCHMARKS.md is never written")
-    parser.add_argument("--parts", type=_parse_parts, default=PARTS, help="comma-separated: minilm,digits")
+    parser.add_argument("--parts", type=harness.parts_type(PARTS), default=PARTS, help="comma-separated: minilm,digits")
     args = parser.parse_args(argv)
     threads = harness.set_threads(2)
     env = harness.environment()

@@ -493,6 +493,20 @@ def bench_parser(name: str, description: str, quick: str, no_write: str = "print
     return parser
 
 
+def parts_type(known: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse ``type`` for ``--parts a,b``: the named parts, in ``known``'s order; unknown names refused."""
+    import argparse
+
+    def parse(text: str) -> tuple[str, ...]:
+        parts = tuple(p.strip() for p in text.split(",") if p.strip())
+        bad = [p for p in parts if p not in known]
+        if bad or not parts:
+            raise argparse.ArgumentTypeError(f"unknown part {bad[0] if bad else text!r}; choose from {', '.join(known)}")
+        return tuple(p for p in known if p in parts)
+
+    return parse
+
+
 def publish(args: Any, section: str, markdown: str, own_failures: list[str]) -> int:
     """End a benchmark run: the exit code, and the section written into ``args.output`` when it should be.
 

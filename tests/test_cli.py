@@ -115,11 +115,16 @@ def test_zoo_list_json():
     ("{type: StructuredPrune, ratio: 0.99, min_units: 1, targets: [neurons]}", "with 0 of its 64 neurons"),
 ])
 def test_impossible_pruning_settings_exit_2(tiny_lm_dir, tmp_path, step, needle):
-    recipe = tmp_path / "prune.yaml"
+    assert_one_step_recipe_exits_2(tiny_lm_dir, tmp_path, step, needle)
+
+
+def assert_one_step_recipe_exits_2(model_dir, tmp_path, step, needle):
+    """`slimkit compress` with a recipe of the one ``step`` exits 2, leaves no output, and says ``needle``."""
+    recipe = tmp_path / "recipe.yaml"
     recipe.write_text("version: 1\ncalibration: {corpus: stdlib, samples: 2, seq_len: 16}\n"
-                      f"stages:\n  - name: p\n    steps:\n      - {step}\n")
+                      f"stages:\n  - name: s\n    steps:\n      - {step}\n")
     out = tmp_path / "out"
-    r = slimkit_cli("compress", "--model", tiny_lm_dir, "--recipe", recipe, "--out", out)
+    r = slimkit_cli("compress", "--model", model_dir, "--recipe", recipe, "--out", out)
     # Progress lines may come first (the model loads before the step fails); the error is one line, last.
     assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
     assert needle in r.stderr.strip().splitlines()[-1], r.stderr
@@ -157,10 +162,4 @@ def test_distill_user_mistakes_exit_2(tmp_path):
     ("{type: Tucker, param_ratio: 0.5}", "has none selected; use SVD"),
 ])
 def test_impossible_factorization_settings_exit_2(tiny_lm_dir, tmp_path, step, needle):
-    recipe = tmp_path / "factorize.yaml"
-    recipe.write_text("version: 1\ncalibration: {corpus: stdlib, samples: 2, seq_len: 16}\n"
-                      f"stages:\n  - name: f\n    steps:\n      - {step}\n")
-    out = tmp_path / "out"
-    r = slimkit_cli("compress", "--model", tiny_lm_dir, "--recipe", recipe, "--out", out)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
-    assert needle in r.stderr.strip().splitlines()[-1], r.stderr
+    assert_one_step_recipe_exits_2(tiny_lm_dir, tmp_path, step, needle)
