@@ -73,11 +73,13 @@ def tucker2_factors(kernel: torch.Tensor, r_out: int, r_in: int, n_iter_max: int
     c_out, c_in = kernel.shape[:2]
     if not (1 <= r_out <= c_out and 1 <= r_in <= c_in):
         raise ConfigError(f"Tucker ranks ({r_out}, {r_in}) must be in 1..{c_out} and 1..{c_in}")
-    k = kernel.detach().double().cpu().numpy()
-    with tl.backend_context("numpy"):
+    # The pytorch backend keeps the work on the kernel's device and under torch's thread count; numpy's
+    # OpenBLAS threads ignore it, and on a busy 2-core machine made one digits-cnn HOOI take a minute, not 0.7 s.
+    k = kernel.detach().double()
+    with tl.backend_context("pytorch"):
         (core, (u_out, u_in)), _ = tl.decomposition.partial_tucker(k, rank=[r_out, r_in], modes=[0, 1], init="svd",
                                                                    n_iter_max=n_iter_max, tol=1e-10)
-    return torch.from_numpy(u_out.copy()), torch.from_numpy(core.copy()), torch.from_numpy(u_in.copy())
+    return u_out, core, u_in
 
 
 def tucker2_kernel(u_out: torch.Tensor, core: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
@@ -89,14 +91,14 @@ def cp_factors(kernel: torch.Tensor, rank: int, n_iter_max: int = 200, seed: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A·λ (C_out, R), B (C_in, R), V (kh, R), H (kw, R)) of a rank-``rank`` CP of the kernel, float64."""
     tl = _tensorly()
-    k = kernel.detach().double().cpu().numpy()
-    with tl.backend_context("numpy"), warnings.catch_warnings():
+    k = kernel.detach().double()
+    with tl.backend_context("pytorch"), warnings.catch_warnings():  # pytorch backend: see tucker2_factors
         # a rank above a mode's size: the SVD init fills the extra columns randomly (seeded), which is fine
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
         cp = tl.decomposition.parafac(k, rank=rank, init="svd", n_iter_max=n_iter_max, tol=1e-10,
                                       normalize_factors=True, random_state=seed)
-    a, b, v, h = (torch.from_numpy(f.copy()) for f in cp.factors)
-    return a * torch.from_numpy(cp.weights.copy()), b, v, h
+    a, b, v, h = cp.factors
+    return a * cp.weights, b, v, h
 
 
 def cp_kernel(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,12 @@ def _psi_tail(x: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def evbmf_rank(matrix: torch.Tensor) -> int:
-    """How many components the analytic empirical VB matrix factorization keeps (Nakajima et al. 2013).
+    """How many components the analytic empirical VB matrix factorization keeps (see ``evbmf``)."""
+    return evbmf(matrix)[0]
+
+
+def evbmf(matrix: torch.Tensor) -> tuple[int, float]:
+    """(rank, noise variance σ²) of the analytic empirical VB matrix factorization (Nakajima et al. 2013).
 
     With L ≤ M the matrix's sides, α = L/M and singular values γ_h, the noise variance σ²
     minimises the free energy Σ_h ψ(γ_h² / (M σ²)), ψ(x) = x − ln x (+ the kept-component term
@@ -127,11 +134,12 @@ def evbmf_rank(matrix: torch.Tensor) -> int:
     x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
     s2 = torch.linalg.svdvals(y).pow(2)
     if float(s2.sum()) == 0:
-        return 0
+        return 0, 0.0
     upper = float(s2.sum()) / (rows * cols)
-    # the largest rank the EVB solution can have, and the noise floor it implies
-    h_max = max(0, min(math.ceil(rows / (1 + alpha)) - 1, rows) - 1)
-    lower = max(float(s2[h_max]) / (cols * x_bar), float(s2[h_max:].mean()) / cols, 1e-300)
+    # H̄, the largest rank the EVB solution can have; the noise floor comes from γ_{H̄+1} onwards (1-based),
+    # i.e. s2[H̄:] here (0 <= H̄ <= rows - 1)
+    h_bar = math.ceil(rows / (1 + alpha)) - 1
+    lower = max(float(s2[h_bar]) / (cols * x_bar), float(s2[h_bar:].mean()) / cols, 1e-300)
 
     def free_energy(log_sigma2: float) -> float:
         x = s2 / (cols * math.exp(log_sigma2))
@@ -154,11 +162,14 @@ def evbmf_rank(matrix: torch.Tensor) -> int:
             b = lo + ratio * (hi - lo)
             fb = free_energy(b)
     sigma2 = math.exp((lo + hi) / 2)
-    return int((s2 > cols * sigma2 * x_bar).sum())
+    return int((s2 > cols * sigma2 * x_bar).sum()), sigma2
 
 
 def tucker_ranks_for_params(c_out: int, c_in: int, kh: int, kw: int, ratio: float) -> tuple[int, int]:
-    """The largest (R_out, R_in), in the channels' proportion, whose factors keep <= ``ratio`` of the weights."""
+    """The largest (R_out, R_in), in the channels' proportion, whose factors keep <= ``ratio`` of the weights.
+
+    (1, 1) when even that holds more (the caller then skips the layer if it is no smaller than dense).
+    """
     budget = ratio * c_out * c_in * kh * kw
     for r_out in range(c_out, 0, -1):
         r_in = max(1, round(r_out * c_in / c_out))
@@ -376,6 +387,15 @@ def _dense(conv: nn.Conv2d) -> int:
     return conv.weight.numel()
 
 
+def _break_even_rank(conv: nn.Conv2d, label: str) -> int:
+    """The largest fixed ``rank`` (R_out = R_in for Tucker) whose factors are smaller than the dense kernel (0: none)."""
+    c_out, c_in, kh, kw = conv.weight.shape
+    if label == "CP":
+        return (_dense(conv) - 1) // (c_in + kh + kw + c_out)
+    return max((r for r in range(1, min(c_out, c_in) + 1) if tucker2_params(c_out, c_in, kh, kw, r, r) < _dense(conv)),
+               default=0)
+
+
 def _tucker_ranks(conv: nn.Conv2d, config: Tucker) -> tuple[int, int]:
     c_out, c_in, kh, kw = conv.weight.shape
     rule = config.rule()
@@ -414,8 +434,9 @@ def _apply_conv(model: nn.Module, config: _ConvConfig, ctx: Context, label: str,
                                   "lower it or ignore the layer")
             if params_of(conv, ranks_of(conv, config)) >= _dense(conv) and not config.force:
                 raise ConfigError(f"{label}.rank: {config.rank} makes {name} no smaller than dense "
-                                  f"({params_of(conv, ranks_of(conv, config)):,} >= {_dense(conv):,} weights); lower "
-                                  "the rank, ignore the layer, or set force: true")
+                                  f"({params_of(conv, ranks_of(conv, config)):,} >= {_dense(conv):,} weights; its "
+                                  f"break-even rank is {_break_even_rank(conv, label)}); lower the rank, ignore the "
+                                  "layer, or set force: true")
     if config.rule() == "budget":
         layers = [LayerChoices(name, _dense(conv),
                                [(r, params_of(conv, r), lambda c=conv, r=r: build(c, r, config))
@@ -435,7 +456,8 @@ def _apply_conv(model: nn.Module, config: _ConvConfig, ctx: Context, label: str,
             continue
         set_submodule(model, name, build(conv, ranks, config))
         run.record(name, ranks, _dense(conv), params)
-    run.finish(ctx, time.perf_counter() - start, f"{config.rule()} {getattr(config, config.rule())}")
+    rule = config.rule()
+    run.finish(ctx, time.perf_counter() - start, rule if rule == "vbmf" else f"{rule} {getattr(config, rule)}")
 
 
 @register(Tucker)

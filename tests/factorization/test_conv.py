@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-pytest.importorskip("tensorly")
+tl = pytest.importorskip("tensorly")
 
 import slimkit as sk  # noqa: E402
 from slimkit.core.config import Config  # noqa: E402
@@ -23,6 +27,7 @@ from slimkit.factorization.conv import (  # noqa: E402
     cp_kernel,
     cp_params,
     cp_rank_for_params,
+    evbmf,
     evbmf_rank,
     tucker2_factors,
     tucker2_kernel,
@@ -54,6 +59,14 @@ def test_tucker2_at_full_rank_is_exact_and_hooi_beats_truncated_hosvd():
     assert torch.allclose(u_out.T @ u_out, torch.eye(5, dtype=torch.float64), atol=1e-8)  # orthonormal factors
     err = torch.linalg.norm(tucker2_kernel(u_out, core, u_in) - w)
     assert err <= torch.linalg.norm(hosvd(w, 5, 4) - w) + 1e-9
+    # the same numbers as tensorly's own reconstruction, and the caller's tensorly backend is left as it was
+    with tl.backend_context("numpy"):
+        (core_np, factors_np), _ = tl.decomposition.partial_tucker(w.numpy(), rank=[5, 4], modes=[0, 1], init="svd",
+                                                                   n_iter_max=100, tol=1e-10)
+        theirs = tl.tenalg.multi_mode_dot(core_np, factors_np, modes=[0, 1])
+        tucker2_factors(w, 5, 4)
+        assert tl.get_backend() == "numpy"
+    assert np.allclose(tucker2_kernel(u_out, core, u_in).numpy(), theirs, atol=1e-8)
 
 
 def test_cp_of_a_true_low_rank_kernel_is_recovered():
@@ -80,6 +93,44 @@ def test_factorized_convs_equal_the_conv_of_their_dense_weight(stride, padding, 
     assert torch.allclose(full(x), conv(x), atol=1e-4)  # full ranks reproduce the conv
 
 
+def test_factorized_convs_keep_a_non_square_dilated_strided_geometry():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(2, 1))
+    x = torch.randn(2, 6, 11, 13)
+    for layer in (TuckerConv2d.from_conv(conv, 5, 3), CPConv2d.from_conv(conv, 8, n_iter_max=50)):
+        ref = F.conv2d(x, layer.dense_weight(), conv.bias, stride=(2, 1), padding=(1, 2), dilation=(2, 1))
+        assert layer(x).shape == conv(x).shape == ref.shape
+        assert torch.allclose(layer(x), ref, atol=1e-4)
+    assert torch.allclose(TuckerConv2d.from_conv(conv, 10, 6)(x), conv(x), atol=1e-4)
+
+
+def test_layers_that_cannot_be_factorized_are_skipped_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.Conv2d(16, 16, 3, groups=4), nn.Conv2d(16, 16, 3, padding=1,
+                          padding_mode="reflect"), nn.Conv2d(16, 16, 3))
+    ctx = Context()
+    sk.factorize_(model, Tucker(param_ratio=0.5), ctx=ctx)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d, nn.Conv2d, TuckerConv2d]
+    notes = "\n".join(ctx.notes)
+    assert "skipped 0: too small to gain" in notes and "skipped 1: only plain Conv2d layers with groups=1" in notes
+    assert "skipped 2: only plain" in notes
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 64), st.integers(1, 64), st.integers(1, 5), st.integers(1, 5), st.floats(0.05, 0.95))
+def test_param_ratio_ranks_are_the_largest_that_fit(c_out, c_in, kh, kw, ratio):
+    budget = ratio * c_out * c_in * kh * kw
+    r_out, r_in = tucker_ranks_for_params(c_out, c_in, kh, kw, ratio)
+    assert 1 <= r_out <= c_out and 1 <= r_in <= c_in
+    if (r_out, r_in) != (1, 1):
+        assert tucker2_params(c_out, c_in, kh, kw, r_out, r_in) <= budget
+    if r_out < c_out:  # one more output rank (in the channels' proportion) no longer fits
+        bigger = max(1, round((r_out + 1) * c_in / c_out))
+        assert tucker2_params(c_out, c_in, kh, kw, r_out + 1, bigger) > budget
+    r = cp_rank_for_params(c_out, c_in, kh, kw, ratio)
+    assert r == 1 or cp_params(c_out, c_in, kh, kw, r) <= budget
+    assert cp_params(c_out, c_in, kh, kw, r + 1) > budget
+
+
 def test_rank_rules_by_hand():
     # dense 64*32*9 = 18432; (34, 17): 32*17 + 34*17*9 + 34*64 = 544 + 5202 + 2176 = 7922 <= 0.45 * 18432 = 8294.4
     assert tucker_ranks_for_params(64, 32, 3, 3, 0.45) == (34, 17)
@@ -94,6 +145,40 @@ def test_evbmf_finds_the_rank_of_a_noisy_low_rank_matrix_and_none_in_noise():
     assert evbmf_rank(noisy) == 5 and evbmf_rank(noisy.T) == 5
     assert evbmf_rank(torch.randn(64, 48, generator=g, dtype=torch.float64)) <= 1
     assert evbmf_rank(torch.zeros(4, 6)) == 0
+
+
+def evbmf_rank_by_grid(y):
+    """Slow reference: EVBMF's free energy (Nakajima et al. 2013) on a dense grid of sigma^2 over its bounds."""
+    y = y.T if y.shape[0] > y.shape[1] else y
+    rows, cols = y.shape
+    alpha = rows / cols
+    tau_bar = 2.5129 * math.sqrt(alpha)
+    x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
+    s2 = np.linalg.svd(y.numpy(), compute_uv=False) ** 2
+    h_bar = math.ceil(rows / (1 + alpha)) - 1  # the EVB rank is at most h_bar; the noise floor is from s2[h_bar] on
+    lower, upper = max(s2[h_bar] / (cols * x_bar), s2[h_bar:].mean() / cols), s2.sum() / (rows * cols)
+    best = None
+    for sigma2 in np.geomspace(lower, upper, 4000):
+        x = s2 / (cols * sigma2)
+        energy = x - np.log(x)
+        z = x[x > x_bar]
+        tau = 0.5 * (z - 1 - alpha + np.sqrt((z - 1 - alpha) ** 2 - 4 * alpha))
+        total = energy.sum() + (np.log(tau + 1) + alpha * np.log(tau / alpha + 1) - tau).sum()
+        if best is None or total < best[0]:
+            best = (total, sigma2)
+    return int((s2 > cols * best[1] * x_bar).sum()), best[1]
+
+
+def test_evbmf_agrees_with_the_slow_free_energy_search_and_estimates_the_noise():
+    g = torch.Generator().manual_seed(3)
+    for m, n, r, noise in [(40, 30, 3, 0.05), (30, 70, 8, 0.3), (16, 144, 2, 0.02), (50, 50, 0, 1.0)]:
+        y = torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64) \
+            + noise * torch.randn(m, n, generator=g, dtype=torch.float64)
+        rank, sigma2 = evbmf(y)
+        ref_rank, ref_sigma2 = evbmf_rank_by_grid(y)
+        assert rank == ref_rank == r, (m, n, r, noise)
+        assert abs(sigma2 / ref_sigma2 - 1) < 3e-3  # the grid's spacing
+        assert abs(sigma2 / noise**2 - 1) < 0.15  # the noise variance that was added
 
 
 @pytest.mark.parametrize("cls, bad, match", [
@@ -159,8 +244,10 @@ def test_cp_and_budget_on_digits():
 def test_a_fixed_rank_that_gains_nothing_is_refused_unless_forced():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 8, 3))
-    with pytest.raises(ConfigError, match="no smaller than dense.*force: true"):
-        sk.factorize_(model, Tucker(rank=8))  # 64 + 576 + 64 > 576
+    with pytest.raises(ConfigError, match="no smaller than dense.*break-even rank is 7.*force: true"):
+        sk.factorize_(model, Tucker(rank=8))  # 64 + 576 + 64 = 704 > 576; rank 7: 56 + 441 + 56 = 553 < 576
+    with pytest.raises(ConfigError, match="break-even rank is 26"):
+        sk.factorize_(nn.Sequential(nn.Conv2d(8, 8, 3)), CP(rank=27))  # 27 * 22 = 594 >= 576 > 26 * 22 = 572
     with pytest.raises(ConfigError, match="above the channels"):
         sk.factorize_(nn.Sequential(nn.Conv2d(8, 8, 3)), Tucker(rank=9, force=True))
     forced = sk.factorize_(nn.Sequential(nn.Conv2d(8, 8, 3)), Tucker(rank=8, force=True))
