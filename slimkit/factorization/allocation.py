@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.calibration import _model_device, _to, run_model, trim_padding
-from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.calibration import _model_device, _to, find_blocks, run_model, trim_padding
+from slimkit.core.errors import ConfigError, DataError, UnsupportedError
 from slimkit.core.io import model_info
 from slimkit.core.registry import Context
 from slimkit.core.targets import set_submodule
@@ -146,9 +146,6 @@ class _Replay(nn.Module):
 
 def _block_outputs(model: nn.Module) -> tuple[str, nn.ModuleList, list[list[Any]]] | None:
     """The model's repeated blocks and a list per block to record its outputs in (None without blocks)."""
-    from slimkit.core.calibration import find_blocks
-    from slimkit.core.errors import UnsupportedError
-
     try:
         name, blocks = find_blocks(model)
     except UnsupportedError:

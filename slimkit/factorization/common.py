@@ -17,7 +17,6 @@ be no smaller than the dense layer) is skipped and reported, never made larger.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -124,7 +123,3 @@ class FactorizeRun:
                  f"{self.params_before:,} -> {self.params_after:,} ({ratio:.3f}x); ranks {shown}{more}; "
                  f"in {seconds:.1f} s")
 
-
-def with_fields(config: LowRankConfig, **changes: object) -> LowRankConfig:
-    """A copy of ``config`` with ``changes`` (e.g. a different rank rule), validated again."""
-    return dataclasses.replace(config, **changes)
