@@ -367,7 +367,7 @@ def _random_encoder_inputs(model, batch: int, seq: int) -> dict:
 def run_minilm(args) -> tuple[list[Row], dict[str, Any]]:
     import slimkit as sk
     from slimkit.core.io import tokenizer_of
-    from slimkit.evaluation.quality import encode_sentences
+    from slimkit.tasks.metrics import encode_sentences
     from slimkit.evaluation.suite import measure_model, resolve_eval_data
 
     teacher = sk.load("minilm").eval()

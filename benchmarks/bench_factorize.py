@@ -20,7 +20,7 @@
   Distill step for both). Quality: top-1 accuracy on the 540 test images.
 
 Parameters: the weights of the factorized layer types (encoder Linears, counting both factors;
-Conv2d for digits). MACs: ``slimkit.evaluation.measure.count_macs`` on one input. Latency:
+Conv2d for digits). MACs: ``slimkit.core.measure.count_macs`` on one input. Latency:
 PyTorch eager, MiniLM batch 32 x seq 128 (seeded random ids), digits batch 256; every row of a
 part interleaved (warm-up 3, median of 20 calls in 4 rounds). Compress s: wall time of the
 factorize call (sensitivity measurement included); train s: the recover step.
@@ -113,7 +113,7 @@ def _interleave(rows: list[Row], make_call, args, **kw) -> float | None:
 def run_minilm(args) -> tuple[list[Row], dict[str, Any]]:
     import slimkit as sk
     from slimkit.core.io import tokenizer_of
-    from slimkit.evaluation.quality import encode_sentences
+    from slimkit.tasks.metrics import encode_sentences
     from slimkit.evaluation.suite import measure_model, resolve_eval_data
     from slimkit.recipe.runner import calibration_from_spec
 
@@ -222,7 +222,7 @@ def minilm_verdicts(rows: list[Row]) -> list[str]:
 # -- digits -------------------------------------------------------------------------------
 def run_digits(args) -> tuple[list[Row], dict[str, Any]]:
     import slimkit as sk
-    from slimkit.evaluation.measure import count_macs
+    from slimkit.core.measure import count_macs
     from slimkit.recipe.runner import calibration_from_spec, needs_data
     from slimkit.zoo.digits import accuracy, load_digits_split
 

@@ -145,7 +145,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_dynamic, quantize_static
 
     from slimkit.core.registry import Context
-    from slimkit.evaluation.measure import size_on_disk
+    from slimkit.core.measure import size_on_disk
     from slimkit.evaluation.suite import resolve_eval_data
     from slimkit.export.onnx import export_onnx
     from slimkit.zoo.corpus import load_split
@@ -249,7 +249,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
 
 def measure(rows: list[Row], info: dict[str, Any], settings: Settings) -> None:
     """Perplexity of every row that was built, then latency interleaved over the rows of each runtime."""
-    from slimkit.evaluation.quality import perplexity
+    from slimkit.tasks.metrics import perplexity
     from slimkit.evaluation.suite import PPL_CONTEXT, PPL_STRIDE
 
     ids = info["data"].token_ids

@@ -118,7 +118,7 @@ def _tokenize(tokenizer, texts: list[str]) -> list[dict[str, np.ndarray]]:
 
 def _pooled(hidden: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     h = torch.from_numpy(np.asarray(hidden, dtype=np.float32))
-    from slimkit.evaluation.quality import mean_pool
+    from slimkit.tasks.metrics import mean_pool
 
     return mean_pool(h, torch.from_numpy(mask))
 
@@ -272,7 +272,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
         rows.append(row)
 
     # Quality: embeddings of every row vs fp32 embeddings from the same runtime family.
-    from slimkit.evaluation.quality import embedding_fidelity
+    from slimkit.tasks.metrics import embedding_fidelity
 
     reference = _embed(rows[0].run, eval_batches)
     for row in rows:
@@ -298,7 +298,7 @@ def observer_table(model: nn.Module, calib: Any, eval_batches: list[dict[str, np
                    reference: torch.Tensor) -> harness.Table:
     """Activation-quantization error per observer: ranges from calibration, error on eval activations."""
     import slimkit
-    from slimkit.evaluation.quality import embedding_fidelity
+    from slimkit.tasks.metrics import embedding_fidelity
     from slimkit.quantization.ptq import calibrate_inputs
     from slimkit.quantization.primitives import fake_quantize
 

@@ -367,7 +367,7 @@ def _time_compiled(variants: list[Variant], shape_inputs: list[tuple[tuple[int, 
 
 
 def run_lm(settings: Settings, compile_rows: bool) -> dict[str, Any]:
-    from slimkit.evaluation.quality import perplexity
+    from slimkit.tasks.metrics import perplexity
     from slimkit.evaluation.suite import PPL_CONTEXT, PPL_STRIDE, resolve_eval_data
 
     print(f"[{LM_NAME}] building variants", flush=True)
@@ -395,7 +395,7 @@ def run_lm(settings: Settings, compile_rows: bool) -> dict[str, Any]:
 
 def run_encoder(settings: Settings, compile_rows: bool) -> dict[str, Any]:
     from slimkit.core.io import tokenizer_of
-    from slimkit.evaluation.quality import embedding_fidelity, encode_sentences
+    from slimkit.tasks.metrics import embedding_fidelity, encode_sentences
     from slimkit.evaluation.suite import latency_inputs, resolve_eval_data
 
     print(f"[{ENCODER_NAME}] building variants", flush=True)
@@ -572,7 +572,7 @@ def render(lm: dict[str, Any], enc: dict[str, Any], env: dict[str, Any], setting
            seconds: float) -> str:
     b, s = ENCODER_SHAPE
     timing = (f"{THREADS} threads, warm-up {settings.warmup}, median of {settings.runs} timed calls "
-              f"(`slimkit.evaluation.measure.measure_latency`) taken in {settings.rounds} rounds that "
+              f"(`slimkit.core.measure.measure_latency`) taken in {settings.rounds} rounds that "
               f"alternate over all rows ({settings.runs // settings.rounds} calls per row per round)")
     out = [
         "## int8 weight-only: slimkit RTN vs fp32, torchao and torch.ao",

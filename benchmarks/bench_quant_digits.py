@@ -183,7 +183,7 @@ def _vs_fp32(drop: float) -> str:
 
 def build(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
     import slimkit as sk
-    from slimkit.evaluation.quality import accuracy
+    from slimkit.tasks.metrics import accuracy
     from slimkit.export.onnx import export_onnx
     from slimkit.quantization.modules import QuantConv2d, QuantLinear
     from slimkit.zoo.digits import load_digits_split, load_pretrained

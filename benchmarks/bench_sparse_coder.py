@@ -119,7 +119,7 @@ def measured_sparsity(model: nn.Module, pattern: str | None,
     consecutive inputs of a row. Also checks that the layers outside the blocks (lm_head, the
     embedding) hold no more zeros than in the dense model (``dense``: its ``layer_sparsity``).
     """
-    from slimkit.evaluation.measure import layer_sparsity
+    from slimkit.core.measure import layer_sparsity
 
     per_layer = layer_sparsity(model)
     targets = _targets(model)
@@ -172,7 +172,7 @@ def build_rows(settings: Settings, peer_path: str | None = None) -> tuple[list[R
     import slimkit as sk
     from slimkit.core.errors import SlimkitError
     from slimkit.core.registry import Context
-    from slimkit.evaluation.measure import layer_sparsity
+    from slimkit.core.measure import layer_sparsity
     from slimkit.evaluation.suite import resolve_eval_data
     from slimkit.zoo.corpus import load_split
 

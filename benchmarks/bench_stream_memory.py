@@ -88,7 +88,8 @@ def run_child(src: Path, out: Path, settings: dict) -> dict:
 
     from slimkit.core.calibration import CalibrationData
     from slimkit.core.registry import Context
-    from slimkit.core.streaming import compress_checkpoint, lazy_model, memory_estimate
+    from slimkit.api import compress_checkpoint
+    from slimkit.core.streaming import lazy_model, memory_estimate
     from slimkit.quantization.gptq import GPTQ
 
     harness.set_threads(THREADS)

@@ -21,7 +21,7 @@ the peer) at the same ratio with the same importance, then fine-tuned by the sam
   fine-tune: the pruned encoder learns the dense one's embeddings (1 - cosine) on train-split
   sentences (disjoint from eval), AdamW lr 1e-4, batch 16, a fixed number of steps, seed 0.
 
-MACs: ``slimkit.evaluation.measure.count_macs`` (torch's FlopCounterMode / 2) on one input of
+MACs: ``slimkit.core.measure.count_macs`` (torch's FlopCounterMode / 2) on one input of
 the timed shape. Latency: PyTorch eager, digits at batch 256, MiniLM at batch 32 x seq 128;
 dense and both pruned models interleaved (warm-up 3, median of 20 calls in 4 rounds), threads
 as stated. Prune time: wall seconds of the pruning call alone.
@@ -101,7 +101,7 @@ def _slimkit_prune(model, config, data=None):
 def _digits_ratio(dense, example, round_to: int, scope: str) -> float:
     """The smallest filter ratio (bisection to 0.001) whose slimkit L1 pruning reaches <= 0.5x dense MACs."""
     import slimkit as sk
-    from slimkit.evaluation.measure import count_macs
+    from slimkit.core.measure import count_macs
 
     target = 0.5 * count_macs(dense, example)
     lo, hi = 0.0, 0.9
@@ -140,7 +140,7 @@ def run_digits(args) -> tuple[list[Row], dict[str, Any]]:
     import tempfile
 
     import slimkit as sk
-    from slimkit.evaluation.measure import count_macs
+    from slimkit.core.measure import count_macs
     from slimkit.zoo.digits import accuracy, load_digits_split
 
     x_test, y_test = load_digits_split("test")
@@ -191,13 +191,13 @@ def _minilm_inputs(tokenizer, texts, batch: int, seq: int) -> dict:
 
 
 def _embed(model, tokenizer, texts):
-    from slimkit.evaluation.quality import encode_sentences
+    from slimkit.tasks.metrics import encode_sentences
 
     return encode_sentences(model, tokenizer, texts, batch_size=32, max_length=128)
 
 
 def _cosine(model, tokenizer, texts, reference) -> float:
-    from slimkit.evaluation.quality import embedding_fidelity
+    from slimkit.tasks.metrics import embedding_fidelity
 
     return embedding_fidelity(_embed(model, tokenizer, texts), reference).mean_cosine
 
@@ -205,7 +205,7 @@ def _cosine(model, tokenizer, texts, reference) -> float:
 def _minilm_finetune(model, teacher, tokenizer, texts, steps: int) -> None:
     import torch
 
-    from slimkit.evaluation.quality import mean_pool
+    from slimkit.tasks.metrics import mean_pool
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -256,7 +256,7 @@ def run_minilm(args) -> tuple[list[Row], dict[str, Any]]:
     import torch
 
     import slimkit as sk
-    from slimkit.evaluation.measure import count_macs
+    from slimkit.core.measure import count_macs
     from slimkit.zoo.minilm import sample_texts
 
     dense = sk.load("minilm").eval()

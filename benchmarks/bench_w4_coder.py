@@ -250,7 +250,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
     import slimkit as sk
     from slimkit.core.errors import SlimkitError
     from slimkit.core.registry import Context
-    from slimkit.evaluation.measure import size_on_disk
+    from slimkit.core.measure import size_on_disk
     from slimkit.evaluation.suite import resolve_eval_data
     from slimkit.export.onnx import export_onnx
     from slimkit.zoo.corpus import load_split

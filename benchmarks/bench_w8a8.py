@@ -156,7 +156,7 @@ def smooth_models(model: nn.Module, calib: Any, calib_ids: torch.Tensor
     calibration perplexity. Returns (chosen alpha, alpha -> calibration perplexity,
     alpha -> (smoothed float model, seconds, notes))."""
     import slimkit as sk
-    from slimkit.evaluation.quality import perplexity
+    from slimkit.tasks.metrics import perplexity
     from slimkit.evaluation.suite import PPL_CONTEXT, PPL_STRIDE
     from slimkit.quantization.smoothquant import SmoothQuant
 
@@ -287,7 +287,7 @@ def _outlier_share(lm: nn.Module | None, batch: torch.Tensor) -> str:
 
 def measure(rows: list[Row], info: dict[str, Any], settings: Settings) -> None:
     """Perplexity of every row that was built, then PyTorch latency interleaved over the timed rows."""
-    from slimkit.evaluation.quality import perplexity
+    from slimkit.tasks.metrics import perplexity
     from slimkit.evaluation.suite import PPL_CONTEXT, PPL_STRIDE
 
     ids = info["data"].token_ids
@@ -332,7 +332,7 @@ def table(rows: list[Row]) -> harness.Table:
 def minilm_part(settings: Settings) -> dict[str, Any]:
     """Activation statistics and W8A8 / SmoothQuant / LLM.int8 embedding fidelity on MiniLM (None if absent)."""
     import slimkit as sk
-    from slimkit.evaluation.quality import embedding_fidelity
+    from slimkit.tasks.metrics import embedding_fidelity
     from slimkit.quantization.llm_int8 import LLMInt8
     from slimkit.quantization.smoothquant import SmoothQuant
     from slimkit.zoo import minilm

@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from slimkit.evaluation.measure import load_average  # the one definition, shared with slimkit's reports
+from slimkit.core.measure import load_average  # the one definition, shared with slimkit's reports
 
 BENCHMARKS_FILE = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
@@ -71,14 +71,14 @@ def set_threads(n: int = 2) -> int:
 
 
 def timed(fn: Callable[[], Any], warmup: int = 3, runs: int = 10, **kw: Any):
-    """``slimkit.evaluation.measure.measure_latency(fn, ...)`` at the current torch thread count.
+    """``slimkit.core.measure.measure_latency(fn, ...)`` at the current torch thread count.
 
     Keyword arguments (``batch_size``, ``seq_len``) describe one call. Returns LatencyStats
     (median_ms, min/max/mean, runs, warmup, threads, ...).
     """
     import torch
 
-    from slimkit.evaluation.measure import measure_latency
+    from slimkit.core.measure import measure_latency
 
     kw.setdefault("threads", torch.get_num_threads())
     return measure_latency(fn, warmup=warmup, runs=runs, **kw)
@@ -148,7 +148,7 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 3, runs: 
 
     import torch
 
-    from slimkit.evaluation.measure import LatencyStats, measure_latency
+    from slimkit.core.measure import LatencyStats, measure_latency
 
     if rounds < 1 or runs < rounds or runs % rounds:
         raise ValueError(f"runs ({runs}) must be a positive multiple of rounds ({rounds})")
@@ -185,7 +185,7 @@ def saved_size(model_or_save_fn: Any) -> int:
     """
     from torch import nn
 
-    from slimkit.evaluation.measure import size_on_disk
+    from slimkit.core.measure import size_on_disk
 
     with tempfile.TemporaryDirectory(prefix="slimkit-bench-") as tmp:
         if isinstance(model_or_save_fn, nn.Module):
@@ -466,7 +466,7 @@ def perplexity_rows(rows: Sequence[Any], token_ids: Any) -> None:
 
     A failure becomes the row's recorded reason (``guard``), so one broken row does not end the run.
     """
-    from slimkit.evaluation.quality import perplexity
+    from slimkit.tasks.metrics import perplexity
     from slimkit.evaluation.suite import PPL_CONTEXT, PPL_STRIDE
 
     for row in rows:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import slimkit as sk
-from slimkit.evaluation.quality import perplexity
+from slimkit.tasks.metrics import perplexity
 from slimkit.evaluation.suite import bits_per_weight, resolve_eval_data
 from slimkit.export.compressed_tensors import export_compressed_tensors
 from slimkit.export.onnx import check_onnx, export_onnx

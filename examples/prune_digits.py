@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import slimkit as sk
 from slimkit.pruning.magnitude import magnitude_masks
-from slimkit.pruning.masks import apply_mask
+from slimkit.core.masks import apply_mask
 from slimkit.zoo.digits import DigitsCNN, accuracy, load_digits_split
 
 SPARSITY = 0.7

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import slimkit as sk
-from slimkit.evaluation.quality import perplexity
+from slimkit.tasks.metrics import perplexity
 from slimkit.evaluation.suite import resolve_eval_data
 from slimkit.export.onnx import check_onnx, export_onnx, ort_session
 from slimkit.zoo.corpus import load_split

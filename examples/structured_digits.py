@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import slimkit as sk
 from slimkit.core.registry import Context
-from slimkit.evaluation.measure import count_macs, count_parameters
+from slimkit.core.measure import count_macs, count_parameters
 from slimkit.zoo.digits import accuracy, load_digits_split
 
 x_train, y_train = load_digits_split("train")

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import slimkit as sk
-from slimkit.evaluation.measure import count_macs, count_parameters
-from slimkit.evaluation.quality import mean_pool
+from slimkit.core.measure import count_macs, count_parameters
+from slimkit.tasks.metrics import mean_pool
 from slimkit.zoo import minilm
 
 torch.manual_seed(0)

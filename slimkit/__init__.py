@@ -9,7 +9,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from slimkit.core import plugins as _plugins
+from slimkit.core.version import __version__
+
+
+def _install_builtins() -> None:
+    """Register the built-in providers core looks up: the zoo's models, corpora and task defaults,
+    and pruning's checkpoint hooks (masks baked in on save, pruned shapes rebuilt on load)."""
+    import slimkit.pruning.checkpoint_hooks  # noqa: F401  (registers on import)
+    import slimkit.zoo  # noqa: F401  (registers on import)
+
+
+_plugins.on_first_use(_install_builtins)
 
 # public name -> module that defines it (loaded on first attribute access)
 _EXPORTS = {
@@ -38,6 +49,7 @@ _EXPORTS = {
     "TrainSettings": "slimkit.distillation.trainer",
     "apply": "slimkit.api",
     "apply_recipe": "slimkit.api",
+    "compress_checkpoint": "slimkit.api",
     "evaluate": "slimkit.api",
     "load": "slimkit.core.io",
     "save": "slimkit.core.io",
@@ -54,9 +66,9 @@ _EXPORTS = {
     "Gradual": "slimkit.pruning.schedules",
     "Iterative": "slimkit.pruning.schedules",
     "GradualPruner": "slimkit.pruning.schedules",
-    "strip": "slimkit.pruning.masks",
-    "sparsity_report": "slimkit.pruning.masks",
-    "attach_masks_from_zeros": "slimkit.pruning.masks",
+    "strip": "slimkit.core.masks",
+    "sparsity_report": "slimkit.core.masks",
+    "attach_masks_from_zeros": "slimkit.core.masks",
     "Wanda": "slimkit.pruning.wanda",
     "SparseGPT": "slimkit.pruning.sparsegpt",
     "DynamicQuant": "slimkit.quantization.ptq",
@@ -73,6 +85,14 @@ _EXPORTS = {
     "Recipe": "slimkit.recipe.schema",
     "CompressionReport": "slimkit.evaluation.report",
     "export_onnx": "slimkit.export.onnx",
+    "Context": "slimkit.core.registry",
+    "NothingCompressedError": "slimkit.core.errors",
+    "BrokenModelError": "slimkit.core.errors",
+    "task_of": "slimkit.tasks",
+    "set_task": "slimkit.tasks",
+    "GenericTask": "slimkit.tasks",
+    "DataSpec": "slimkit.tasks",
+    "read_source": "slimkit.tasks",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -16,25 +16,24 @@ from torch import nn
 from slimkit.core.calibration import CalibrationData
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError
-from slimkit.core.io import attach_info, load, model_info
-from slimkit.core.registry import Context, handler_for
+from slimkit.core.io import load
+from slimkit.core.registry import Context
+from slimkit.recipe.steps import apply_step
 
 Progress = Callable[[str, float], None]
 
 
 def apply(model: nn.Module, config: Config, data: CalibrationData | None = None,
           ctx: Context | None = None) -> nn.Module:
-    """Apply any registered technique ``config`` to ``model`` in place; returns the model."""
-    if not isinstance(config, Config):
-        raise ConfigError(f"expected a slimkit config (e.g. slimkit.RTN(bits=8)), got {type(config).__name__}")
-    handler = handler_for(config)
-    ctx = ctx or Context()
-    if data is not None:
-        ctx.data = data
-    handler(model, config, ctx)
-    info = model_info(model)
-    attach_info(model, steps=[*info.get("steps", []), config.to_dict()])
-    return model
+    """Apply any registered technique ``config`` to ``model`` in place; returns the model.
+
+    Never a silent success: a compression step that changes less than a tenth of the weight
+    matrices it was asked to cover raises ``NothingCompressedError`` naming the layer types it
+    left alone (unless ``ctx.allow_partial``), and after every step the model runs one forward
+    on example inputs, so a step that breaks the model raises ``BrokenModelError`` at once
+    (``slimkit.recipe.steps.apply_step``).
+    """
+    return apply_step(model, config, data, ctx)
 
 
 def _verb(family: str, model: nn.Module, config: Config, data: CalibrationData | None, ctx: Context | None) -> nn.Module:
@@ -73,6 +72,15 @@ def distill_(student: nn.Module, teacher: nn.Module, config: Config, data: Any =
     ctx.teacher = teacher
     ctx.data = data  # training data, never a recipe's calibration data left from an earlier step
     return _verb("distill", student, config, data, ctx)
+
+
+def compress_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, config: Config,
+                        data: CalibrationData, ctx: Context | None = None) -> Any:
+    """Apply a blockwise ``config`` (GPTQ, AWQ, SmoothQuant, Wanda, SparseGPT) to a checkpoint too big for
+    memory, one decoder block loaded at a time; writes a slimkit checkpoint to ``out_dir``."""
+    from slimkit.core.streaming import compress_checkpoint as stream
+
+    return stream(source, out_dir, config, data, ctx, apply=apply)
 
 
 def apply_recipe(model: nn.Module | str, recipe: Any, data: CalibrationData | None = None,

@@ -29,10 +29,18 @@ app.add_typer(zoo_app, name="zoo")
 export_app = typer.Typer(no_args_is_help=True, help="Export a model for deployment (ONNX, compressed-tensors).")
 app.add_typer(export_app, name="export")
 
-DEFAULT_MODEL = "stdlib-coder"
 DEFAULT_RECIPE = "int8-weight-only"
 DEFAULT_DISTILL_RECIPE = "kd-digits"
 _OUTPUT_MARKER = "report.json"
+_DATA_HELP = ('a file (one text per line, or paragraphs), a folder of text files or images, .jsonl/.json/.csv/.parquet, '
+              'a saved Hugging Face dataset, .npz or a built-in corpus name; options after "?", e.g. '
+              '"chats.jsonl?field=messages&chat_template=true&n=32"')
+
+
+def _default_model() -> str:
+    from slimkit.zoo import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
 
 
 class _Ui:
@@ -79,17 +87,44 @@ def _check_out_dir(out: Path) -> None:
 
 @app.command()
 def compress(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name or model folder (default: the recipe's model, else stdlib-coder)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name or model folder (default: the recipe's model, else the zoo's default LM)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe YAML path or shipped recipe name (default: int8-weight-only)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data (default: the recipe's, else the model's corpus): " + _DATA_HELP + "."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Evaluation data for the report (default: the recipe's, else the model's held-out split): " + _DATA_HELP + "."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Accept a step that changes less than a tenth of the weights it targets."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated figures to measure instead of the recipe's (size, params, sparsity, flops, latency, perplexity, accuracy, fidelity)."),
     out: Path = typer.Option(Path("slimkit-out"), "--out", "-o", help="Output folder: DIR/model and DIR/report.{md,json,html}."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
 ) -> None:
     """Compress a model with a recipe and print a before/after table of measured figures."""
-    from slimkit.recipe.schema import resolve_recipe
+    import dataclasses
+
+    from slimkit.recipe.schema import data_spec_from, resolve_recipe
 
     rec = resolve_recipe(recipe or DEFAULT_RECIPE)
-    _run_recipe_command(_Ui(quiet, as_json), model or rec.model or DEFAULT_MODEL, rec, out)
+    changes = {"allow_partial": rec.allow_partial or allow_partial}
+    if metrics is not None:
+        changes["evaluate"] = _parse_metrics(metrics)
+    if calib is not None:
+        changes["calibration"] = data_spec_from(calib, "--calib")
+    if data is not None:
+        changes["data"] = data_spec_from(data, "--data")
+    rec = dataclasses.replace(rec, **changes)
+    _run_recipe_command(_Ui(quiet, as_json), model or rec.model or _default_model(), rec, out)
+
+
+def _parse_metrics(text: str) -> tuple[str, ...]:
+    from slimkit.core.errors import closest
+    from slimkit.recipe.schema import METRICS
+
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    for name in names:
+        if name not in METRICS:
+            raise SlimkitError(f"--metrics: unknown figure {name!r}{closest(name, METRICS)}; known: {', '.join(METRICS)}")
+    if not names:
+        raise SlimkitError(f"--metrics is empty; name one or more of {', '.join(METRICS)}")
+    return names
 
 
 def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path) -> None:
@@ -115,7 +150,9 @@ def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path) -> None:
     if not main_process:
         return
     with ui.step("loading evaluation data"):
-        data = resolve_eval_data(baseline)
+        data = resolve_eval_data(baseline, rec.data)
+    if ctx.data_description:
+        ctx.notes.insert(0, f"calibration data: {ctx.data_description}")
     with atomic_dir(out) as tmp:
         with ui.step(f"saving to {out / 'model'}"):
             save(compressed, tmp / "model")
@@ -133,6 +170,9 @@ def distill(
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher: zoo name or model folder (default: the recipe's model)."),
     student: Optional[str] = typer.Option(None, "--student", "-s", help='Student: a zoo name or folder, "default", "layers:0,2,5", "layers:3" or "width:0.5" (default: the recipe\'s).'),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: the recipe's)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data for the recipe's other steps: " + _DATA_HELP + "."),
+    train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data (default: the recipe's, else the model's train split): " + _DATA_HELP + "."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Evaluation data for the report: " + _DATA_HELP + "."),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="Folder for training checkpoints (default: OUT.checkpoints)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --checkpoints after an interruption."),
     out: Path = typer.Option(Path("slimkit-distill"), "--out", "-o", help="Output folder: DIR/model (the student) and DIR/report.{md,json,html}."),
@@ -159,13 +199,18 @@ def distill(
             changes["steps"] = steps
             if step.warmup_steps >= steps:  # the recipe's warm-up was planned for its own step count
                 changes["warmup_steps"] = steps // 10
+        if train_data is not None:
+            changes["train_data"] = train_data
         if not step.checkpoint_every:
             changes["checkpoint_every"] = max(1, (steps or step.steps) // 10)
         return dataclasses.replace(step, **changes)
 
+    from slimkit.recipe.schema import data_spec_from
+
     stages = tuple(Stage(st.name, tuple(override(s) for s in st.steps)) for st in rec.stages)
-    rec = dataclasses.replace(rec, stages=stages)
-    _run_recipe_command(_Ui(quiet, as_json), teacher or rec.model or DEFAULT_MODEL, rec, out)
+    rec = dataclasses.replace(rec, stages=stages, data=data_spec_from(data, "--data") if data else rec.data,
+                              calibration=data_spec_from(calib, "--calib") if calib else rec.calibration)
+    _run_recipe_command(_Ui(quiet, as_json), teacher or rec.model or _default_model(), rec, out)
 
 
 def _print_report(ui: _Ui, report, out: Path | None) -> None:
@@ -183,7 +228,7 @@ def _print_report(ui: _Ui, report, out: Path | None) -> None:
 def eval_cmd(
     model: str = typer.Argument(..., help="Zoo name or model folder."),
     baseline: Optional[str] = typer.Option(None, "--baseline", "-b", help="Compare with this model (zoo name or folder)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="A text file or folder of your own text (LMs, encoders)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Evaluation data: " + _DATA_HELP + "."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
 ) -> None:
@@ -196,7 +241,7 @@ def eval_cmd(
         m = load(model)
         base = load(baseline) if baseline else None
     with ui.step("loading evaluation data"):
-        eval_data = resolve_eval_data(base if base is not None else m, str(data) if data else None)
+        eval_data = resolve_eval_data(base if base is not None else m, data)
     with ui.step("measuring") as update:
         if base is not None:
             report = compare(base, m, eval_data, progress=update)
@@ -236,10 +281,9 @@ def _measurement_table(m) -> Table:
 def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """List the built-in models."""
     from slimkit.zoo import list_models
-    from slimkit.zoo.minilm import is_available
 
-    rows = [{"name": e.name, "kind": e.kind, "description": e.description,
-             "available": is_available() if e.name == "minilm" else True} for e in list_models()]
+    rows = [{"name": e.name, "kind": e.kind, "description": e.description, "available": e.available()}
+            for e in list_models()]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -254,28 +298,17 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON."
 
 @zoo_app.command("train")
 def zoo_train(
-    name: str = typer.Argument(..., help="stdlib-coder or digits-cnn."),
+    name: str = typer.Argument(..., help="A trainable zoo model (see `slimkit zoo list`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the trained model to."),
-    minutes: float = typer.Option(70.0, help="Wall-clock budget (stdlib-coder; the shipped weights used 70)."),
+    minutes: float = typer.Option(70.0, help="Wall-clock budget for models trained by time (the shipped LM used 70)."),
 ) -> None:
     """Re-train a shipped zoo model from scratch (reproduces the shipped weights' recipe)."""
-    import torch
+    from slimkit.zoo import train_zoo
 
     def log(line: str) -> None:
         print(line, flush=True)  # flushed, so a log file of a background run stays current
 
-    if name == "stdlib-coder":
-        from slimkit.zoo.stdlib_coder import train
-
-        torch.set_num_threads(2)  # the shipped weights were trained on 2 threads
-        train(out, minutes=minutes, log=log)
-    elif name == "digits-cnn":
-        from slimkit.zoo.digits import train_digits
-
-        torch.set_num_threads(1)  # the shipped weights were trained on 1 thread
-        log(json.dumps(train_digits(out), indent=2))
-    else:
-        raise SlimkitError(f"cannot train {name!r}: choose stdlib-coder or digits-cnn")
+    train_zoo(name, out, minutes=minutes, log=log)
 
 
 @export_app.command("onnx")

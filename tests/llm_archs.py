@@ -10,29 +10,79 @@ import torch
 from torch import nn
 
 ARCHS = ("llama", "qwen2", "mistral", "opt")
+# Every architecture ``tiny_causal_lm`` builds; ``ARCHS`` stays the quick subset older tests use.
+ALL_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "bloom")
 
 
-def tiny_causal_lm(arch: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:
-    """A seeded random-init causal LM of ``arch`` (hidden 64, vocab 128) in eval mode."""
+def tiny_causal_lm(arch: str = "llama", seed: int = 0, layers: int = 2, width: int = 64,
+                   vocab: int = 128, positions: int = 128) -> torch.nn.Module:
+    """A seeded random-init causal LM of ``arch`` (hidden ``width``, 4 heads of ``width / 4``, MLP
+    ``2 * width``, vocabulary ``vocab``, ``positions`` positions) in eval mode. ``width=128`` lets the shipped recipes' group
+    size 128 divide every layer's inputs.
+
+    Every width (hidden, heads × head_dim, MLP) is a multiple of 32. Notable layouts:
+    phi3 fuses q/k/v and gate/up into one Linear each; gpt2 uses transformers' ``Conv1D``
+    (weight stored (in, out)); falcon's layers are ``FalconLinear`` (an nn.Linear subclass)
+    with multi-query attention and a parallel MLP; gemma scales its embedding
+    (``GemmaTextScaledWordEmbedding``) and ties it to lm_head; bloom uses ALiBi.
+    """
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                  max_position_embeddings=128)
+    head_dim, ffn = width // 4, 2 * width
+    common = dict(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=positions)
+    # Special-token ids inside the tiny vocabulary (some configs default to ids of a real vocabulary).
+    tokens = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     if arch == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(intermediate_size=ffn, num_key_value_heads=2, **common))
     elif arch == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common))
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(intermediate_size=ffn, num_key_value_heads=2, **common))
+    elif arch == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(intermediate_size=ffn, num_key_value_heads=2, head_dim=head_dim,
+                                                   **common, **tokens))
     elif arch == "mistral":
-        model = tf.MistralForCausalLM(tf.MistralConfig(intermediate_size=128, num_key_value_heads=4,
+        model = tf.MistralForCausalLM(tf.MistralConfig(intermediate_size=ffn, num_key_value_heads=4,
                                                        sliding_window=None, **common))
+    elif arch == "gemma":
+        model = tf.GemmaForCausalLM(tf.GemmaConfig(intermediate_size=ffn, num_key_value_heads=2, head_dim=head_dim,
+                                                   **common, **tokens))
+    elif arch == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(intermediate_size=ffn, num_key_value_heads=2, **common, **tokens))
+    elif arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=4,
+                                                 n_positions=positions, n_inner=ffn, **tokens))
+    elif arch == "gpt_neox":
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(intermediate_size=ffn, **common, **tokens))
     elif arch == "opt":
-        model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers,
-                                               num_attention_heads=4, ffn_dim=128, max_position_embeddings=128,
-                                               word_embed_proj_dim=64, enable_bias=True))
+        model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
+                                               num_attention_heads=4, ffn_dim=ffn, max_position_embeddings=positions,
+                                               word_embed_proj_dim=width, enable_bias=True))
+    elif arch == "falcon":
+        model = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
+                                                     num_attention_heads=4, ffn_hidden_size=ffn, **tokens))
+    elif arch == "bloom":
+        model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=vocab, hidden_size=width, n_layer=layers, n_head=4,
+                                                   **tokens))
     else:
-        raise ValueError(f"unknown arch {arch!r}")
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ALL_ARCHS)}")
     return model.eval()
+
+
+def linear_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every transformers ``Conv1D`` turned into the nn.Linear it computes."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    from slimkit.core.linear_like import as_linear
+
+    linear = copy.deepcopy(model)
+    for name, m in list(linear.named_modules()):
+        if isinstance(m, Conv1D):
+            parent, _, child = name.rpartition(".")
+            setattr(linear.get_submodule(parent), child, as_linear(m))
+    return linear
 
 
 def token_batches(n: int = 4, seq_len: int = 32, vocab: int = 128, seed: int = 1) -> torch.Tensor:

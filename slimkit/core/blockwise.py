@@ -30,6 +30,13 @@ from slimkit.core.calibration import (
     iterate_blocks,
 )
 from slimkit.core.errors import DataError
+from slimkit.core.linear_like import (
+    LinearLike,
+    in_features,
+    linear_kind,
+    linear_weight,
+    out_features,
+)
 
 # A Linear whose input is not the output tensor of any module, but is still linear in a
 # named sibling's output: down_proj reads act(gate(x)) * up(x), so scaling up_proj's output
@@ -76,11 +83,13 @@ def block_outputs(block: nn.Module, calls: Sequence[CapturedCall]) -> list[torch
 
 @torch.no_grad()
 def linear_groups(block: nn.Module, calls: Sequence[CapturedCall],
-                  types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> list[LinearGroup]:
-    """The block's Linear layers grouped by shared input, groups in the order they first run.
+                  types: tuple[type, ...] = (LinearLike,)) -> list[LinearGroup]:
+    """The block's Linear-like layers grouped by shared input, groups in the order they first run.
 
-    Found with hooks on one recorded call. A Linear that never runs on it (e.g. an expert
-    no token was routed to) forms a group of its own at the end.
+    Linear-like: any nn.Linear or transformers Conv1D (``core.linear_like.LinearLike``;
+    callers drop the ones they cannot handle, with a note). Found with hooks on one
+    recorded call. A layer that never runs on it (e.g. an expert no token was routed
+    to) forms a group of its own at the end.
     """
     modules = dict(block.named_modules())
     order: list[tuple[str, int]] = []  # (linear name, id of its input tensor)
@@ -135,16 +144,17 @@ def _producer(modules: dict[str, nn.Module], members: list[str], made_by: str | 
         for pattern, repl in _LINEAR_PRODUCERS:
             if re.fullmatch(pattern, members[0]):
                 cand = re.sub(pattern, repl, members[0])
-                if isinstance(modules.get(cand), nn.Linear) and _has_channel_weight(modules[cand], modules[members[0]]):
+                if (linear_kind(modules.get(cand)) is not None
+                        and _has_channel_weight(modules[cand], modules[members[0]])):
                     return cand
     return None
 
 
 def _has_channel_weight(producer: nn.Module, consumer: nn.Module) -> bool:
     """True when ``producer`` has a per-channel weight as long as ``consumer``'s input (a norm, or a Linear)."""
-    width = getattr(consumer, "in_features", None)
-    if isinstance(producer, nn.Linear):
-        return producer.out_features == width
+    width = in_features(consumer) if linear_kind(consumer) is not None else getattr(consumer, "in_features", None)
+    if linear_kind(producer) is not None:
+        return out_features(producer) == width
     w = getattr(producer, "weight", None)
     return isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() == width
 
@@ -220,8 +230,8 @@ def check_finite(name: str, module: nn.Module) -> None:
 def fold_input_scale(block: nn.Module, group: LinearGroup, scale: torch.Tensor, check: CapturedCall) -> bool:
     """Make the group's input ``x / scale`` and its weights ``W · diag(scale)``: the block computes the same.
 
-    The division goes into the producer (a norm's weight and bias, or a Linear's output
-    rows). The block's output on ``check`` (a recorded call) must stay the same, else
+    The division goes into the producer (a norm's weight and bias, or a Linear-like layer's
+    output rows, in its own layout). The block's output on ``check`` (a recorded call) must stay the same, else
     everything is put back and False is returned; so a producer that does not scale
     linearly (a norm computing ``x · (1 + w)``, a GELU between fc1 and fc2) is refused.
     Also False when the group has no producer. ``scale`` must be positive.
@@ -235,15 +245,17 @@ def fold_input_scale(block: nn.Module, group: LinearGroup, scale: torch.Tensor, 
     reference = run_block(block, check).float()
     producer, linears = touched[0], touched[1:]
     s = scale.detach().float().to(producer.weight.device)
-    if isinstance(producer, nn.Linear):
-        producer.weight.div_(s.unsqueeze(1).to(producer.weight.dtype))
+    if linear_kind(producer) is not None:
+        w = linear_weight(producer)  # (out, in); a Conv1D's transposed view, edited in place
+        w.div_(s.unsqueeze(1).to(w.dtype))
     else:
         producer.weight.div_(s.to(producer.weight.dtype))
     bias = getattr(producer, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.div_(s.to(bias.dtype))
     for lin in linears:
-        lin.weight.mul_(s.to(lin.weight.device, lin.weight.dtype))
+        w = linear_weight(lin)
+        w.mul_(s.to(w.device, w.dtype))
     after = run_block(block, check).float()
     tol = 1e-3 * float(reference.abs().max()) + 1e-6
     if not bool(((after - reference).abs() <= tol).all()):

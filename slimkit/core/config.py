@@ -27,6 +27,7 @@ class Config:
     family: ClassVar[str] = ""
     version: ClassVar[int] = 1
     needs_data: ClassVar[bool] = False  # True when the handler needs CalibrationData (GPTQ, Wanda, ...)
+    leaves_zeros: ClassVar[bool] = False  # True when the technique leaves pruned weights in place as zeros
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -35,6 +35,14 @@ class UnsupportedError(SlimkitError):
     """A model, layer or option this technique cannot handle."""
 
 
+class NothingCompressedError(UnsupportedError):
+    """A step that changed (almost) nothing of what it was asked to compress."""
+
+
+class BrokenModelError(UnsupportedError):
+    """A step after which the model no longer runs (or returns NaN/inf) on example inputs."""
+
+
 def closest(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' hint naming the closest of ``choices`` to ``word``, or '' when none is close."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

@@ -14,12 +14,26 @@ A slimkit checkpoint is a folder:
 Nothing is unpickled: weights come only from safetensors, the architecture only from
 transformers classes, zoo builders or registered slimkit module types.
 Saving writes to a temporary folder and renames it into place.
+
+A sentence-transformers folder (``modules.json``; the Transformer module at the root or in
+a sub-folder, then Pooling, Normalize, ...) loads as its transformer, with the rest of the
+pipeline recorded as data under ``defaults["sentence_transformers"]`` (saved in
+``slimkit.json``): the module list, the Transformer's ``sentence_bert_config.json``, the root
+``config_sentence_transformers.json`` and the small JSON files of every other module. Saving
+such a model also writes a sentence-transformers layout beside the checkpoint:
+``modules.json`` whose Transformer module lives in ``<idx>_SlimkitEncoder/`` (a
+``config.json`` of model type ``slimkit_encoder`` pointing back at the checkpoint, the
+``sentence_bert_config.json``, the tokenizer), and the other modules' folders as recorded.
+``SentenceTransformer(folder)`` then runs slimkit's compressed layers once
+``slimkit.export.sentence_transformers`` is imported (it registers that model type with
+transformers' Auto classes, so no ``trust_remote_code`` is ever needed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +43,24 @@ from torch import nn
 from slimkit.core.atomic import atomic_dir
 from slimkit.core.errors import ModelLoadError
 from slimkit.core.modules import SlimkitModule, module_type
+from slimkit.core.plugins import checkpoint_hooks, model_sources, resolve_kind
 from slimkit.core.targets import set_submodule
+from slimkit.core.version import __version__
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "slimkit.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+# sentence-transformers folders (see the module docstring)
+ST_MODULES_FILE = "modules.json"
+ST_INFO_KEY = "sentence_transformers"  # the key under a model's recorded defaults
+ST_ENCODER_TYPE = "slimkit_encoder"  # transformers model_type registered by slimkit.export.sentence_transformers
+ST_ENCODER_DIR = "SlimkitEncoder"  # the Transformer module's folder is "<idx>_SlimkitEncoder"
+ST_JSON_LIMIT = 64 * 1024  # a module file recorded in slimkit.json must be small JSON (pooling config, ...)
+_ST_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
+                    "sentence_camembert_config.json", "sentence_albert_config.json",
+                    "sentence_xlm-roberta_config.json", "sentence_xlnet_config.json")
+_ST_DIMENSIONS = ("hidden_size", "d_model", "dim", "embed_dim", "max_position_embeddings", "n_positions", "vocab_size")
 
 
 def quiet_transformers() -> None:
@@ -47,8 +73,10 @@ def quiet_transformers() -> None:
 
 # -- what slimkit knows about a model beyond its weights ------------------------------
 def attach_info(model: nn.Module, kind: str | None = None, source: str | None = None,
-                tokenizer: Any = None, steps: list[dict] | None = None) -> nn.Module:
-    """Record on ``model`` its kind ("causal-lm", "encoder", "classifier"), source name, tokenizer and applied steps."""
+                tokenizer: Any = None, steps: list[dict] | None = None, defaults: dict | None = None) -> nn.Module:
+    """Record on ``model`` its kind (the name of its task in ``slimkit.tasks``), source name, tokenizer,
+    applied steps and task ``defaults`` (data, not code: its corpus, per-sample input shape, default
+    student spec), which are saved with the checkpoint."""
     info = dict(getattr(model, "_slimkit_info", {}))
     if kind is not None:
         info["kind"] = kind
@@ -56,6 +84,8 @@ def attach_info(model: nn.Module, kind: str | None = None, source: str | None = 
         info["source"] = source
     if steps is not None:
         info["steps"] = steps
+    if defaults:
+        info["defaults"] = {**info.get("defaults", {}), **defaults}
     object.__setattr__(model, "_slimkit_info", info)
     if tokenizer is not None:
         object.__setattr__(model, "_slimkit_tokenizer", tokenizer)
@@ -63,8 +93,17 @@ def attach_info(model: nn.Module, kind: str | None = None, source: str | None = 
 
 
 def model_info(model: nn.Module) -> dict[str, Any]:
-    """The info recorded by ``attach_info`` (kind inferred from the class when not recorded)."""
+    """The info recorded by ``attach_info`` (kind inferred from the class when not recorded).
+
+    A module class may declare its kind and task defaults itself (``slimkit_kind``,
+    ``slimkit_defaults``, e.g. ``{"input_shape": [1, 8, 8]}``); recorded values win.
+    """
     info = dict(getattr(model, "_slimkit_info", {}))
+    declared = getattr(type(model), "slimkit_defaults", None)
+    if isinstance(declared, dict) and declared:
+        info["defaults"] = {**declared, **info.get("defaults", {})}
+    if "kind" not in info and isinstance(getattr(type(model), "slimkit_kind", None), str):
+        info["kind"] = type(model).slimkit_kind
     info.setdefault("kind", infer_kind(model))
     info.setdefault("steps", [])
     return info
@@ -81,15 +120,8 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 
 def infer_kind(model: nn.Module) -> str:
-    """A best guess of the model's kind from its class."""
-    name = type(model).__name__
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
-        return "causal-lm"
-    if is_transformers_model(model):
-        return "encoder"
-    if getattr(model, "slimkit_arch", None) == "digits-cnn":
-        return "classifier"
-    return "module"
+    """The model's kind when none is recorded: what a registered task claims (``slimkit.tasks``), else "module"."""
+    return resolve_kind(model) or "module"
 
 
 # -- save -----------------------------------------------------------------------------
@@ -113,14 +145,65 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) ->
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        _write_sentence_transformers(tmp, model, meta.get("defaults", {}).get(ST_INFO_KEY), tokenizer)
     return out_dir
 
 
-def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict ``save`` writes: pruning masks baked into plain weight names, the model left masked."""
-    from slimkit.pruning.masks import masked_modules, masked_state_dict
+def _write_sentence_transformers(folder: Path, model: nn.Module, st: dict | None, tokenizer: Any) -> None:
+    """Write the sentence-transformers layout recorded in ``st`` beside the checkpoint in ``folder``.
 
-    return masked_state_dict(model) if masked_modules(model) else model.state_dict()
+    The Transformer module becomes ``<idx>_SlimkitEncoder/``: a transformers config of model
+    type ``slimkit_encoder`` whose ``checkpoint`` ("..") is this folder, so sentence-transformers'
+    own Transformer module loads slimkit's model with its stored (compressed) weights; the
+    other modules are written from their recorded JSON. A pipeline slimkit could not record
+    whole (a module with weights, e.g. Dense) is left out with a warning rather than written
+    half: its embeddings would silently differ.
+    """
+    if not st:
+        return
+    problem = None
+    if not is_transformers_model(model):
+        problem = f"{type(model).__name__} is not a transformers model"
+    elif st.get("unsupported"):
+        problem = "these modules hold more than small JSON files: " + ", ".join(st["unsupported"])
+    elif tokenizer is None:
+        problem = "the model has no tokenizer"
+    if problem is not None:
+        warnings.warn(f"slimkit.save wrote no sentence-transformers files (modules.json) to {folder.name}: {problem}; "
+                      "the slimkit checkpoint itself is complete", stacklevel=3)
+        return
+    entries = [dict(e) for e in st["modules"]]
+    sub = f"{entries[0].get('idx', 0)}_{ST_ENCODER_DIR}"
+    entries[0]["path"] = sub
+    (folder / sub).mkdir()
+    config = {k: getattr(model.config, k) for k in _ST_DIMENSIONS if isinstance(getattr(model.config, k, None), int)}
+    config.update(model_type=ST_ENCODER_TYPE, architectures=["SlimkitEncoderModel"], checkpoint="..",
+                  slimkit_note="a slimkit checkpoint: `import slimkit.export.sentence_transformers` before "
+                               "SentenceTransformer(folder), which registers this model type")
+    (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / sub / _ST_CONFIG_FILES[0]).write_text(json.dumps(st.get("sentence_bert_config") or {}, indent=2))
+    tokenizer.save_pretrained(folder / sub)
+    files = st.get("files", {})
+    for entry in entries[1:]:
+        target = _module_dir(folder, entry["path"], ST_MODULES_FILE)
+        target.mkdir(parents=True, exist_ok=True)
+        for name, content in files.get(entry["path"], {}).items():
+            (target / name).write_text(json.dumps(content, indent=2))
+    (folder / ST_MODULES_FILE).write_text(json.dumps(entries, indent=2))
+    if st.get("config_sentence_transformers") is not None:
+        (folder / "config_sentence_transformers.json").write_text(json.dumps(st["config_sentence_transformers"],
+                                                                             indent=2))
+
+
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict ``save`` writes: a checkpoint hook's (pruning bakes masks into plain weight names,
+    leaving the model masked), else ``model.state_dict()``."""
+    for hook in checkpoint_hooks():
+        if hook.state_dict is not None:
+            state = hook.state_dict(model)
+            if state is not None:
+                return state
+    return model.state_dict()
 
 
 def checkpoint_meta(model: nn.Module) -> dict[str, Any]:
@@ -137,36 +220,19 @@ def checkpoint_meta(model: nn.Module) -> dict[str, Any]:
     meta = {
         "format": "slimkit",
         "format_version": FORMAT_VERSION,
-        "slimkit_version": _version(),
+        "slimkit_version": __version__,
         "architecture": arch,
         "kind": info["kind"],
         "source": info.get("source"),
         "steps": info.get("steps", []),
         "modules": modules,
     }
-    structure = _structure(model, meta["steps"])
-    if structure is not None:
-        meta["structure"] = structure
+    if info.get("defaults"):
+        meta["defaults"] = info["defaults"]
+    for hook in checkpoint_hooks():
+        if hook.meta is not None:
+            meta.update(hook.meta(model, meta["steps"]))
     return meta
-
-
-def _structure(model: nn.Module, steps: list[dict]) -> dict | None:
-    """The attributes structured pruning recorded (``pruning.resize``), or None for a model it never touched."""
-    if not any(step.get("type") == "StructuredPrune" for step in steps):
-        return None
-    from slimkit.pruning.resize import structure_of
-
-    return structure_of(model)
-
-
-
-def _version() -> str:
-    try:
-        from slimkit import __version__
-
-        return __version__
-    except ImportError:  # pragma: no cover
-        return "unknown"
 
 
 # -- load -----------------------------------------------------------------------------
@@ -179,22 +245,24 @@ def load(source: str | os.PathLike | nn.Module, skeleton: nn.Module | None = Non
     """
     if isinstance(source, nn.Module):
         return source
-    from slimkit.zoo import ZOO, load_zoo
-
     text = str(source)
-    if text in ZOO:
-        return load_zoo(text)
     path = Path(text)
     if not path.exists():
-        raise ModelLoadError(f"model {text!r} not found: give a zoo model ({', '.join(ZOO)}) or an existing folder")
+        for provider in model_sources():
+            if text in provider.names():
+                return provider.load(text)
+        known = "; ".join(f"{p.label}: {', '.join(p.names())}" for p in model_sources())
+        raise ModelLoadError(f"model {text!r} not found: give an existing folder or a name ({known})")
     if path.is_file():
         raise ModelLoadError(f"model {text!r} is a file: give the folder that holds it (config.json, model.safetensors)")
     if (path / META_FILE).exists():
         return _load_checkpoint(path, skeleton)
+    if (path / ST_MODULES_FILE).exists():
+        return _load_st_folder(path)
     if (path / "config.json").exists():
         return _load_hf_folder(path)
-    raise ModelLoadError(f"folder {text!r} holds neither {META_FILE} (a slimkit checkpoint) nor config.json "
-                         "(a Hugging Face model)")
+    raise ModelLoadError(f"folder {text!r} holds neither {META_FILE} (a slimkit checkpoint), {ST_MODULES_FILE} "
+                         "(a sentence-transformers model) nor config.json (a Hugging Face model)")
 
 
 def check_safetensors(path: Path) -> None:
@@ -248,10 +316,11 @@ def _build_architecture(folder: Path, arch: dict[str, Any], skeleton: nn.Module 
             raise ModelLoadError(f"{folder / 'config.json'} cannot be read ({exc})") from None
         return cls(config)
     if kind == "zoo":
-        from slimkit.zoo import build_zoo_architecture
-
+        builders = [p.build_architecture for p in model_sources() if p.build_architecture is not None]
+        if not builders:
+            raise ModelLoadError(f"{folder / META_FILE}: no provider rebuilds architecture {arch.get('name')!r}")
         try:
-            return build_zoo_architecture(str(arch.get("name")), arch.get("config") or {})
+            return builders[0](str(arch.get("name")), arch.get("config") or {})
         except ValueError as exc:
             raise ModelLoadError(f"{folder / META_FILE}: bad architecture config ({exc})") from None
     if kind == "module":
@@ -263,14 +332,13 @@ def _build_architecture(folder: Path, arch: dict[str, Any], skeleton: nn.Module 
 
 
 def _load_checkpoint(folder: Path, skeleton: nn.Module | None) -> nn.Module:
-    from slimkit.pruning.masks import masked_modules, strip
-
     meta = _read_meta(folder)
     weights = folder / WEIGHTS_FILE
     check_safetensors(weights)
     model = _build_architecture(folder, meta.get("architecture", {}), skeleton)
-    if masked_modules(model):  # a masked skeleton: the file holds plain (baked) weights
-        strip(model)
+    for hook in checkpoint_hooks():  # e.g. a masked skeleton is stripped: the file holds baked weights
+        if hook.prepare is not None:
+            hook.prepare(model)
     classes: dict[str, type] = {}
     for name, entry in meta.get("modules", {}).items():
         try:
@@ -285,18 +353,18 @@ def _load_checkpoint(folder: Path, skeleton: nn.Module | None) -> nn.Module:
         set_submodule(model, name, cls.from_slimkit_spec(entry["spec"]))
         classes[cls.__name__] = cls
     state = _read_weights(weights)
-    if meta.get("structure") is not None:
-        # Structurally pruned: layers are smaller than the config builds them; take the file's shapes.
-        from slimkit.pruning.resize import resize_to_checkpoint
-
-        resize_to_checkpoint(model, {k: tuple(v.shape) for k, v in state.items()}, meta["structure"])
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for hook in checkpoint_hooks():  # e.g. structurally pruned layers take the file's shapes
+        if hook.before_load is not None:
+            hook.before_load(model, shapes, meta)
     _load_weights(model, state, weights, folder / META_FILE)
     for cls in classes.values():
         cls.after_load(model)
     model.eval()
     tokenizer = _load_tokenizer(folder)
+    defaults = meta.get("defaults") if isinstance(meta.get("defaults"), dict) else None
     return attach_info(model, kind=meta.get("kind"), source=meta.get("source"), tokenizer=tokenizer,
-                       steps=meta.get("steps", []))
+                       steps=meta.get("steps", []), defaults=defaults)
 
 
 def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
@@ -379,4 +447,80 @@ def _load_hf_folder(folder: Path) -> nn.Module:
     except Exception as exc:
         raise ModelLoadError(f"cannot load the Hugging Face model in {folder} ({str(exc).splitlines()[0][:300]})") from None
     model.eval()
-    return attach_info(model, kind=infer_kind(model), source=str(folder), tokenizer=_load_tokenizer(folder))
+    return attach_info(model, source=str(folder), tokenizer=_load_tokenizer(folder))
+
+
+# -- sentence-transformers folders ------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _module_dir(root: Path, relative: str, listed_in: str) -> Path:
+    """``root / relative`` for a module path of ``modules.json``; ModelLoadError when it leaves ``root``."""
+    if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise ModelLoadError(f"{root / listed_in}: module path {relative!r} must be a folder inside {root}")
+    return root / relative
+
+
+def _load_st_folder(folder: Path) -> nn.Module:
+    """A sentence-transformers folder: its Transformer module loaded (an HF folder, or the slimkit checkpoint a
+    slimkit export points to) and the rest of the pipeline recorded as data (see the module docstring)."""
+    modules = _read_json(folder / ST_MODULES_FILE)
+    entries_ok = isinstance(modules, list) and all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("type"), str) for e in modules)
+    if not (entries_ok and modules):
+        raise ModelLoadError(f"{folder / ST_MODULES_FILE} is not a sentence-transformers module list "
+                             "(a JSON list of {idx, name, path, type})")
+    for entry in modules:
+        _module_dir(folder, entry["path"], ST_MODULES_FILE)
+    first = modules[0]
+    if first["type"].rsplit(".", 1)[-1] != "Transformer":
+        raise ModelLoadError(f"{folder / ST_MODULES_FILE}: slimkit loads sentence-transformers models whose first "
+                             f"module is a Transformer; this one starts with {first['type']}")
+    tf_dir = _module_dir(folder, first["path"], ST_MODULES_FILE)
+    config = _read_json(tf_dir / "config.json") if (tf_dir / "config.json").exists() else {}
+    if isinstance(config, dict) and config.get("model_type") == ST_ENCODER_TYPE:
+        # A slimkit encoder re-saved by sentence-transformers: its config points at the slimkit checkpoint.
+        checkpoint = (tf_dir / str(config.get("checkpoint", ""))).resolve()
+        if folder.resolve() not in (checkpoint, *checkpoint.parents) or not (checkpoint / META_FILE).exists():
+            raise ModelLoadError(f"{tf_dir / 'config.json'}: its checkpoint {config.get('checkpoint')!r} is not a "
+                                 f"slimkit checkpoint inside {folder}")
+        model = _load_checkpoint(checkpoint, None)
+    elif (tf_dir / "config.json").exists():
+        model = _load_hf_folder(tf_dir)
+        attach_info(model, source=str(folder))
+    else:
+        raise ModelLoadError(f"{folder}: the Transformer module's folder {tf_dir} has no config.json")
+    return attach_info(model, defaults={ST_INFO_KEY: _st_layout(folder, modules, tf_dir)})
+
+
+def _st_layout(folder: Path, modules: list[dict], tf_dir: Path) -> dict[str, Any]:
+    """What ``save`` needs to write the pipeline again: JSON only, no weights."""
+    layout: dict[str, Any] = {"modules": [{k: v for k, v in e.items() if k in ("idx", "name", "path", "type", "kwargs")}
+                                          for e in modules]}
+    config_file = next((tf_dir / n for n in _ST_CONFIG_FILES if (tf_dir / n).is_file()), None)
+    if config_file is not None:
+        layout["sentence_bert_config"] = _read_json(config_file)
+    if (folder / "config_sentence_transformers.json").is_file():
+        layout["config_sentence_transformers"] = _read_json(folder / "config_sentence_transformers.json")
+    files: dict[str, dict[str, Any]] = {}
+    unsupported = []
+    for entry in modules[1:]:
+        where = _module_dir(folder, entry["path"], ST_MODULES_FILE)
+        if entry["path"] in ("", ".") or where.resolve() == tf_dir.resolve():
+            unsupported.append(f"{entry['type']} (stored in the Transformer's folder)")
+            continue
+        found = {}
+        for item in sorted(where.iterdir()) if where.is_dir() else []:
+            if item.is_file() and item.suffix == ".json" and item.stat().st_size <= ST_JSON_LIMIT:
+                found[item.name] = _read_json(item)
+            else:
+                unsupported.append(f"{entry['type']} ({entry['path']}/{item.name})")
+        files[entry["path"]] = found
+    layout["files"] = files
+    if unsupported:
+        layout["unsupported"] = unsupported
+    return layout

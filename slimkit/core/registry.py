@@ -51,6 +51,7 @@ class Context:
     ``teacher`` is the model a distillation step learns from (in a recipe: the model as it was
     before the first step); ``model`` is set by the recipe runner to the model it ended with,
     which differs from the one passed in when a step builds a new (student) model.
+    ``allow_partial`` lets a step change less than a tenth of the weights it targets (see ``api.apply``).
     """
 
     data: Any = None
@@ -59,6 +60,8 @@ class Context:
     stream: Any = None  # a streaming.BlockStream when blocks are read from disk one at a time
     teacher: Any = None
     model: Any = None
+    allow_partial: bool = False  # accept a step that changes < 10% of the weights it was asked to cover
+    data_description: str = ""  # what the calibration data was, for the report
 
     def note(self, line: str) -> None:
         """Record a line that the run's report will show."""

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from torch import nn
 from slimkit.core.atomic import atomic_dir
 from slimkit.core.calibration import CalibrationData, find_blocks
 from slimkit.core.errors import ModelLoadError, UnsupportedError
+from slimkit.core.linear_like import LinearLike, in_features
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -145,7 +146,7 @@ def lazy_model(folder: str | os.PathLike) -> nn.Module:
     """The Hugging Face model in ``folder`` built on the meta device: its structure, no weight memory."""
     import transformers
 
-    from slimkit.core.io import _load_tokenizer, attach_info, infer_kind, quiet_transformers
+    from slimkit.core.io import _load_tokenizer, attach_info, quiet_transformers
 
     folder = Path(folder)
     quiet_transformers()
@@ -160,7 +161,7 @@ def lazy_model(folder: str | os.PathLike) -> nn.Module:
     with torch.device("meta"):
         model = cls(config)
     model.eval()
-    return attach_info(model, kind=infer_kind(model), source=str(folder), tokenizer=_load_tokenizer(folder))
+    return attach_info(model, source=str(folder), tokenizer=_load_tokenizer(folder))
 
 
 def _bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -203,7 +204,7 @@ def memory_estimate(model: nn.Module, data: CalibrationData) -> MemoryEstimate:
     blocks_name, blocks = find_blocks(model)
     block_bytes = max(_bytes(b.parameters()) + _bytes(b.buffers()) for b in blocks)
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or
-                 max((m.in_features for m in blocks[0].modules() if isinstance(m, nn.Linear)), default=0))
+                 max((in_features(m) for m in blocks[0].modules() if isinstance(m, LinearLike)), default=0))
     tokens = 0
     rows_per_batch, seq = 1, 1
     for batch in data.batches:
@@ -213,7 +214,7 @@ def memory_estimate(model: nn.Module, data: CalibrationData) -> MemoryEstimate:
         rows_per_batch, seq = int(t.shape[0]), int(t.shape[-1])
     heads = int(getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1)
     activations = 2 * tokens * hidden * 4 + rows_per_batch * heads * seq * seq * 4
-    widest = max((m.in_features for m in blocks[0].modules() if isinstance(m, nn.Linear)), default=0)
+    widest = max((in_features(m) for m in blocks[0].modules() if isinstance(m, LinearLike)), default=0)
     statistics = 4 * widest * widest * 4
     outside = _bytes(p for n, p in model.named_parameters() if not n.startswith(blocks_name + "."))
     return MemoryEstimate(block_bytes, activations, statistics, outside)
@@ -297,13 +298,15 @@ class BlockStream:
 
 
 def compress_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, config: Any,
-                        data: CalibrationData, ctx: Any = None) -> Path:
+                        data: CalibrationData, ctx: Any = None, *,
+                        apply: Callable[[nn.Module, Any, CalibrationData, Any], Any]) -> Path:
     """Apply one blockwise ``config`` (GPTQ, AWQ, SmoothQuant, ...) to the checkpoint in ``source``, block by block.
 
+    ``apply(model, config, data, ctx)`` runs the technique (``slimkit.api.apply``; passed in
+    so core needs no upward import: use ``slimkit.compress_checkpoint``, which supplies it).
     Writes a slimkit checkpoint to ``out_dir`` (atomically) that ``slimkit.load`` reads.
     The memory estimate is added to ``ctx.notes`` (and returned in them) before the run.
     """
-    from slimkit.api import apply
     from slimkit.core.io import META_FILE, WEIGHTS_FILE, checkpoint_meta, tokenizer_of
     from slimkit.core.registry import Context
 

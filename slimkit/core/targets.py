@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError
@@ -97,6 +99,47 @@ def value_for(name: str, setting):
         if pattern != "default" and matches(name, pattern):
             return value
     return setting["default"]
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every path at which each module is reachable, by ``id`` (a shared module is replaced at all of them)."""
+    paths: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths[id(module)].append(name)
+    return paths
+
+
+def weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """For each Parameter (by ``id``), the paths of every module holding it directly: a tied weight has several."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners[id(p)].append(name)
+    return owners
+
+
+def tie_notes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], label: str,
+              kept: Iterable[str] = ()) -> list[str]:
+    """Notes for replaced layers whose weight another module also holds (an lm_head tied to the embedding).
+
+    ``targets``: the (name, module) pairs being replaced; ``kept``: names whose tie the
+    caller preserves (no note). One note per tie, saying whether the other copy stays
+    float or is replaced too (each copy on its own, so the tie is broken).
+    """
+    paths, owners = module_paths(model), weight_owners(model)
+    selected = {n for n, _ in targets}
+    kept = set(kept)
+    notes = []
+    for name, module in targets:
+        weight = getattr(module, "weight", None)
+        if name in kept or not isinstance(weight, torch.Tensor):
+            continue
+        others = [o for o in owners.get(id(weight), []) if o not in paths[id(module)]]
+        if others and all(o not in selected or name < o for o in others):  # one note per tie
+            both = any(o in selected for o in others)
+            fate = "each copy is replaced separately" if both else "the other copy stays float"
+            notes.append(f"{label}: {name}'s weight is shared with {', '.join(others)}; {fate}, so the tie is broken")
+    return notes
 
 
 def subclass_reason(module: nn.Module, replacement: str) -> str:

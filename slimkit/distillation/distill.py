@@ -5,15 +5,15 @@ In a recipe the teacher is the model as it was before the first step, so ``Disti
 uncompressed one (``student: ""``, the default); with ``student`` set it first builds a new
 model (a zoo student, ``layers:0,2,5`` layer dropping, ``width:0.5``) and trains that.
 
-Training data is never the evaluation split: the train split of the model's built-in corpus
-(digits images with labels; random windows of the stdlib text; stdlib docstring sentences
-for encoders) unless ``distill_`` is given data. Periodic evaluation uses the calibration split.
+Training data is never the evaluation split: ``train_data`` (a data spec: a file, folder or
+dataset of the user's), else the train split of the model's built-in corpus, read by the
+model's task (``slimkit.tasks``), unless ``distill_`` is given batches. Periodic evaluation
+uses the corpus's calibration split (or a held-out tail of the user's training data).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError, UnsupportedError
-from slimkit.core.io import model_info, tokenizer_of
+from slimkit.core.io import model_info
 from slimkit.core.registry import Context, register
 from slimkit.distillation.trainer import TrainSettings, _is_number
+from slimkit.tasks import task_of
 
 LOSSES = ("auto", "kd", "forward_kl", "reverse_kl", "mixed_kl", "cosine")
 FEATURE_LOSSES = ("hint", "attention", "rkd", "similarity")
-CORPORA = ("auto", "digits", "stdlib", "stdlib-sentences")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +42,9 @@ class Distill(TrainSettings):
     embeddings), "auto" picks by model kind. ``temperature``, ``alpha`` (weight of the label
     cross-entropy) and ``beta`` (mixed_kl's forward share) go to that loss. ``features``
     lists ``[student_module, teacher_module]`` pairs trained with ``feature_loss`` scaled by
-    ``feature_weight`` (a projector is added where widths differ). ``corpus`` and ``seq_len``
-    choose the built-in training data.
+    ``feature_weight`` (a projector is added where widths differ). ``train_data`` is a data spec
+    (``"my.jsonl?field=text"`` or a mapping of ``DataSpec`` fields); without it ``corpus``
+    ("auto": the model's own) names the built-in data; ``seq_len`` is the window/truncation length.
     """
 
     family: ClassVar[str] = "distill"
@@ -58,6 +59,7 @@ class Distill(TrainSettings):
     feature_weight: float = 1.0
     corpus: str = "auto"
     seq_len: int = 128
+    train_data: Any = None
 
     def __post_init__(self) -> None:
         features = self.features
@@ -76,7 +78,16 @@ class Distill(TrainSettings):
                       f"got {self.student!r}")
         if self.student.startswith(("layers:", "width:")):
             _parse_student_spec(self.student, self.fail)
-        for name, allowed in (("loss", LOSSES), ("feature_loss", FEATURE_LOSSES), ("corpus", CORPORA)):
+        if not isinstance(self.corpus, str) or not self.corpus:
+            self.fail("corpus", f"must be \"auto\" or the name of a built-in corpus, got {self.corpus!r}")
+        if self.train_data is not None:
+            from slimkit.tasks.sources import DataSpec
+
+            try:
+                DataSpec.parse(self.train_data)
+            except ConfigError as exc:
+                self.fail("train_data", str(exc))
+        for name, allowed in (("loss", LOSSES), ("feature_loss", FEATURE_LOSSES)):
             value = getattr(self, name)
             if value not in allowed:
                 from slimkit.core.errors import closest
@@ -145,21 +156,21 @@ class Weighted(nn.Module):
         return self.weight * self.inner(*args, **kwargs)
 
 
-def output_loss_for(config: Distill, kind: str) -> nn.Module:
-    """The output loss module a config asks for ("auto": kd / forward_kl / cosine by model kind)."""
+def output_loss_for(config: Distill, task: Any) -> nn.Module:
+    """The output loss module a config asks for ("auto": the task's default: forward_kl / cosine / kd)."""
     from slimkit.distillation import losses
 
     name = config.loss
     if name == "auto":
-        name = {"causal-lm": "forward_kl", "encoder": "cosine"}.get(kind, "kd")
+        name = task.default_loss
+    if name not in task.losses:
+        raise UnsupportedError(f"Distill.loss={name!r} does not apply to a {task.kind} model; use one of "
+                               f"{', '.join(task.losses)}")
     if name == "kd":
         return losses.KDLoss(temperature=config.temperature, alpha=config.alpha)
     if name == "cosine":
         return losses.CosineEmbeddingLoss()
     divergence = {"forward_kl": "forward", "reverse_kl": "reverse", "mixed_kl": "mix"}[name]
-    if kind != "causal-lm":
-        raise UnsupportedError(f"Distill.loss={name!r} is a token-level loss for causal LMs; this model is a {kind}: "
-                               "use loss: kd (classifiers) or cosine (encoders)")
     return losses.TokenKDLoss(divergence=divergence, temperature=config.temperature, alpha=config.alpha,
                               beta=config.beta)
 
@@ -188,7 +199,7 @@ def _feature_widths(student: nn.Module, teacher: nn.Module, pairs: tuple, batch:
     s_hooks = FeatureHooks(student, [s for s, _ in pairs], "the student")
     t_hooks = FeatureHooks(teacher, [t for _, t in pairs], "the teacher")
     try:
-        b = parse_batch(batch, model_info(student)["kind"])
+        b = parse_batch(batch, task_of(student))
         with torch.no_grad(), _Capture(s_hooks, t_hooks):
             run_model(student, b.inputs)
             run_model(teacher, b.inputs)
@@ -203,123 +214,23 @@ def _feature_widths(student: nn.Module, teacher: nn.Module, pairs: tuple, batch:
     return [(width(s_feats[s]), width(t_feats[t])) for s, t in pairs]
 
 
-# -- built-in training data -------------------------------------------------------------------
-def _resolve_corpus(config: Distill, kind: str) -> str:
-    if config.corpus != "auto":
-        return config.corpus
-    return {"classifier": "digits", "causal-lm": "stdlib", "encoder": "stdlib-sentences"}.get(kind, "")
-
-
-def _epoch_rows(n: int, batch_size: int, step: int, seed: int, cache: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Row indices of a step's batch: the data in a seeded random order per epoch, batches in sequence."""
-    flat = torch.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, pos = flat // n, flat % n
-    for e in epochs.unique().tolist():
-        if e not in cache:
-            cache[e] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
-    return torch.stack([cache[int(e)][int(p)] for e, p in zip(epochs, pos)])
+# -- training data, from the model's task -----------------------------------------------------
+def _train_spec(config: Distill) -> Any:
+    """The data spec training reads: ``train_data``, else the named corpus, else None (the model's own corpus)."""
+    if config.train_data is not None:
+        return config.train_data
+    return None if config.corpus == "auto" else config.corpus
 
 
 def training_batches(model: nn.Module, config: Distill) -> Callable[[int], Any]:
-    """``step -> global batch`` from the train split of the built-in corpus for ``model`` (deterministic)."""
-    kind = model_info(model)["kind"]
-    corpus = _resolve_corpus(config, kind)
-    bs, seed = config.batch_size, config.seed
-    perms: dict[int, torch.Tensor] = {}
-    if corpus == "digits":
-        from slimkit.zoo.digits import load_digits_split, random_shift
-
-        x, y = load_digits_split("train")
-
-        def digits_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-            rows = _epoch_rows(len(x), bs, step, seed, perms)
-            gen = torch.Generator().manual_seed(seed * 7919 + step)
-            return random_shift(x[rows], gen), y[rows]
-
-        return digits_batch
-    tokenizer = tokenizer_of(model)
-    if corpus in ("stdlib", "stdlib-sentences") and tokenizer is None:
-        raise DataError(f"the {corpus!r} training corpus needs a model with a tokenizer; pass data to distill_")
-    if corpus == "stdlib":
-        # Twice the tokens the run reads, so windows seldom repeat, without tokenizing the whole split.
-        ids = _train_ids(tokenizer, 2 * config.steps * bs * config.seq_len, seed)
-        if len(ids) <= config.seq_len + 1:
-            raise DataError(f"the stdlib train split has {len(ids)} tokens, fewer than seq_len={config.seq_len}")
-
-        def lm_batch(step: int) -> dict[str, torch.Tensor]:
-            gen = torch.Generator().manual_seed(seed * 7919 + step)
-            starts = torch.randint(0, len(ids) - config.seq_len - 1, (bs,), generator=gen)
-            return {"input_ids": torch.stack([ids[s:s + config.seq_len] for s in starts.tolist()])}
-
-        return lm_batch
-    if corpus == "stdlib-sentences":
-        from slimkit.zoo.minilm import sample_texts
-
-        texts = sample_texts("train", n=10**9, seed=seed)
-
-        def sentence_batch(step: int) -> dict[str, torch.Tensor]:
-            rows = _epoch_rows(len(texts), bs, step, seed, perms)
-            enc = tokenizer([texts[int(i)] for i in rows], padding=True, truncation=True, max_length=config.seq_len,
-                            return_tensors="pt")
-            return dict(enc)
-
-        return sentence_batch
-    raise DataError(f"no built-in training corpus for a {kind!r} model: pass data to slimkit.distill_ "
-                    "(a callable step -> batch, or an iterable of batches)")
-
-
-def _train_ids(tokenizer: Any, min_tokens: int, seed: int) -> torch.Tensor:
-    """Token ids of stdlib train-split files taken in a seeded random order until ``min_tokens`` (or all)."""
-    import random
-
-    from slimkit.zoo.corpus import load_split
-    from slimkit.zoo.stdlib_coder import encode_corpus
-
-    files = list(load_split("train"))
-    random.Random(seed).shuffle(files)
-    chunks, total = [], 0
-    for i in range(0, len(files), 32):
-        chunk = encode_corpus(tokenizer, files[i:i + 32])
-        chunks.append(chunk)
-        total += len(chunk)
-        if total >= min_tokens:
-            break
-    return torch.cat(chunks)
+    """``step -> global batch`` over the training data (see ``Distill``), deterministic for a resumed run."""
+    return task_of(model).training_batches(model, _train_spec(config), config.batch_size, config.seq_len,
+                                           config.steps, config.seed)
 
 
 def calibration_metric(student: nn.Module, teacher: nn.Module, config: Distill) -> Callable[[nn.Module], dict]:
-    """Periodic evaluation on the calibration split (never the eval split): accuracy, perplexity or cosine."""
-    kind = model_info(student)["kind"]
-    corpus = _resolve_corpus(config, kind)
-    if corpus == "digits":
-        from slimkit.zoo.digits import accuracy, load_digits_split
-
-        x, y = load_digits_split("calibration")
-        return lambda module: {"calib_accuracy": accuracy(student, x, y)}
-    tokenizer = tokenizer_of(student)
-    if corpus == "stdlib" and tokenizer is not None:
-        from slimkit.zoo.corpus import load_split
-        from slimkit.zoo.stdlib_coder import encode_corpus, windowed_loss
-
-        ids = encode_corpus(tokenizer, load_split("calibration")[:20])
-        if (len(ids) - 1) // config.seq_len < 1:
-            return lambda module: {}
-        return lambda module: {"calib_ppl": math.exp(windowed_loss(student, ids, config.seq_len, 16))}
-    if corpus == "stdlib-sentences" and tokenizer is not None:
-        from slimkit.evaluation.quality import embedding_fidelity, encode_sentences
-        from slimkit.zoo.minilm import sample_texts
-
-        texts = sample_texts("calibration", n=128, seed=0)
-        reference = encode_sentences(teacher, tokenizer, texts)
-
-        def calib_cosine(module: nn.Module) -> dict:
-            was = student.training
-            fid = embedding_fidelity(encode_sentences(student, tokenizer, texts), reference)
-            student.train(was)
-            return {"calib_cosine": fid.mean_cosine}
-
-        return calib_cosine
-    return lambda module: {}
+    """Periodic evaluation on data that is never the eval split: accuracy, perplexity or cosine, by task."""
+    return task_of(student).calibration_metric(student, teacher, _train_spec(config), config.seq_len)
 
 
 # -- the handler ------------------------------------------------------------------------------
@@ -335,9 +246,9 @@ def _keep_pruned_zeros(model: nn.Module, ctx: Context) -> bool:
 
     A model that already carries masks (``Magnitude(keep_masks=True)``) keeps its own.
     """
-    if not any(step.get("type") in _PRUNE_TYPES for step in model_info(model)["steps"]):
+    if not any(_leaves_zeros(step.get("type")) for step in model_info(model)["steps"]):
         return False
-    from slimkit.pruning.masks import attach_masks_from_zeros, masked_modules
+    from slimkit.core.masks import attach_masks_from_zeros, masked_modules
 
     if masked_modules(model):
         return False
@@ -347,7 +258,12 @@ def _keep_pruned_zeros(model: nn.Module, ctx: Context) -> bool:
     return bool(masked)
 
 
-_PRUNE_TYPES = ("Magnitude", "Gradual", "Iterative", "Wanda", "SparseGPT")  # the ones that leave zeros
+def _leaves_zeros(type_name: Any) -> bool:
+    """Whether the recorded step type is a technique that leaves zeros in the weights (its config says so)."""
+    from slimkit.core.registry import config_types
+
+    cls = config_types().get(str(type_name))
+    return bool(cls is not None and getattr(cls, "leaves_zeros", False))
 
 
 def _frozen_quantized(model: nn.Module) -> int:
@@ -369,7 +285,7 @@ def apply_distill(student: nn.Module, config: Distill, ctx: Context) -> None:
                           "call slimkit.distill_(student, teacher, config)")
     check_weights_finite(teacher, "teacher")
     check_weights_finite(student, "student")
-    kind = model_info(student)["kind"]
+    task = task_of(student)
     added_masks = _keep_pruned_zeros(student, ctx)
     frozen = _frozen_quantized(student)
     if frozen:
@@ -382,7 +298,7 @@ def apply_distill(student: nn.Module, config: Distill, ctx: Context) -> None:
     if pairs:
         widths = _feature_widths(student, teacher, pairs, first)
         feature_losses = {s: (t, feature_loss_for(config, ws, wt)) for (s, t), (ws, wt) in zip(pairs, widths)}
-    distiller = Distiller(teacher, student, output_loss_for(config, kind), feature_losses)
+    distiller = Distiller(teacher, student, output_loss_for(config, task), feature_losses)
     init_distributed()
     evaluate = calibration_metric(student, teacher, config) if ctx.data is None else None
     try:
@@ -391,7 +307,7 @@ def apply_distill(student: nn.Module, config: Distill, ctx: Context) -> None:
         distiller.close()
         student.eval()
         if added_masks:  # bake them in: plain weights run at full speed, and the zeros stay zeros
-            from slimkit.pruning.masks import strip
+            from slimkit.core.masks import strip
 
             strip(student)
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())

@@ -35,7 +35,9 @@ from torch import nn
 
 from slimkit.core.calibration import run_model
 from slimkit.core.errors import ConfigError, DataError, closest
-from slimkit.core.io import model_info, tokenizer_of
+from slimkit.core.io import tokenizer_of
+from slimkit.tasks import task_of
+from slimkit.tasks.base import first_tensor
 
 IGNORE_INDEX = -100
 
@@ -61,7 +63,7 @@ class _Batch:
     mask: torch.Tensor | None
 
 
-def parse_batch(batch: Any, kind: str) -> _Batch:
+def parse_batch(batch: Any, task: Any = None) -> _Batch:
     """Inputs, labels and padding mask of a batch (see the module docstring for the accepted forms)."""
     if isinstance(batch, torch.Tensor):
         inputs, labels, mask = batch, None, None
@@ -74,36 +76,14 @@ def parse_batch(batch: Any, kind: str) -> _Batch:
         labels, mask = batch.get("labels"), batch.get("attention_mask")
     else:
         raise DataError(f"a batch must be a tensor, an (inputs, labels) pair or a dict, got {type(batch).__name__}")
-    if labels is None and kind == "causal-lm" and isinstance(inputs, Mapping) and "input_ids" in inputs:
-        labels = inputs["input_ids"]
-        if mask is not None:
-            labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+    if labels is None and task is not None:
+        labels = task.labels(inputs, mask)  # a causal LM's labels are its own input ids
     return _Batch(inputs, labels, mask)
 
 
-def _first_tensor(value: Any, what: str) -> torch.Tensor:
-    """The tensor of a module or model output: itself, ``.logits``/``.last_hidden_state``, or a tuple's first item."""
-    if isinstance(value, torch.Tensor):
-        return value
-    for attribute in ("logits", "last_hidden_state"):
-        t = getattr(value, attribute, None)
-        if isinstance(t, torch.Tensor):
-            return t
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    raise DataError(f"cannot find a tensor in {what} of type {type(value).__name__}")
-
-
 def model_prediction(model: nn.Module, output: Any, mask: torch.Tensor | None) -> torch.Tensor:
-    """What output losses compare: logits, or for an encoder the mean-pooled sentence embedding."""
-    tensor = _first_tensor(output, "the model output")
-    if model_info(model)["kind"] == "encoder" and tensor.dim() == 3:
-        from slimkit.evaluation.quality import mean_pool
-
-        if mask is None:
-            mask = torch.ones(tensor.shape[:2], device=tensor.device)
-        return mean_pool(tensor, mask)
-    return tensor
+    """What output losses compare, from the model's task: logits, or an encoder's mean-pooled embedding."""
+    return task_of(model).prediction(model, output, mask)
 
 
 def _accepts(loss: nn.Module, name: str) -> bool:
@@ -140,7 +120,7 @@ class FeatureHooks:
     def _hook(self, name: str):
         def keep(module: nn.Module, args: Any, output: Any) -> None:
             if self.capturing:
-                self.values[name] = _first_tensor(output, f"the output of {name!r}")
+                self.values[name] = first_tensor(output, f"the output of {name!r}")
         return keep
 
     def take(self) -> dict[str, torch.Tensor]:
@@ -232,7 +212,7 @@ class Distiller(nn.Module):
         check_vocabularies(teacher, student)
         object.__setattr__(self, "teacher", _freeze(teacher))  # not registered: never trained, never saved
         self.student = student
-        self.kind = model_info(student)["kind"]
+        self.task = task_of(student)
         self.output_loss = loss
         pairs = _feature_pairs(features or {}, feature_loss)
         self.pairs = [(s, t) for s, t, _ in pairs]
@@ -281,7 +261,7 @@ class Distiller(nn.Module):
         return out
 
     def _compute(self, batch: Any) -> DistillOutput:
-        b = parse_batch(batch, self.kind)
+        b = parse_batch(batch, self.task)
         with torch.no_grad(), _Capture(self._teacher_hooks):
             t_out = run_model(self.teacher, b.inputs)
         with _Capture(self._student_hooks):
@@ -356,7 +336,7 @@ class MutualDistiller(nn.Module):
 
         self.students = nn.ModuleList(students)
         self.loss = loss if loss is not None else KDLoss(temperature=1.0, alpha=0.5)
-        self.kind = model_info(students[0])["kind"]
+        self.task = task_of(students[0])
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Every student's parameters."""
@@ -364,7 +344,7 @@ class MutualDistiller(nn.Module):
 
     def forward(self, batch: Any) -> DistillOutput:
         """Every student on ``batch``; the sum of their objectives, one part per student."""
-        b = parse_batch(batch, self.kind)
+        b = parse_batch(batch, self.task)
         if b.labels is None:
             raise DataError("mutual learning needs labels: pass (inputs, labels) batches")
         outs = [run_model(s, b.inputs) for s in self.students]
@@ -440,9 +420,9 @@ class SelfDistiller(nn.Module):
     @torch.no_grad()
     def prepare(self, batch: Any) -> None:
         """Size and build the exit heads from one batch."""
-        b = parse_batch(batch, "classifier")
+        b = parse_batch(batch)
         with _Capture(self._hooks):
-            logits = _first_tensor(run_model(self.model, b.inputs), "the model output")
+            logits = first_tensor(run_model(self.model, b.inputs), "the model output")
         feats = self._hooks.take()
         device = logits.device
         for i, name in enumerate(self.exits):
@@ -455,13 +435,13 @@ class SelfDistiller(nn.Module):
             if self._handed_out:
                 raise ConfigError("call SelfDistiller.prepare(batch) before building the optimizer")
             self.prepare(batch)
-        b = parse_batch(batch, "classifier")
+        b = parse_batch(batch)
         if b.labels is None:
             raise DataError("self-distillation needs labels: pass (inputs, labels) batches")
         with _Capture(self._hooks):
             out = run_model(self.model, b.inputs)
         feats = self._hooks.take()
-        deepest = _first_tensor(out, "the model output")
+        deepest = first_tensor(out, "the model output")
         total = nn.functional.cross_entropy(deepest, b.labels)
         parts = {"deepest_ce": total.detach()}
         for i, name in enumerate(self.exits):

@@ -32,15 +32,12 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, UnsupportedError
+from slimkit.core.structure import renumber_structure
 from slimkit.core.io import attach_info, is_transformers_model, model_info, tokenizer_of
+from slimkit.tasks import task_of
 
 SUPPORTED = ("transformers decoders with base_model.layers (Llama, Qwen2, Mistral, ...), "
              "BERT-family encoders (encoder.layer) and DigitsCNN")
-# Default zoo students: teacher source -> student source.
-DEFAULT_STUDENTS = {"stdlib-coder": "stdlib-coder-student", "minilm": "minilm-3layer",
-                    "digits-cnn": "digits-cnn-small"}
-_SMALL_DIGITS_CHANNELS = [8, 16, 32]
-_MINILM_STUDENT_LAYERS = 3
 
 
 # -- layer indices ---------------------------------------------------------------------
@@ -90,22 +87,27 @@ def _check_keep(keep: Sequence[int], n: int, unit: str) -> list[int]:
 
 # -- finding the layers ----------------------------------------------------------------
 def _is_digits_cnn(model: nn.Module) -> bool:
-    return getattr(model, "slimkit_arch", None) == "digits-cnn"
+    """A conv-BN block CNN rebuilt from its own ``arch_config()`` (channels, pool_after, num_classes),
+    like the zoo's: students are built with ``type(model).from_arch_config``."""
+    config = getattr(model, "arch_config", None)
+    return (callable(config) and callable(getattr(type(model), "from_arch_config", None))
+            and isinstance(config().get("channels"), list) and hasattr(model, "features")
+            and hasattr(model, "classifier"))
 
 
 def _find_layers(model: nn.Module) -> tuple[str, nn.Module, str] | None:
     """``(family, parent, attribute)`` of the transformer layer list, or None when not recognised.
 
-    family is "decoder" (``base_model.layers``) or "encoder" (``base_model.encoder.layer``).
+    layout is "layers" (``base_model.layers``, decoders) or "encoder.layer" (``base_model.encoder.layer``, BERT).
     """
     if not is_transformers_model(model) or getattr(model, "config", None) is None:
         return None
     base = getattr(model, "base_model", model)  # the wrapped base model (model.model, model.bert, ...)
     if isinstance(getattr(base, "layers", None), nn.ModuleList):
-        return "decoder", base, "layers"
+        return "layers", base, "layers"
     encoder = getattr(base, "encoder", None)
     if isinstance(getattr(encoder, "layer", None), nn.ModuleList):
-        return "encoder", encoder, "layer"
+        return "encoder.layer", encoder, "layer"
     return None
 
 
@@ -145,9 +147,12 @@ def _source(model: nn.Module) -> str:
 
 
 def _attach(student: nn.Module, teacher: nn.Module, source: str, steps: list[dict] | None) -> nn.Module:
-    """Give ``student`` the teacher's kind and tokenizer and ``source`` (steps: None keeps the copied ones)."""
+    """Give ``student`` the teacher's kind, tokenizer, data defaults (corpus, input shape) and ``source``
+    (steps: None keeps the copied ones). The teacher's default-student spec is not inherited."""
     info = model_info(teacher)
-    return attach_info(student, kind=info["kind"], source=source, tokenizer=tokenizer_of(teacher), steps=steps)
+    defaults = {k: v for k, v in info.get("defaults", {}).items() if k in ("corpus", "input_shape")}
+    return attach_info(student, kind=info["kind"], source=source, tokenizer=tokenizer_of(teacher), steps=steps,
+                       defaults=defaults)
 
 
 def _trainable(model: nn.Module) -> nn.Module:
@@ -222,42 +227,20 @@ def _drop_layers(model: nn.Module, keep: Sequence[int], seed: int, source: str |
     if isinstance(layer_types, (list, tuple)) and len(layer_types) == old_n:
         config.layer_types = [layer_types[i] for i in keep]
     if list_name is not None:
-        _renumber_structure(student, list_name, keep)
+        renumber_structure(student, list_name, keep)
 
     src = source or f"{_source(model)}-{len(keep)}layer"
     return _attach(_trainable(student.eval()), model, src, steps=None)
 
 
-def _renumber_structure(student: nn.Module, list_name: str, keep: list[int]) -> None:
-    """Rename structured-pruning records (``pruning.resize``) of kept layers to their new index; drop the rest."""
-    from slimkit.pruning.resize import STRUCTURE_ATTR
-
-    records = student.__dict__.get(STRUCTURE_ATTR)
-    if not records:
-        return
-    prefix = f"{list_name}." if list_name else ""
-    new_index = {str(old): str(new) for new, old in enumerate(keep)}
-    renamed: dict[str, Any] = {}
-    for name, attrs in records.items():
-        if not name.startswith(prefix):
-            renamed[name] = attrs
-            continue
-        index, _, rest = name[len(prefix):].partition(".")
-        if index in new_index:
-            renamed[prefix + new_index[index] + ("." + rest if rest else "")] = attrs
-    student.__dict__[STRUCTURE_ATTR] = renamed
-
-
 def _drop_digits_blocks(model: nn.Module, keep: Sequence[int], seed: int, source: str | None) -> nn.Module:
-    from slimkit.zoo.digits import DigitsCNN
-
     convs, bns = _digits_blocks(model)
     keep = _check_keep(keep, len(convs), "block")
     pools = set(model.arch_config()["pool_after"])
     cfg = {"channels": [int(convs[i].out_channels) for i in keep],
            "pool_after": [j for j, i in enumerate(keep) if i in pools],
            "num_classes": int(model.classifier.out_features)}
-    student = _seeded(lambda: DigitsCNN(cfg), seed, model)
+    student = _seeded(lambda: type(model).from_arch_config(cfg), seed, model)
     s_convs, s_bns = _digits_blocks(student)
     with torch.no_grad():
         for j, i in enumerate(keep):
@@ -314,7 +297,7 @@ def _shrunk_config(model: nn.Module, family: str, ratio: float, n_layers: int | 
     heads, hidden = config.num_attention_heads, config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     new_heads = _scale(heads, ratio)
-    if family == "encoder":
+    if family == "encoder.layer":
         # BERT derives the head size as hidden_size / num_attention_heads: hidden follows the heads.
         if hidden % heads:
             raise UnsupportedError(f"shrink_width: hidden_size {hidden} is not a multiple of "
@@ -364,8 +347,6 @@ def _shrink(model: nn.Module, ratio: float, seed: int, n_layers: int | None) -> 
     unit = "block" if _is_digits_cnn(model) else "layer"
     src = f"{_source(model)}-w{ratio:g}" + ("" if n_layers is None else f"-{n_layers}{unit}")
     if _is_digits_cnn(model):
-        from slimkit.zoo.digits import DigitsCNN
-
         arch = model.arch_config()
         convs, _ = _digits_blocks(model)
         blocks = list(range(len(convs))) if n_layers is None else evenly_spaced(len(convs), n_layers)
@@ -373,7 +354,7 @@ def _shrink(model: nn.Module, ratio: float, seed: int, n_layers: int | None) -> 
         cfg = {"channels": [_scale(int(convs[i].out_channels), ratio) for i in blocks],
                "pool_after": [j for j, i in enumerate(blocks) if i in pools],
                "num_classes": int(model.classifier.out_features)}
-        student = _seeded(lambda: DigitsCNN(cfg), seed, model)
+        student = _seeded(lambda: type(model).from_arch_config(cfg), seed, model)
         return _attach(student, model, src, steps=[])
     found = _find_layers(model)
     if found is None:
@@ -423,28 +404,26 @@ def make_student(teacher: nn.Module, layers: Sequence[int] | int | None = None, 
 
 
 def _default_student(teacher: nn.Module, seed: int) -> nn.Module:
+    """The student declared for ``teacher`` (its task's ``student_spec``: a model name, "layers:K", "width:R")."""
+    declared = task_of(teacher).student_spec(teacher)
     source = model_info(teacher).get("source")
-    if source == "stdlib-coder":
-        from transformers import LlamaForCausalLM
+    if declared is None:
+        raise ConfigError(f"make_student: no default student for a model from {source or type(teacher).__name__!r} "
+                          "(none is declared for it); pass layers= (a count or indices to keep) or width= (a ratio in (0, 1])")
+    spec, name = declared
+    kind, _, value = spec.partition(":")
+    if kind == "layers":
+        keep = evenly_spaced(_n_layers(teacher), int(value))
+        return _drop_layers(teacher, keep, seed, source=name)
+    if kind == "width":
+        student = _shrink(teacher, _check_ratio(float(value)), seed, n_layers=None)
+        return attach_info(student, source=name)
+    from slimkit.core.io import load
 
-        from slimkit.zoo.stdlib_coder import coder_config
-
-        student = _build_transformers(LlamaForCausalLM, coder_config(student=True), seed, teacher)
-        return _attach(student, teacher, DEFAULT_STUDENTS[source], steps=[])
-    if source == "minilm":
-        keep = evenly_spaced(_n_layers(teacher), _MINILM_STUDENT_LAYERS)
-        return _drop_layers(teacher, keep, seed, source=DEFAULT_STUDENTS[source])
-    if source == "digits-cnn" and _is_digits_cnn(teacher):
-        from slimkit.zoo.digits import DigitsCNN
-
-        arch = teacher.arch_config()
-        cfg = {"channels": list(_SMALL_DIGITS_CHANNELS), "pool_after": arch["pool_after"],
-               "num_classes": arch["num_classes"]}
-        student = _seeded(lambda: DigitsCNN(cfg), seed, teacher)
-        return _attach(student, teacher, DEFAULT_STUDENTS[source], steps=[])
-    raise ConfigError(f"make_student: no default student for a model from {source or type(teacher).__name__!r} "
-                      f"(defaults exist for {', '.join(DEFAULT_STUDENTS)}); pass layers= (a count or indices "
-                      "to keep) or width= (a ratio in (0, 1])")
+    student = load(spec)  # a named model (an untrained student config of the zoo)
+    if seed != 0 and is_transformers_model(student):
+        student = _build_transformers(type(student), student.config, seed, teacher)  # a fresh, seeded init
+    return _attach(student, teacher, name, steps=[])
 
 
 # -- description ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from slimkit.core.atomic import atomic_write_text
 from slimkit.core.errors import DataError, closest
-from slimkit.evaluation.measure import LatencyStats, load_average
+from slimkit.core.measure import LatencyStats, load_average
 
 QUALITY_DIRECTIONS = {
     "perplexity": "lower",
@@ -104,12 +104,8 @@ class ModelMeasurement:
 
 def environment_info() -> dict[str, Any]:
     """Where a measurement ran: slimkit/torch/python versions, platform, CPUs, torch threads, load average, date."""
-    try:
-        import slimkit
+    from slimkit.core.version import __version__ as version
 
-        version = str(getattr(slimkit, "__version__", "unknown"))
-    except ImportError:
-        version = "unknown"
     return {
         "slimkit": version,
         "torch": torch.__version__,

@@ -24,7 +24,11 @@ with a zero point), 16-bit, smoothing multipliers, act-order ``g_idx`` (compress
 0.20 removed activation-ordered groups). A QuantEmbedding is written as its dequantized
 float table (the format has no packed embeddings), with a note. Everything else (norms,
 float Linears, biases) is written as is; float Linears that are not quantized are listed
-in ``ignore``.
+in ``ignore``. An lm_head tied to a quantized embedding (``TiedQuantLinear``) is written as
+its own packed layer (the format has no tie between a packed layer and a table). A layer
+that replaced something other than a plain nn.Linear in the architecture (GPT-2's ``Conv1D``,
+weight stored (in, out); Falcon's ``FalconLinear``, whose forward reads ``.weight``) is refused:
+the format's loaders quantize plain nn.Linear modules only.
 
 The folder is written to a temporary folder beside ``out_dir`` and renamed into place.
 """
@@ -42,7 +46,13 @@ from torch import nn
 
 from slimkit.core.atomic import atomic_dir
 from slimkit.core.errors import UnsupportedError
-from slimkit.quantization.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from slimkit.core.linear_like import linear_kind
+from slimkit.quantization.modules import (
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    TiedQuantLinear,
+)
 from slimkit.quantization.primitives import pack
 
 FORMAT = "pack-quantized"
@@ -155,7 +165,8 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike) -> C
     if config is None or not hasattr(config, "to_json_string"):
         raise UnsupportedError(f"compressed-tensors export needs a transformers model with a config, got "
                                f"{type(model).__name__}")
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantized = {n: m.as_quant_linear() if isinstance(m, TiedQuantLinear) else m
+                 for n, m in model.named_modules() if isinstance(m, (QuantLinear, TiedQuantLinear))}
     if not quantized:
         raise UnsupportedError("the model has no slimkit QuantLinear layer: quantize it first (e.g. RTN or GPTQ, "
                                "bits 4)")
@@ -166,6 +177,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike) -> C
     for name, mod in model.named_modules():
         if isinstance(mod, QuantConv2d):
             raise UnsupportedError(f"layer {name!r} is a QuantConv2d; compressed-tensors export covers Linear layers")
+    _check_linear_origins(model, quantized)
 
     notes: list[str] = []
     tensors: dict[str, torch.Tensor] = {}
@@ -192,7 +204,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike) -> C
         seen[ident] = key
         tensors[key] = value.detach().contiguous()
 
-    dense = tuple(n for n, m in model.named_modules() if type(m) is nn.Linear)
+    dense = tuple(n for n, m in model.named_modules() if linear_kind(m) == "linear")
     schemes: dict[str, list[str]] = {}
     for name, mod in quantized.items():
         schemes.setdefault(json.dumps(weight_scheme(mod), sort_keys=True), []).append(name)
@@ -225,6 +237,37 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike) -> C
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return CompressedTensorsExport(out_dir, tuple(quantized), dense, tuple(notes))
+
+
+def _check_linear_origins(model: nn.Module, quantized: dict[str, QuantLinear]) -> None:
+    """UnsupportedError when a quantized layer stands where the architecture builds something other than an nn.Linear.
+
+    compressed-tensors' loaders (transformers, vLLM) swap the weight of the freshly built
+    architecture's nn.Linear modules for packed tensors and run nn.Linear's forward on them;
+    a GPT-2 ``Conv1D`` (x·W with W stored (in, out)) or a subclass with its own forward
+    (FalconLinear reads ``self.weight``) cannot run on them. The architecture is built on the meta device
+    (no memory, no weights) to see what each quantized name is there.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(model.config)
+    except Exception:  # noqa: BLE001 - an architecture its config cannot rebuild: nothing to compare against
+        return
+    modules = dict(skeleton.named_modules())
+    for name in quantized:
+        built = modules.get(name)
+        if built is None:
+            continue
+        if linear_kind(built) != "linear":
+            why = f"a {type(built).__name__} (weight stored (in, out)), not an nn.Linear"
+        elif type(built).forward is not nn.Linear.forward:
+            why = f"a {type(built).__name__}, whose own forward reads .weight (which the format replaces)"
+        else:
+            continue
+        raise UnsupportedError(
+            f"compressed-tensors export: {type(model).__name__} builds {name!r} as {why}, and the format's "
+            "loaders (transformers, vLLM) handle plain nn.Linear modules only; export this model with "
+            "slimkit.save or to ONNX instead")
 
 
 def _tie_broken(model: nn.Module) -> bool:

@@ -382,6 +382,33 @@ class NBitsLinear(torch.nn.Module):
         smooth = "smoothed (Mul), " if self.multiplier is not None else ""
         return f"weight-only, {smooth}{self.layout.describe()}, accuracy_level={self.accuracy_level}"
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float32 (out, in) weight the node computes with, in the input's column order, as graph ops.
+
+        For a parent that reads ``.weight`` instead of calling the layer (``nn.TransformerEncoderLayer``
+        checks its children's weights before choosing a path): act-order undone, smoothing multiplier folded in.
+        """
+        lay = self.layout
+        N, k_blocks = self.packed.shape[0], self.packed.shape[1]
+        flat = self.packed.reshape(N, -1).to(torch.int32)
+        if lay.bits < 8:  # low bits first, by division and remainder: ops the ONNX exporter translates (no shifts)
+            per_byte = 8 // lay.bits
+            place = torch.tensor([2 ** (lay.bits * i) for i in range(per_byte)], dtype=torch.int32)
+            flat = torch.remainder(torch.div(flat.unsqueeze(-1), place, rounding_mode="floor"), 2 ** lay.bits)
+            flat = flat.reshape(N, -1)[:, :lay.K]
+        if self.zero_points is None:
+            zero = torch.full((N, k_blocks), float(2 ** (lay.bits - 1)))
+        elif self.zero_points.is_floating_point() or lay.bits == 8:
+            zero = self.zero_points.float()
+        else:
+            zero = unpack(self.zero_points, lay.bits, k_blocks, symmetric=False).float()
+        block = torch.arange(lay.K) // lay.block_size if self.g_idx is None else self.g_idx.to(torch.int64)
+        w = (flat.float() - zero[:, block]) * self.scales.reshape(N, k_blocks).float()[:, block]
+        if self.perm is not None:
+            w = w[:, torch.argsort(self.perm)]  # column j of the node multiplies input column perm[j]
+        return w if self.multiplier is None else w * self.multiplier
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.multiplier is not None:
             x = x * self.multiplier

@@ -6,13 +6,14 @@ LM or encoder, a zoo nn.Module, a user's nn.Module with an ``example`` input) th
 max_abs_diff)``. ``check_onnx`` runs the PyTorch model and ONNX Runtime on the same inputs
 and returns their largest difference; ``ort_session``/``run_onnx`` run the file.
 
-Inputs and outputs by model kind (batch and sequence axes dynamic):
+Inputs and outputs come from the model's task (``slimkit.tasks``; batch and sequence axes dynamic):
 
-| kind | inputs | output |
+| task | inputs | output |
 |---|---|---|
 | causal-lm | ``input_ids``, ``attention_mask`` (int64, all ones when exporting) | ``logits`` |
 | encoder | ``input_ids``, ``attention_mask`` | ``last_hidden_state`` (``logits`` for a classification head) |
-| classifier / module | ``input`` (the ``example`` tensor; digits-cnn: (N, 1, 8, 8) float) | ``logits`` |
+| image-classifier | ``pixel_values`` (N, C, H, W) | ``logits`` |
+| classifier / module | ``input`` (the ``example`` tensor, else the declared input shape or a GenericTask's example) | ``logits`` |
 
 Quantized layers are exported from slimkit's own integer codes and scales (the float
 weight is never in the file). Before export, each ``Quant*`` layer of a *deep copy* of the
@@ -94,7 +95,8 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError, SlimkitError, UnsupportedError
-from slimkit.core.io import model_info
+from slimkit.core.linear_like import bypassed_forward
+from slimkit.tasks import Task, task_of
 from slimkit.export.nbits import file_accuracy_level, int8_input_error_bound, matmul_nbits_onnx, nbits_unsupported
 from slimkit.export.ort import (  # noqa: F401  (re-exported: the public names of running a file)
     MISSING_MESSAGE,
@@ -113,7 +115,7 @@ from slimkit.export.ort import (  # noqa: F401  (re-exported: the public names o
 from slimkit.export.twins import INT16_OPSET, _dynamic_quant_linear_onnx, _swap_quantized, _uses_int16
 from slimkit.quantization.attention import IMPLEMENTATION as ATTENTION_IMPLEMENTATION
 from slimkit.quantization.attention import QuantAttentionInputs
-from slimkit.quantization.modules import QuantConv2d, QuantLinear
+from slimkit.quantization.modules import QuantConv2d, QuantLinear, TiedQuantLinear
 from slimkit.quantization.primitives import scale_zero_from_range
 
 DEFAULT_OPSET = 20  # torch.onnx's default
@@ -123,8 +125,6 @@ FLOAT_RTOL = 1e-4
 FLOAT_ATOL = 1e-6
 FLIPS_PER_LAYER = 3.0
 NBITS_MARGIN = 1.0  # times the exact per-layer bound of MatMulNBits' int8 input rounding (see check_onnx)
-# digits-cnn and other zoo nn.Modules: the input shape per sample, for the default example.
-ZOO_INPUT_SHAPES = {"digits-cnn": (1, 8, 8)}
 # Op types the CLI and notes count (the rest are still counted, just not shown by default).
 OPS_OF_INTEREST = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMul", "Gemm",
                    "Conv", "Gather", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "QLinearConv",
@@ -156,12 +156,6 @@ class OnnxExport:
 
 
 # -- inputs and the export entry module ---------------------------------------------------
-def _kind(model: nn.Module) -> str:
-    return model_info(model)["kind"]
-
-
-def _is_transformers(kind: str) -> bool:
-    return kind in ("causal-lm", "encoder")
 
 
 def example_inputs(model: nn.Module, example: Any = None, *, batch: int = 2, seq: int = 8,
@@ -169,11 +163,12 @@ def example_inputs(model: nn.Module, example: Any = None, *, batch: int = 2, seq
     """The named inputs ``export_onnx``/``check_onnx`` feed ``model`` (see the module docstring).
 
     LMs and encoders get random token ids (seeded) and an all-ones attention mask of shape
-    (batch, seq); a zoo model with a known input shape gets uniform [0, 1) floats; anything
-    else needs ``example`` (a tensor, or a tuple of tensors named input_0, input_1, ...).
+    (batch, seq); other models get what their task knows (uniform [0, 1) floats of a declared
+    input shape, a GenericTask's example); anything else needs ``example`` (a tensor, or a
+    tuple of tensors named input_0, input_1, ...).
     """
-    kind = _kind(model)
-    if example is not None and _is_transformers(kind):
+    task = task_of(model)
+    if example is not None and task.token_inputs:
         # token models: a tensor is the input_ids; a dict may leave out the attention mask
         named = {"input_ids": example} if isinstance(example, torch.Tensor) else dict(example)
         if not isinstance(named.get("input_ids"), torch.Tensor):
@@ -189,19 +184,7 @@ def example_inputs(model: nn.Module, example: Any = None, *, batch: int = 2, seq
             return dict(example)
         raise DataError("example must be a tensor, a tuple of tensors or a dict of tensors, "
                         f"got {type(example).__name__}")
-    gen = torch.Generator().manual_seed(seed)
-    if _is_transformers(kind):
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if not vocab:
-            raise UnsupportedError(f"cannot make token ids for {type(model).__name__}: its config has no vocab_size; "
-                                   "pass example=")
-        ids = torch.randint(0, int(vocab), (batch, seq), generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    arch = getattr(model, "slimkit_arch", None)
-    if arch in ZOO_INPUT_SHAPES:
-        return {"input": torch.rand((batch, *ZOO_INPUT_SHAPES[arch]), generator=gen)}
-    raise UnsupportedError(f"cannot export a {type(model).__name__} ({kind}) without knowing its input: "
-                           "pass example=<a tensor of the input's shape>")
+    return task.example_inputs(model, batch=batch, seq=seq, seed=seed)
 
 
 def _main_output(out: Any, prefer: tuple[str, ...]) -> torch.Tensor:
@@ -243,16 +226,16 @@ class _TensorEntry(nn.Module):
         return _main_output(self.model(*inputs), ("logits", "last_hidden_state"))
 
 
-def _entry(model: nn.Module, kind: str) -> nn.Module:
-    if _is_transformers(kind):
-        return _TokenEntry(model, causal=kind == "causal-lm")
+def _entry(model: nn.Module, task: Task) -> nn.Module:
+    if task.token_inputs:
+        return _TokenEntry(model, causal=task.uses_cache)
     return _TensorEntry(model)
 
 
-def _output_name(model: nn.Module, kind: str) -> str:
-    if kind == "encoder" and hasattr(model, "config") and not type(model).__name__.endswith("Model"):
-        return "logits"  # e.g. BertForSequenceClassification
-    return "last_hidden_state" if kind == "encoder" else "logits"
+def _output_name(model: nn.Module, task: Task) -> str:
+    if task.output_name == "last_hidden_state" and not type(model).__name__.endswith("Model"):
+        return "logits"  # an encoder with a head, e.g. BertForSequenceClassification
+    return task.output_name
 
 
 def _call(entry: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -321,7 +304,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
     path = Path(path)
     if path.exists() and path.is_dir():
         raise SlimkitError(f"{path} is a folder: give the .onnx file to write, e.g. {path / 'model.onnx'}")
-    kind = _kind(model)
+    task = task_of(model)
     opset = _check_opset(opset, model)
     inputs = example_inputs(model, example)
     was_training = model.training
@@ -335,8 +318,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
             export_model.set_attn_implementation("eager")
         except Exception:  # a model without an eager path keeps its own
             pass
-    entry = _entry(export_model, kind).eval()
-    output = _output_name(model, kind)
+    entry = _entry(export_model, task).eval()
+    output = _output_name(model, task)
     table = {torch.ops.slimkit.dynamic_quant_linear.default: _dynamic_quant_linear_onnx,
              torch.ops.slimkit.matmul_nbits.default: matmul_nbits_onnx} if custom else None
     token_inputs = isinstance(entry, _TokenEntry)
@@ -456,12 +439,17 @@ def _input_steps(model: nn.Module, entry: nn.Module, inputs: dict[str, torch.Ten
     if nbits_level >= 2:
         from slimkit.export.nbits import nbits_layout
 
-        layouts = {id(m): nbits_layout(m) for m in model.modules()
-                   if isinstance(m, QuantLinear) and nbits_unsupported(m) is None}
+        # A tied head is exported as its own QuantLinear; a layer its parent never calls (nn.MultiheadAttention's
+        # out_proj) is exported through dequantize ops, not MatMulNBits, so it adds no int8-input rounding.
+        for name, m in model.named_modules():
+            layer = m.as_quant_linear() if isinstance(m, TiedQuantLinear) else m
+            if (isinstance(layer, QuantLinear) and nbits_unsupported(layer) is None
+                    and bypassed_forward(model, name) is None):
+                layouts[id(m)] = nbits_layout(layer)
 
     def nbits_hook(module, args):
         x = args[0].detach().float()
-        if module.input_multiplier is not None:
+        if getattr(module, "input_multiplier", None) is not None:
             x = x * module.input_multiplier
         allowance.append(NBITS_MARGIN * int8_input_error_bound(x, layouts[id(module)]))
 
@@ -510,8 +498,7 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *,
     """
     if inputs is None or not isinstance(inputs, Mapping):
         inputs = example_inputs(model, inputs, batch=3, seq=11, seed=1)
-    kind = _kind(model)
-    entry = _entry(model, kind)
+    entry = _entry(model, task_of(model))
     was_training = model.training
     model.eval()
     try:
@@ -539,5 +526,5 @@ def quantized_tolerance(model: nn.Module, inputs: Any = None, accuracy_level: in
     """
     if inputs is None or not isinstance(inputs, Mapping):
         inputs = example_inputs(model, inputs, batch=3, seq=11, seed=1)
-    ref, allowance = _input_steps(model, _entry(model, _kind(model)), dict(inputs), accuracy_level)
+    ref, allowance = _input_steps(model, _entry(model, task_of(model)), dict(inputs), accuracy_level)
     return FLOAT_RTOL * float(ref.detach().abs().max()) + FLOAT_ATOL + allowance

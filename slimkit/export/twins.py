@@ -15,9 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.core.linear_like import bypassed_forward
 from slimkit.export.nbits import NBitsLinear, nbits_unsupported
 from slimkit.quantization.attention import QuantAttentionInputs
-from slimkit.quantization.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from slimkit.quantization.modules import (
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    TiedQuantLinear,
+)
 from slimkit.quantization.primitives import qrange, scale_zero_from_range
 
 INT16_OPSET = 21  # the first opset whose (De)QuantizeLinear take 16-bit integers
@@ -203,7 +209,12 @@ def _float_bias(src: nn.Module) -> nn.Parameter | None:
 
 
 class _ExportLinear(nn.Module):
-    """Export-only twin of a QuantLinear: (in, out) codes so the graph is MatMul(x, DQ(W^T))."""
+    """Export-only twin of a QuantLinear: (in, out) codes so the graph is MatMul(x, DQ(W^T)).
+
+    ``weight`` (the (out, in) DQ output, transposed) and ``bias`` answer a parent that reads
+    them instead of calling the layer (``nn.MultiheadAttention``'s out_proj), as the
+    QuantLinear does.
+    """
 
     def __init__(self, src: QuantLinear, opset: int) -> None:
         super().__init__()
@@ -211,18 +222,23 @@ class _ExportLinear(nn.Module):
         with torch.no_grad():
             float_needed = _float_weight_reason(src, opset) is not None
             codes = src.dense_weight().t() if float_needed else src.codes().t()  # (in, out)
-            self.weight = _WeightDQ(src, codes.contiguous(), axis=1, opset=opset)
+            self.weight_dq = _WeightDQ(src, codes.contiguous(), axis=1, opset=opset)
             self.bias = _float_bias(src)
         # Dynamic 8-bit input with integer weights of at most 8 bits: DynamicQuantizeLinear + MatMulInteger.
-        self.dynamic_int = (src.act_mode == "dynamic" and src.act_bits == 8 and self.weight.integer
-                            and self.weight.dtype in (torch.int8, torch.uint8))
+        self.dynamic_int = (src.act_mode == "dynamic" and src.act_bits == 8 and self.weight_dq.integer
+                            and self.weight_dq.dtype in (torch.int8, torch.uint8))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in) weight as graph ops (DequantizeLinear, Transpose), for parents that read it."""
+        return self.weight_dq().t()
 
     def describe(self) -> str:
         if self.dynamic_int:
             kind = ("symmetric uint8+128 (Abs/ReduceMax/QuantizeLinear)" if self.input_quant.symmetric
                     else "DynamicQuantizeLinear uint8")
-            return f"dynamic input {kind} + MatMulInteger on {self.weight.describe().split(' ')[0]} codes"
-        return f"{self.input_quant.describe()}; weight {self.weight.describe()}"
+            return f"dynamic input {kind} + MatMulInteger on {self.weight_dq.describe().split(' ')[0]} codes"
+        return f"{self.input_quant.describe()}; weight {self.weight_dq.describe()}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
@@ -232,11 +248,11 @@ class _ExportLinear(nn.Module):
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_int:
-            w = self.weight
+            w = self.weight_dq
             zero = w.zero.to(w.dtype) if w.dtype == torch.uint8 else None
             return torch.ops.slimkit.dynamic_quant_linear(x, w.codes, w.scale, zero, self.bias,
                                                           self.input_quant.symmetric)
-        y = torch.matmul(self.input_quant(x), self.weight())
+        y = torch.matmul(self.input_quant(x), self.weight_dq())
         return y if self.bias is None else y + self.bias
 
 
@@ -251,14 +267,19 @@ class _ExportConv2d(nn.Module):
             float_needed = _float_weight_reason(src, opset) is not None
             shape = (src.out_channels, src.in_channels // src.groups, *src.kernel_size)  # (out, in/g, kh, kw)
             codes = src.dense_weight() if float_needed else src.codes().reshape(shape)
-            self.weight = _WeightDQ(src, codes.contiguous(), axis=0, opset=opset)
+            self.weight_dq = _WeightDQ(src, codes.contiguous(), axis=0, opset=opset)
             self.bias = _float_bias(src)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in/groups, kh, kw) kernel as a DequantizeLinear, for parents that read it."""
+        return self.weight_dq()
+
     def describe(self) -> str:
-        return f"{self.input_quant.describe()}; kernel {self.weight.describe()}"
+        return f"{self.input_quant.describe()}; kernel {self.weight_dq.describe()}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.input_quant(x), self.weight(), self.bias, self.stride, self.padding, self.dilation,
+        return F.conv2d(self.input_quant(x), self.weight_dq(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
 
@@ -276,13 +297,28 @@ class _ExportEmbedding(nn.Module):
             self.register_buffer("zero", None if src.zero is None else src.zero.float().clone())
         self.n_groups = src.scale.shape[1]
         self.dim, self.out_dtype = src.embedding_dim, src.dtype
+        self.embed_scale = src.embed_scale  # a scaled embedding's constant (Gemma), applied after the lookup
 
     def describe(self) -> str:
         name = str(self.code_dtype).removeprefix("torch.")
         groups = "per-row" if self.n_groups == 1 else f"{self.n_groups} groups per row"
-        return f"{name} table, Gather + Cast + Mul by gathered {groups} scales"
+        scaled = "" if self.embed_scale is None else f", times embed_scale {self.embed_scale:g}"
+        return f"{name} table, Gather + Cast + Mul by gathered {groups} scales{scaled}"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (rows, dim) table, unscaled (as QuantEmbedding's ``.weight``), for parents that read it."""
+        rows = self.codes.shape[0]
+        return self._lookup(torch.arange(rows, device=self.codes.device))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._lookup(ids)
+        if self.embed_scale is not None:
+            out = out * torch.tensor(self.embed_scale, dtype=self.out_dtype)
+        return out
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows ``ids`` (before any embed_scale)."""
         codes = F.embedding(ids, self.codes).float()  # (..., dim): Gather on the integer table, then Cast
         scale = F.embedding(ids, self.scale)  # (..., n_groups)
         if self.n_groups > 1:
@@ -291,8 +327,7 @@ class _ExportEmbedding(nn.Module):
         if self.zero is not None:
             zero = F.embedding(ids, self.zero)
             codes = codes - (zero.unsqueeze(-1) if self.n_groups > 1 else zero)
-        out = codes * scale
-        return out.reshape(*ids.shape, self.dim).to(self.out_dtype)
+        return (codes * scale).reshape(*ids.shape, self.dim).to(self.out_dtype)
 
 
 class _ExportAttentionInputs(nn.Module):
@@ -323,26 +358,38 @@ def _uses_int16(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def _standalone(src: nn.Module) -> nn.Module:
+    """The layer an export writes for ``src``: a TiedQuantLinear becomes a QuantLinear with a copy of the table's codes.
+
+    ONNX graphs and compressed-tensors folders hold each layer's tensors apart; the tie
+    to the embedding is kept in slimkit checkpoints only.
+    """
+    return src.as_quant_linear() if isinstance(src, TiedQuantLinear) else src
+
+
 def _swap_quantized(model: nn.Module, opset: int) -> tuple[nn.Module, list[str], bool]:
     """A deep copy of ``model`` with every Quant* layer replaced by its export twin; notes; custom ops used."""
     from slimkit.core.targets import set_submodule
 
-    kinds = (QuantLinear, QuantConv2d, QuantEmbedding, QuantAttentionInputs)
-    names = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    kinds = (QuantLinear, TiedQuantLinear, QuantConv2d, QuantEmbedding, QuantAttentionInputs)
+    names = [(n, _standalone(m)) for n, m in model.named_modules() if isinstance(m, kinds)]
     if not names:
         return model, [], False
     _qd()  # the exporter's registry sees quantized_decomposed ops only if they are registered before it is built
     twin_model = copy.deepcopy(model)
     notes, custom = [], False
     for name, src in names:
-        if isinstance(src, QuantLinear) and nbits_unsupported(src) is None:
+        # A layer its parent never calls (MultiheadAttention's out_proj) is read through .weight: the
+        # DequantizeLinear twin can answer that, a fused MatMulNBits node cannot.
+        read_by_parent = bypassed_forward(model, name) is not None
+        if isinstance(src, QuantLinear) and nbits_unsupported(src) is None and not read_by_parent:
             # weight-only 2/4-bit (or group-wise 8-bit) codes: one com.microsoft::MatMulNBits node
             twin, custom = NBitsLinear(src), True
             label = f"QuantLinear W{src.bits}"
         elif isinstance(src, QuantLinear):
             twin = _ExportLinear(src, opset)
             custom = custom or twin.dynamic_int
-            label = f"QuantLinear W{src.bits}"
+            label = f"QuantLinear W{src.bits}" + (" (its weight read by the parent)" if read_by_parent else "")
         elif isinstance(src, QuantConv2d):
             twin, label = _ExportConv2d(src, opset), f"QuantConv2d W{src.bits}"
         elif isinstance(src, QuantAttentionInputs):

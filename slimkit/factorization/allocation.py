@@ -24,9 +24,9 @@ from torch import nn
 
 from slimkit.core.calibration import _model_device, _to, find_blocks, run_model, trim_padding
 from slimkit.core.errors import ConfigError, DataError, UnsupportedError
-from slimkit.core.io import model_info
 from slimkit.core.registry import Context
 from slimkit.core.targets import set_submodule
+from slimkit.tasks import Task, task_of
 
 # --- pure functions ------------------------------------------------------------------------
 
@@ -99,15 +99,6 @@ def allocate_budget(dense_params: Sequence[int], options: Sequence[Sequence[tupl
     return [origin[hull[k]] for origin, hull, k in zip(origins, hulls, position)]
 
 
-def output_divergence(kind: str, reference: torch.Tensor, new: torch.Tensor) -> float:
-    """How far ``new`` output moved from ``reference``: mean 1 − cosine (encoder embeddings), else mean KL."""
-    ref, out = reference.double(), new.double()
-    if kind == "encoder":
-        return float((1 - torch.nn.functional.cosine_similarity(ref, out, dim=-1)).mean())
-    log_p, log_q = ref.log_softmax(-1), out.log_softmax(-1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-
-
 # --- measuring sensitivity -----------------------------------------------------------------
 
 
@@ -123,13 +114,11 @@ class LayerChoices:
     options: list[tuple[Any, int, Callable[[], nn.Module]]]
 
 
-def _predictions(model: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
-    from slimkit.distillation.distiller import model_prediction
-
+def _predictions(model: nn.Module, batches: list[Any], task: Task) -> list[torch.Tensor]:
     out = []
     for batch in batches:
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        out.append(model_prediction(model, run_model(model, batch), mask))
+        out.append(task.prediction(model, run_model(model, batch), mask))
     return out
 
 
@@ -160,7 +149,7 @@ def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batche
     In a model with repeated blocks, the blocks before the one holding the layer are not
     run again: they replay their recorded outputs (they cannot have changed).
     """
-    kind = model_info(model)["kind"]
+    task = task_of(model)  # what is compared (logits, a sentence embedding) and how far apart they are
     found = _block_outputs(model)
     was_training = model.training
     model.eval()
@@ -170,7 +159,7 @@ def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batche
         handles = [b.register_forward_hook(lambda _m, _a, out, i=i: recorded[i].append(out))
                    for i, b in enumerate(blocks)]
     try:
-        reference = _predictions(model, batches)
+        reference = _predictions(model, batches, task)
     finally:
         for h in handles:
             h.remove()
@@ -178,7 +167,7 @@ def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batche
 
     def run(layer_name: str) -> list[torch.Tensor]:
         if found is None:
-            return _predictions(model, batches)
+            return _predictions(model, batches, task)
         blocks_name, blocks, recorded = found
         prefix = blocks_name + "."
         first = int(layer_name[len(prefix):].split(".")[0]) if layer_name.startswith(prefix) else 0
@@ -189,7 +178,7 @@ def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batche
             out = []
             for k, batch in enumerate(batches):
                 current[0] = k
-                out.extend(_predictions(model, [batch]))
+                out.extend(_predictions(model, [batch], task))
             return out
         finally:
             for i in range(first):
@@ -206,7 +195,7 @@ def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batche
                     new = run(layer.name)
                 finally:
                     set_submodule(model, layer.name, original)
-                row.append(sum(output_divergence(kind, r, n) for r, n in zip(reference, new)) / len(batches))
+                row.append(sum(task.divergence(r, n) for r, n in zip(reference, new)) / len(batches))
             costs.append(row)
     finally:
         model.train(was_training)

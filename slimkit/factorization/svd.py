@@ -35,6 +35,7 @@ from torch import nn
 from slimkit.core.blockwise import check_finite
 from slimkit.core.calibration import _model_device, _to, run_model, trim_padding
 from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.linear_like import LinearLike, as_linear, linear_problem, linear_shape
 from slimkit.core.modules import SlimkitModule, register_module_type
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import select_modules, set_submodule
@@ -215,7 +216,9 @@ class FactorizedLinear(SlimkitModule):
 
     y = second(first(x)) = A (B x) + bias with B = first.weight, A = second.weight. Both are
     plain ``nn.Linear`` layers, so a later step (quantization, say) and the ONNX export see
-    two ordinary MatMuls.
+    two ordinary MatMuls. ``weight`` (the product A·B) and ``bias`` are read-only views for
+    code that reads a Linear's tensors instead of calling it (``nn.MultiheadAttention``'s
+    out_proj, ``nn.TransformerEncoderLayer``'s fast path); nothing extra is stored.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
@@ -243,6 +246,16 @@ class FactorizedLinear(SlimkitModule):
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight the two factors multiply out to."""
         return self.second.weight @ self.first.weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in) product of the factors in their dtype, recomputed on each access (not stored)."""
+        return self.dense_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The layer's bias (``second``'s), or None."""
+        return self.second.bias
 
     def slimkit_spec(self) -> dict[str, Any]:
         """Constructor arguments as JSON data (see ``SlimkitModule``): the rank is recorded here."""
@@ -304,7 +317,12 @@ class SVD(LowRankConfig):
 
 
 def _candidates(model: nn.Module, config: SVD, run: FactorizeRun) -> list[tuple[str, nn.Linear]]:
-    """The selected plain Linear layers that can be factorized; the others are recorded as skipped."""
+    """The selected Linear-like layers that can be factorized, as exact nn.Linear views; the others are skipped.
+
+    Linear-like (``core.linear_like``): nn.Linear, subclasses computing x·Wᵀ + b
+    (FalconLinear) and transformers' Conv1D, the last two handed on as ``as_linear`` (a
+    plain Linear of the same (out, in) weight) so the factorization sees one layout.
+    """
     from torch.nn.utils import parametrize
 
     uses: dict[int, int] = {}
@@ -313,26 +331,23 @@ def _candidates(model: nn.Module, config: SVD, run: FactorizeRun) -> list[tuple[
     factor_children = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, FactorizedLinear)
                        for c in ("first", "second")}
     chosen = []
-    for name, module in select_modules(model, (nn.Linear,), config.include, config.ignore):
+    for name, module in select_modules(model, (LinearLike,), config.include, config.ignore):
         if name in factor_children:
             continue  # already a factor: factorizing it again cannot gain (its rank is already below break-even)
         if parametrize.is_parametrized(module):
             run.skip(name, "its weight is parametrized (a pruning mask?); call slimkit.strip(model) first")
-        elif type(module) is not nn.Linear:
-            run.skip(name, f"it is a {type(module).__name__}, not a plain Linear")
-        elif hasattr(module, "weight_orig"):
-            run.skip(name, "it is pruned with torch.nn.utils.prune (weight_orig and a mask); call "
-                           "torch.nn.utils.prune.remove(module, 'weight') first")
+        elif (problem := linear_problem(module, "a FactorizedLinear")) is not None:
+            run.skip(name, problem)
         elif module.weight.is_meta:
             run.skip(name, "its weight is not loaded (meta)")
         elif uses.get(id(module.weight), 0) > 1:
             run.skip(name, "its weight is tied to another module; factorizing it would untie it and add parameters")
-        elif break_even_rank(module.out_features, module.in_features) < 1:
-            run.skip(name, f"too small to gain: a {module.out_features}x{module.in_features} weight is no larger "
-                           "than any rank-1 factorization")
+        elif break_even_rank(*linear_shape(module)) < 1:
+            out_f, in_f = linear_shape(module)
+            run.skip(name, f"too small to gain: a {out_f}x{in_f} weight is no larger than any rank-1 factorization")
         else:
             check_finite(name, module)
-            chosen.append((name, module))
+            chosen.append((name, as_linear(module)))
     return chosen
 
 

@@ -20,6 +20,13 @@ from slimkit.core.blockwise import check_finite, linear_groups
 from slimkit.core.calibration import BlockInputs, find_blocks
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
+from slimkit.core.linear_like import (
+    LinearLike,
+    in_features,
+    linear_problem,
+    linear_weight,
+    set_linear_weight,
+)
 from slimkit.core.registry import Context
 from slimkit.core.targets import select_modules
 from slimkit.pruning.nm import (
@@ -62,6 +69,7 @@ class BlockPruneConfig(Config):
     """
 
     family: ClassVar[str] = "prune"
+    leaves_zeros: ClassVar[bool] = True  # unstructured: pruned weights stay in place as zeros
     needs_data: ClassVar[bool] = True
 
     sparsity: float | None = None
@@ -114,7 +122,12 @@ class PruneRun:
 
 
 def plan_pruning(model: nn.Module, config: Any, ctx: Context, label: str) -> PruneRun:
-    """Select the layers, and check all of them (N:M shape, NaN/inf) before any weight changes."""
+    """Select the layers, and check all of them (N:M shape, NaN/inf) before any weight changes.
+
+    Linear-like layers (``core.linear_like``: nn.Linear, FalconLinear, transformers' Conv1D,
+    pruned in its own (in, out) layout) are pruned; any other Linear subclass, or a masked
+    layer, is skipped with a note naming the reason.
+    """
     if getattr(ctx, "data", None) is None:
         raise DataError(f"{label} needs calibration data (data=CalibrationData...); it measures each layer's inputs")
     from torch.nn.utils import parametrize
@@ -124,15 +137,17 @@ def plan_pruning(model: nn.Module, config: Any, ctx: Context, label: str) -> Pru
     nm = parse_pattern(config.pattern, f"{label}.pattern")
     chosen: set[str] = set()
     outside: list[str] = []
-    selected = select_modules(model, (nn.Linear,), config.include, config.ignore)
+    selected = select_modules(model, (LinearLike,), config.include, config.ignore)
     for name, module in selected:
         if not name.startswith(prefix):
             outside.append(name)
         elif parametrize.is_parametrized(module, "weight"):
             ctx.note(f"{label}: skipped {name}: its weight is parametrized (a mask?); strip it first to prune it")
+        elif (problem := linear_problem(module, "a pruned weight")) is not None:
+            ctx.note(f"{label}: skipped {name}: {problem}")
         else:
             if nm is not None:
-                check_nm_shape(name, module.in_features, nm[1])
+                check_nm_shape(name, in_features(module), nm[1])
             chosen.add(name)
     for name, module in selected:
         if name in chosen:
@@ -154,18 +169,19 @@ def block_groups(b: BlockInputs, chosen: set[str]) -> list[list[str]]:
 
 
 @torch.no_grad()
-def write_pruned(run: PruneRun, name: str, linear: nn.Linear, weight: torch.Tensor) -> None:
-    """Put the pruned ``weight`` into ``linear`` in place (its own dtype and device) and count it."""
-    linear.weight.copy_(weight.to(device=linear.weight.device, dtype=linear.weight.dtype))
+def write_pruned(run: PruneRun, name: str, linear: nn.Module, weight: torch.Tensor) -> None:
+    """Write the pruned (out, in) ``weight`` into the Linear-like ``linear`` in place (its own layout); count it."""
+    set_linear_weight(linear, weight)
     run.record(name, linear.weight.detach())
 
 
-def fallback_to_magnitude(run: PruneRun, name: str, linear: nn.Linear, why: str, per_row: bool) -> None:
+def fallback_to_magnitude(run: PruneRun, name: str, linear: nn.Module, why: str, per_row: bool) -> None:
     """Prune ``linear`` by magnitude (it got no usable calibration inputs) and say so in the notes."""
     granularity = "N:M" if run.nm else ("per row" if per_row else "per layer")
     run.notes.append(f"{run.label}: {name} {why}; magnitude ({granularity}) used")
-    keep = magnitude_keep_mask(linear.weight, run.sparsity, run.nm, per_row)
-    write_pruned(run, name, linear, linear.weight.detach().masked_fill(~keep, 0.0))
+    w = linear_weight(linear).detach()  # (out, in): rows and N:M groups run along the inputs
+    keep = magnitude_keep_mask(w, run.sparsity, run.nm, per_row)
+    write_pruned(run, name, linear, w.masked_fill(~keep, 0.0))
     run.fallback += 1
 
 

@@ -5,7 +5,9 @@ noise (the baseline any criterion must beat). For unstructured pruning l1 and l2
 weights the same way; they are both offered so N:M and global scopes, and the structured
 pruners, use the same names.
 
-Selection, for each Linear / Conv1d / Conv2d weight (flattened row-major):
+Selection, for each Linear / Conv1d / Conv2d weight (flattened row-major), a transformers
+``Conv1D`` (GPT-2; weight stored (in, out)) read as its (out, in) transpose so that rows are
+output rows for every layer (``core.linear_like``):
 
 - ``scope="layer"``: exactly ``round(sparsity · numel)`` lowest scores of each layer are
   pruned, chosen by ``torch.topk(scores, k, largest=False)`` on the flattened scores, the
@@ -42,9 +44,10 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError, closest
+from slimkit.core.linear_like import linear_kind
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import select_modules
-from slimkit.pruning.masks import PRUNABLE, apply_mask, get_mask, raw_weight
+from slimkit.core.masks import PRUNABLE, apply_mask, get_mask, raw_weight
 from slimkit.pruning.nm import (
     check_nm_shape,
     check_pattern_sparsity,
@@ -156,6 +159,7 @@ class Magnitude(Config):
     """
 
     family: ClassVar[str] = "prune"
+    leaves_zeros: ClassVar[bool] = True  # unstructured: pruned weights stay in place as zeros
 
     sparsity: float | None = None
     threshold: float | None = None
@@ -221,6 +225,14 @@ class Magnitude(Config):
 # --- plumbing ------------------------------------------------------------------------------
 
 
+def _rows_first(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (shaped like ``module.weight``) with output rows first: a Conv1D's (in, out) tensors are transposed.
+
+    Its own inverse, so it also turns a rows-first mask back into the module's layout.
+    """
+    return t.t() if linear_kind(module) == "conv1d" else t
+
+
 @dataclass
 class _Target:
     """One weight to prune and every selected module that holds it (tied weights are pruned once)."""
@@ -234,8 +246,17 @@ class _Target:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight (masked when a mask is attached), detached."""
-        return self.modules[0].weight.detach()
+        """The effective weight (masked when a mask is attached), detached, output rows first."""
+        return _rows_first(self.modules[0], self.modules[0].weight.detach())
+
+    def mask(self) -> torch.Tensor | None:
+        """The attached keep-mask, output rows first (None without one)."""
+        old = get_mask(self.modules[0])
+        return None if old is None else _rows_first(self.modules[0], old)
+
+    def to_layout(self, keep: torch.Tensor) -> torch.Tensor:
+        """A rows-first mask in the module's own weight layout (contiguous: it becomes a mask buffer)."""
+        return _rows_first(self.modules[0], keep).contiguous()
 
 
 def prunable_targets(model: nn.Module, config: Magnitude, notes: list[str] | None = None) -> list[_Target]:
@@ -268,15 +289,17 @@ def prunable_targets(model: nn.Module, config: Magnitude, notes: list[str] | Non
 
 
 def compute_masks(targets: list[_Target], config: Magnitude) -> dict[str, torch.Tensor]:
-    """Keep-masks (name of each target -> bool tensor) under ``config``, combined with existing masks.
+    """Keep-masks (name of each target -> bool tensor shaped like its ``weight``) under ``config``.
 
-    An existing mask's pruned weights score -inf, so they are pruned first and stay pruned.
+    Combined with existing masks: an existing mask's pruned weights score -inf, so they are
+    pruned first and stay pruned. Scores are ranked with output rows first (what ``row`` and
+    N:M scopes need), then returned in each module's own layout.
     """
     generator = torch.Generator().manual_seed(config.seed)
     scores: dict[str, torch.Tensor] = {}
     old: dict[str, torch.Tensor | None] = {}
     for t in targets:
-        old[t.name] = get_mask(t.modules[0])
+        old[t.name] = t.mask()
         if config.threshold is None:
             s = magnitude_scores(t.weight, config.criterion, generator)
             if old[t.name] is not None:
@@ -293,7 +316,8 @@ def compute_masks(targets: list[_Target], config: Magnitude) -> dict[str, torch.
         keep = {name: row_mask(s, config.sparsity) for name, s in scores.items()}
     else:
         keep = {name: layer_mask(s, config.sparsity) for name, s in scores.items()}
-    return {name: k if old[name] is None else k & old[name] for name, k in keep.items()}
+    by_name = {t.name: t for t in targets}
+    return {name: by_name[name].to_layout(k if old[name] is None else k & old[name]) for name, k in keep.items()}
 
 
 def magnitude_masks(model: nn.Module, config: Magnitude) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ the saved state dict. Two things make it reload:
   checkpoint's shapes, keeping its other settings, dtype and device; then it sets the
   attributes recorded at prune time (``structure``: module name -> {attribute: value},
   e.g. an attention module's head count), which shapes alone do not determine.
-- ``record_attributes(model, name, {...})`` is how pruning code records those
+- ``core.structure.record_attributes(model, name, {...})`` is how pruning code records those
   attributes (JSON-able values, kept in ``model.__dict__["_slimkit_structure"]``);
   ``structure_of(model)`` reads them back for the checkpoint.
 
@@ -20,37 +20,17 @@ Zoo models with an architecture config (digits-cnn) also get the config updated
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from slimkit.core.errors import ModelLoadError, UnsupportedError
+from slimkit.core.errors import ModelLoadError
+from slimkit.core.structure import STRUCTURE_ATTR, record_attributes, structure_of  # noqa: F401 (re-exported)
 from slimkit.core.targets import set_submodule
-
-STRUCTURE_ATTR = "_slimkit_structure"
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def record_attributes(model: nn.Module, module_name: str, attrs: Mapping[str, Any]) -> None:
-    """Record that submodule ``module_name`` ("" = the model) must get ``attrs`` set when rebuilt.
-
-    Values must be JSON-able (they go into ``slimkit.json``); a later record of the same
-    attribute overwrites the earlier one.
-    """
-    try:
-        plain = json.loads(json.dumps(dict(attrs)))
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedError(f"attributes recorded for {module_name!r} must be JSON-able ({exc})") from None
-    model.__dict__.setdefault(STRUCTURE_ATTR, {}).setdefault(module_name, {}).update(plain)
-
-
-def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """A copy of the attributes recorded on ``model`` by ``record_attributes`` ({} when none)."""
-    return copy.deepcopy(model.__dict__.get(STRUCTURE_ATTR, {}))
 
 
 def _shape(value: Sequence[int]) -> tuple[int, ...]:
@@ -148,15 +128,14 @@ def resize_to_checkpoint(model: nn.Module, shapes: Mapping[str, Sequence[int]],
 
 
 def sync_arch_config(model: nn.Module) -> bool:
-    """Update a zoo model's architecture config to its current layer sizes; True when it has one.
+    """Update a built-in model's architecture config to its current layer sizes; True when it has one.
 
-    digits-cnn stores its channel list in the config that ``arch_config()`` returns (and the
-    checkpoint saves): after pruning, the list must name the pruned widths so
-    ``build_zoo_architecture`` rebuilds the pruned model.
+    A model rebuilt from an architecture config (``arch_config()``, e.g. the zoo's CNN) must
+    name its pruned widths there so the builder alone rebuilds the pruned model; such a model
+    says how through its own ``sync_arch_config()`` method.
     """
-    if getattr(model, "slimkit_arch", None) == "digits-cnn":
-        convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-        # DigitsCNN keeps its validated config in _config; arch_config() returns a copy of it.
-        model._config["channels"] = [int(c.out_channels) for c in convs]
+    sync = getattr(model, "sync_arch_config", None)
+    if callable(sync):
+        sync()
         return True
     return False

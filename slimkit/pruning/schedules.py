@@ -35,7 +35,7 @@ from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError
 from slimkit.core.io import attach_info, model_info
 from slimkit.core.registry import Context
-from slimkit.pruning import masks
+from slimkit.core import masks
 from slimkit.pruning.magnitude import Magnitude, apply_magnitude, prunable_targets
 
 # --- pure functions ------------------------------------------------------------------------
@@ -94,6 +94,7 @@ class _ScheduleConfig(Config):
     """What Gradual and Iterative share: the Magnitude settings of every pruning step."""
 
     family: ClassVar[str] = "prune"
+    leaves_zeros: ClassVar[bool] = True  # unstructured: pruned weights stay in place as zeros
 
     scope: str = "layer"
     criterion: str = "l1"

@@ -43,6 +43,7 @@ from torch import nn
 from slimkit.core.blockwise import collect_inputs, run_blockwise, warn_if_few_samples
 from slimkit.core.calibration import BlockInputs
 from slimkit.core.errors import DataError
+from slimkit.core.linear_like import linear_weight
 from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
 from slimkit.pruning.calibrated import (
@@ -60,7 +61,7 @@ from slimkit.pruning.nm import (
     nm_keep_mask,
     pattern_nm,
 )
-from slimkit.quantization.gptq import (
+from slimkit.core.hessian import (
     HessianError,
     HessianFactor,
     accumulate_hessian,
@@ -258,7 +259,8 @@ def apply_sparsegpt(model: nn.Module, config: SparseGPT, ctx: Context) -> None:
                                  f"(escalated from {config.dampening:g}) to be positive definite")
             for r in live:
                 linear = b.block.get_submodule(r)
-                result = sparsegpt_prune(linear.weight.detach(), factor, run.sparsity, run.nm, config.block_size)
+                result = sparsegpt_prune(linear_weight(linear).detach(), factor, run.sparsity, run.nm,
+                                         config.block_size)
                 write_pruned(run, f"{b.name}.{r}", linear, result.weight)
                 del result
             del H

@@ -34,12 +34,14 @@ import torch
 from torch import nn
 
 from slimkit.core.config import Config
-from slimkit.core.errors import ConfigError, DataError, UnsupportedError, closest
-from slimkit.core.io import is_transformers_model, model_info
+from slimkit.core.errors import ConfigError, DataError, SlimkitError, UnsupportedError, closest
+from slimkit.core.io import is_transformers_model
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import check_layer_map, matches, value_for
 from slimkit.pruning.group import OUT, Group, prune_groups
 from slimkit.pruning.importance import IMPORTANCES, Importance, make_importance
+from slimkit.tasks import Task, task_of
+from slimkit.tasks.base import split_labels
 
 SCOPES = ("layer", "global")
 TARGETS = ("channels", "heads", "neurons")
@@ -145,17 +147,6 @@ class StructuredPrune(Config):
 
 
 # -- finding groups -------------------------------------------------------------------------
-def split_labels(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, labels)`` of a calibration batch: a dict's "labels" entry is taken out (None when absent).
-
-    What is left of a dict that held only "input" (and "labels") is that tensor, passed positionally.
-    """
-    if not isinstance(batch, dict) or "labels" not in batch:
-        return batch, None
-    rest = {k: v for k, v in batch.items() if k != "labels"}
-    return (rest["input"] if list(rest) == ["input"] else rest), batch["labels"]
-
-
 def _on_device(batch: Any, model: nn.Module) -> Any:
     """``batch`` (a tensor or a dict of tensors) moved to the device of ``model``'s parameters."""
     ref = next(model.parameters(), None)
@@ -170,7 +161,8 @@ def example_input(model: nn.Module, config: StructuredPrune, data: Any = None) -
     """The input a plain module is traced (and its MACs counted) on.
 
     ``config.example_input_shape`` (uniform random values), else the first two rows of the
-    first calibration batch, else a zoo model's known input shape; UnsupportedError otherwise.
+    first calibration batch, else the example inputs the model's task knows (a declared input
+    shape, a GenericTask's example); UnsupportedError otherwise.
     """
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
@@ -179,14 +171,14 @@ def example_input(model: nn.Module, config: StructuredPrune, data: Any = None) -
     if data is not None:
         batch, _ = split_labels(_on_device(next(iter(data)), model))
         return {k: v[:2] for k, v in batch.items()} if isinstance(batch, dict) else batch[:2]
-    from slimkit.export.onnx import ZOO_INPUT_SHAPES
-
-    arch = getattr(model, "slimkit_arch", None)
-    if arch in ZOO_INPUT_SHAPES:
+    try:
         # batch 2: a batch of 1 could be confused with a size-1 channel dim when views are followed
-        return torch.rand((2, *ZOO_INPUT_SHAPES[arch]), generator=torch.Generator().manual_seed(0)).to(**kw)
-    raise UnsupportedError(f"StructuredPrune needs the input shape of {type(model).__name__} to trace it: set "
-                           "example_input_shape (e.g. [1, 3, 32, 32]) or pass calibration data")
+        inputs = task_of(model).example_inputs(model, batch=2, seed=0)
+    except SlimkitError:
+        raise UnsupportedError(f"StructuredPrune needs the input shape of {type(model).__name__} to trace it: set "
+                               "example_input_shape (e.g. [1, 3, 32, 32]) or pass calibration data") from None
+    inputs = {k: v.to(**kw) if v.is_floating_point() else v.to(kw.get("device")) for k, v in inputs.items()}
+    return inputs["input"] if list(inputs) == ["input"] else inputs
 
 
 def find_groups(model: nn.Module, config: StructuredPrune, data: Any = None) -> tuple[list[Group], list[str]]:
@@ -231,31 +223,9 @@ def _selected(groups: list[Group], config: StructuredPrune) -> list[bool]:
 
 
 # -- gradients for Taylor ------------------------------------------------------------------
-def _loss(model: nn.Module, batch: Any, kind: str) -> torch.Tensor:
-    """The loss Taylor importance differentiates, for one calibration batch."""
-    import torch.nn.functional as F
-
-    from slimkit.core.calibration import run_model
-
-    batch = _on_device(batch, model)
-    if kind == "causal-lm":
-        named = dict(batch) if isinstance(batch, dict) else {"input_ids": batch}
-        labels = named.pop("labels", None)
-        if labels is None:
-            labels = named["input_ids"].clone()
-            if "attention_mask" in named:
-                labels[named["attention_mask"] == 0] = -100  # padding predicts nothing
-        return model(**named, labels=labels).loss
-    batch, labels = split_labels(batch)
-    out = run_model(model, batch)
-    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
-        raise UnsupportedError(f"taylor importance needs class logits from {type(model).__name__}, got "
-                               f"{type(out).__name__}; fill .grad yourself and rerun, or use importance 'l1'")
-    if labels is None:
-        # No labels: the model's own predictions stand in (the loss of confidently keeping its answers).
-        labels = logits.detach().argmax(-1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device))
+def _loss(model: nn.Module, batch: Any, task: Task) -> torch.Tensor:
+    """The loss Taylor importance differentiates, for one calibration batch (the model's task defines it)."""
+    return task.loss(model, _on_device(batch, model))
 
 
 def _fill_gradients(model: nn.Module, groups: list[Group], data: Any) -> list[tuple[nn.Parameter, Any, bool]]:
@@ -268,10 +238,9 @@ def _fill_gradients(model: nn.Module, groups: list[Group], data: Any) -> list[tu
                if getattr(m.module, "weight", None) is not None}
     if all(w.grad is not None for w in weights.values()):
         return []  # the user's own gradients
-    kind = model_info(model)["kind"]
-    if kind == "encoder":
-        raise UnsupportedError("taylor importance on an encoder needs gradients of your own objective: run "
-                               "loss.backward() first (so every weight has .grad), or use importance 'l1'")
+    task = task_of(model)
+    if not task.has_loss:
+        task.loss(model, None)  # raises: this kind has no loss of its own (it says what to do instead)
     if data is None:
         raise DataError("taylor importance needs calibration data to compute gradients (or .grad already "
                         "filled by your own backward pass); pass data= or use importance 'l1'")
@@ -285,7 +254,7 @@ def _fill_gradients(model: nn.Module, groups: list[Group], data: Any) -> list[tu
     try:
         with torch.enable_grad():
             for batch in data:
-                _loss(model, batch, kind).backward()
+                _loss(model, batch, task).backward()
     except Exception:
         _restore(saved)
         raise
@@ -429,7 +398,7 @@ def _count_inputs(model: nn.Module, config: StructuredPrune, data: Any) -> Any:
 def _ratio_for_macs(model: nn.Module, config: StructuredPrune, all_groups: list[Group], scores: list[torch.Tensor],
                     roots: list[str], data: Any) -> tuple[float, int, int]:
     """The smallest ratio whose pruned model keeps <= target_macs of the dense MACs: (ratio, dense, pruned)."""
-    from slimkit.evaluation.measure import count_macs
+    from slimkit.core.measure import count_macs
 
     inputs = _count_inputs(model, config, data)
     dense = count_macs(model, inputs)
@@ -473,7 +442,7 @@ def _ratio_for_macs(model: nn.Module, config: StructuredPrune, all_groups: list[
 @register(StructuredPrune)
 def apply_structured_prune(model: nn.Module, config: StructuredPrune, ctx: Context) -> None:
     """Prune whole units of ``model`` in place (see the module docstring); every check runs before any change."""
-    from slimkit.evaluation.measure import count_parameters
+    from slimkit.core.measure import count_parameters
     from slimkit.pruning.resize import sync_arch_config
 
     groups, graph_notes = find_groups(model, config, ctx.data)

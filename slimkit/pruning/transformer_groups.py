@@ -51,7 +51,7 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError
 from slimkit.pruning.group import IN, OUT, Group
-from slimkit.pruning.resize import record_attributes
+from slimkit.core.structure import record_attributes
 
 TARGETS = ("heads", "neurons")
 

@@ -31,6 +31,7 @@ from torch import nn
 from slimkit.core.blockwise import collect_inputs, run_blockwise, warn_if_few_samples
 from slimkit.core.calibration import BlockInputs
 from slimkit.core.errors import DataError
+from slimkit.core.linear_like import linear_weight
 from slimkit.core.registry import Context, register
 from slimkit.pruning.calibrated import (
     BlockPruneConfig,
@@ -120,7 +121,7 @@ class Wanda(BlockPruneConfig):
 
     Only Linear layers inside the repeated decoder blocks are touched, as in the paper and
     llm-compressor: lm_head and the embeddings run outside them and stay dense. Pruned
-    weights are exact zeros in the layers' ordinary weights (``pruning.masks.
+    weights are exact zeros in the layers' ordinary weights (``core.masks.
     attach_masks_from_zeros`` keeps them at zero while fine-tuning).
     """
 
@@ -165,7 +166,7 @@ def apply_wanda(model: nn.Module, config: Wanda, ctx: Context) -> None:
                 if counts[r] == 0:
                     fallback_to_magnitude(run, full, linear, "received no calibration tokens", per_row=True)
                     continue
-                pruned, _ = wanda_prune(linear.weight.detach(), sums.pop(r).sqrt(), run.sparsity, run.nm)
+                pruned, _ = wanda_prune(linear_weight(linear).detach(), sums.pop(r).sqrt(), run.sparsity, run.nm)
                 write_pruned(run, full, linear, pruned)
 
     run_blockwise(model, data, process, ctx, "Wanda")

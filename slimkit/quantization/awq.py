@@ -64,8 +64,15 @@ from slimkit.core.calibration import (
 )
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
+from slimkit.core.linear_like import (
+    LinearLike,
+    in_features,
+    linear_problem,
+    linear_weight,
+    set_linear_weight,
+)
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import select_modules, set_submodule, subclass_reason
+from slimkit.core.targets import select_modules, set_submodule
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import QuantizedWeight, quantize_weight
 from slimkit.quantization.range_search import clip_factors, mse_clip_scales
@@ -195,21 +202,22 @@ def record_parent(block: nn.Module, calls: Sequence[CapturedCall], parent: str) 
 
 
 @torch.no_grad()
-def parent_output_error(parent: nn.Module, members: Sequence[nn.Linear], records: Sequence[ParentRecord],
+def parent_output_error(parent: nn.Module, members: Sequence[nn.Module], records: Sequence[ParentRecord],
                         scale: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> float:
     """``Σ_calls ‖parent(x) − float output‖²`` with each member's weight W replaced by ``Q(W·diag(s))·diag(s)⁻¹``.
 
     Equal to running the parent with the members' input divided by ``scale`` and their
-    weights ``Q(W·diag(s))``; ``Q`` is RTN (quantize, then dequantize). The weights are
+    weights ``Q(W·diag(s))``; ``Q`` is RTN (quantize, then dequantize). ``members``:
+    Linear-like layers (their (out, in) weights, ``core.linear_like``). The weights are
     restored before returning.
     """
-    saved = [m.weight.detach().clone() for m in members]
+    saved = [linear_weight(m).detach().clone() for m in members]
     s = scale.detach().float()
     try:
         for m, w in zip(members, saved):
             sd = s.to(w.device)
             deq = quantize_weight(w.float() * sd, bits, group_size=group_size, symmetric=symmetric).dequantize()
-            m.weight.copy_((deq / sd).to(w.dtype))
+            set_linear_weight(m, deq / sd)
         total = 0.0
         for r in records:
             out = _first_output(parent(*r.call.args, **r.call.kwargs))
@@ -217,10 +225,10 @@ def parent_output_error(parent: nn.Module, members: Sequence[nn.Linear], records
         return total
     finally:
         for m, w in zip(members, saved):
-            m.weight.copy_(w)
+            set_linear_weight(m, w)
 
 
-def search_scale_parent(parent: nn.Module, members: Sequence[nn.Linear], records: Sequence[ParentRecord],
+def search_scale_parent(parent: nn.Module, members: Sequence[nn.Module], records: Sequence[ParentRecord],
                         x_mean_abs: torch.Tensor, *, bits: int, group_size: int | None, symmetric: bool,
                         n_grid: int = 20) -> ScaleSearch:
     """AWQ's grid search on the parent module's output (``parent_output_error``), α in ``linspace(0, 1, n_grid)``.
@@ -336,14 +344,16 @@ def _call_tokens(call: CapturedCall) -> int:
 
 
 def _skip_reason(module: nn.Module, config: AWQ) -> str | None:
-    if type(module) is not nn.Linear:
-        return subclass_reason(module, "a QuantLinear")
-    if config.group_size is not None and module.in_features % config.group_size:
-        return f"in_features {module.in_features} is not divisible by group_size {config.group_size}"
+    problem = linear_problem(module, "a QuantLinear")
+    if problem:
+        return problem
+    cols = in_features(module)
+    if config.group_size is not None and cols % config.group_size:
+        return f"in_features {cols} is not divisible by group_size {config.group_size}"
     return None
 
 
-def _check_finite(name: str, module: nn.Linear) -> None:
+def _check_finite(name: str, module: nn.Module) -> None:
     if not module.weight.is_meta and not torch.isfinite(module.weight.detach()).all():
         raise DataError(f"layer {name!r} has NaN or inf in its weight; fix or ignore it (ignore=[{name!r}])")
 
@@ -397,7 +407,7 @@ class BlockScaling:
 
 
 @torch.no_grad()
-def scale_block(block: nn.Module, calls: Sequence[CapturedCall], targets: dict[str, nn.Linear], config: AWQ,
+def scale_block(block: nn.Module, calls: Sequence[CapturedCall], targets: dict[str, nn.Module], config: AWQ,
                 block_name: str = "") -> BlockScaling:
     """Search and fold AWQ scales for every group of ``targets`` (block-relative names) in one float block.
 
@@ -414,7 +424,7 @@ def scale_block(block: nn.Module, calls: Sequence[CapturedCall], targets: dict[s
     groups = [g for g in linear_groups(block, calls) if any(n in targets for n in g.names)]
     total = sum(_call_tokens(c) for c in calls)
     stride = 1 if config.method == "gptq" else max(1, math.ceil(total / config.max_tokens))
-    stats = {g.names[0]: InputStats(block.get_submodule(g.names[0]).in_features, stride) for g in groups}
+    stats = {g.names[0]: InputStats(in_features(block.get_submodule(g.names[0])), stride) for g in groups}
     # Whole calls for the parent objective (attention mixes a sequence's tokens), about max_tokens tokens.
     parent_calls = list(calls[::max(1, math.ceil(total / config.max_tokens))])
     seen = feed_inputs(block, calls, list(stats), lambda name, x: stats[name].add(x))
@@ -445,7 +455,7 @@ def scale_block(block: nn.Module, calls: Sequence[CapturedCall], targets: dict[s
                                             group_size=config.group_size, symmetric=config.symmetric,
                                             n_grid=config.n_grid)
         if found is None:
-            found = search_scale([targets[n].weight for n in members], st.gram, st.mean_abs, bits=config.bits,
+            found = search_scale([linear_weight(targets[n]) for n in members], st.gram, st.mean_abs, bits=config.bits,
                                  group_size=config.group_size, symmetric=config.symmetric, n_grid=config.n_grid)
         if found.alpha > 0:
             if not fold_input_scale(block, g, found.scale, calls[0]):
@@ -469,7 +479,7 @@ def apply_awq(model: nn.Module, config: AWQ, ctx: Context) -> None:
     if ctx.data is None:
         raise DataError("AWQ needs calibration data (data=CalibrationData...) to measure activation magnitudes")
     start = time.perf_counter()
-    selected = select_modules(model, (nn.Linear,), config.include, config.ignore)
+    selected = select_modules(model, (LinearLike,), config.include, config.ignore)
     blocks_name, _ = find_blocks(model)
     prefix = blocks_name + "."
     per_block: dict[str, list[str]] = {}  # block name -> block-relative target names
@@ -505,7 +515,7 @@ def apply_awq(model: nn.Module, config: AWQ, ctx: Context) -> None:
         for key, a in scaled.alphas.items():
             alphas.setdefault(key, []).append(a)
         for rel, module in targets.items():
-            qw = _quantize(module.weight, scaled.stats.get(rel), config, config.clip and clip_searched(rel))
+            qw = _quantize(linear_weight(module), scaled.stats.get(rel), config, config.clip and clip_searched(rel))
             new = QuantLinear.from_linear(module, weight=qw)
             new.train(module.training)
             set_submodule(b.block, rel, new)

@@ -32,7 +32,6 @@ gate/up, down), re-measuring each group's inputs through the already-quantized l
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -50,9 +49,22 @@ from slimkit.core.blockwise import (
 from slimkit.core.calibration import BlockInputs, find_blocks
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.hessian import (  # noqa: F401  (re-exported: GPTQ's Hessian maths)
+    HessianError,
+    HessianFactor,
+    accumulate_hessian,
+    factor_hessian,
+)
+from slimkit.core.linear_like import (
+    LinearLike,
+    in_features,
+    linear_problem,
+    linear_shape,
+    linear_weight,
+)
 from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
-from slimkit.core.targets import select_modules, set_submodule, subclass_reason
+from slimkit.core.targets import select_modules, set_submodule
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import (
     BITS,
@@ -65,108 +77,7 @@ from slimkit.quantization.primitives import (
 # Bit widths GPTQ targets (3 only once the primitives can store it).
 GPTQ_BITS = tuple(b for b in (2, 3, 4, 8) if b in BITS)
 # Dampening escalations after the first attempt, each ×10 (0.01 -> 0.1 -> 1 -> 10).
-DAMP_ESCALATIONS = 3
 # Below this many calibration samples the Hessian of a wide layer is poorly conditioned.
-
-
-class HessianError(DataError):
-    """The Hessian stayed non positive definite through every dampening escalation.
-
-    ``detail`` is the message without a layer name; the handler prefixes it with one.
-    """
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"Hessian {detail}")
-        self.detail = detail
-
-
-# --- pure functions ------------------------------------------------------------------------
-
-
-def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Fold a batch of layer inputs ``x`` (tokens, in) into the running ``H = 2/n · Σ xᵀx``; returns ``(H, n)``.
-
-    ``H`` None starts a float32 (in, in) matrix on ``x``'s device; pass a float64 ``H`` for
-    float64 accumulation. float32 is what GPTQ uses and is the default because H of a
-    wide layer (11008 inputs) is ~0.5 GB in float32 and twice that in float64; the
-    running-mean form (rescale by n/(n+m), then add) keeps every term O(|x|²), so float32
-    loses only ~1e-7 relative per batch. ``H`` is updated in place (and returned).
-    """
-    x = x.reshape(-1, x.shape[-1])
-    m = x.shape[0]
-    if H is None:
-        H = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-    if H.shape != (x.shape[-1], x.shape[-1]):
-        raise ValueError(f"Hessian of shape {tuple(H.shape)} cannot take inputs with {x.shape[-1]} features")
-    if m == 0:
-        return H, n
-    total = n + m
-    H.mul_(n / total)
-    xs = x.to(H.dtype) * math.sqrt(2.0 / total)  # so that xsᵀxs = 2/total · xᵀx
-    H.addmm_(xs.T, xs)
-    return H, total
-
-
-@dataclass(frozen=True, eq=False)
-class HessianFactor:
-    """What ``gptq_quantize`` needs from H, shared by every layer that reads the same input.
-
-    ``U``: upper Cholesky factor of the damped (and, with act-order, permuted) H⁻¹.
-    ``perm``: processing order of the columns (None = natural order). ``dead``: bool (in,)
-    mask of inputs with H_ii = 0. ``damp``: the dampening fraction that worked.
-    """
-
-    U: torch.Tensor
-    perm: torch.Tensor | None
-    dead: torch.Tensor
-    damp: float
-
-
-def factor_hessian(H: torch.Tensor, *, damp: float = 0.01, act_order: bool = False) -> HessianFactor:
-    """Dead inputs, act-order permutation, dampening and the upper Cholesky factor of H⁻¹.
-
-    Works in H's dtype when it is float64, else float32. If the damped H (or its inverse)
-    has no Cholesky factor, the dampening is raised ×10 up to ``DAMP_ESCALATIONS`` times;
-    after that a ``HessianError`` says which dampening was tried.
-    """
-    if H.dim() != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"H must be a square matrix, got shape {tuple(H.shape)}")
-    if not (isinstance(damp, (int, float)) and damp > 0 and math.isfinite(damp)):
-        raise ValueError(f"damp must be a positive number, got {damp!r}")
-    dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
-    H = H.detach().to(dtype).clone()
-    if not bool(torch.isfinite(H).all()):
-        raise HessianError("holds NaN or inf (the layer's calibration inputs are not finite)")
-    diag = H.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0  # a feature that is always 0: any value works, 1 keeps H invertible
-    perm = None
-    if act_order:
-        # Most-activated inputs first: they are quantized while the most columns remain to absorb errors.
-        perm = torch.argsort(diag, descending=True, stable=True)
-        H = H[perm][:, perm]
-    mean_diag = float(H.diagonal().mean())
-    tried = []
-    for k in range(DAMP_ESCALATIONS + 1):
-        d = damp * 10**k
-        tried.append(d)
-        Hd = H.clone()
-        Hd.diagonal().add_(d * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
-        if int(info) != 0:
-            continue
-        Hinv = torch.cholesky_inverse(L)
-        del L
-        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-        if int(info) == 0 and bool(torch.isfinite(U).all()):
-            return HessianFactor(U=U, perm=perm, dead=dead, damp=d)
-    tried_text = ", ".join(f"{t:g}" for t in tried)
-    raise HessianError(
-        f"is not positive definite even with damp={tried[-1]:g} (tried {tried_text}); the calibration "
-        "inputs are degenerate or not from this layer: use more (and more varied) calibration samples, "
-        "or leave the layer out with ignore"
-    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -358,7 +269,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
     start = time.perf_counter()
     blocks_name, _ = find_blocks(model)
     prefix = blocks_name + "."
-    selected = select_modules(model, (nn.Linear,), config.include, config.ignore)
+    selected = select_modules(model, (LinearLike,), config.include, config.ignore)
     # Names only: holding the modules would keep every replaced weight alive (and, when
     # streaming, every block's weights once loaded).
     chosen: set[str] = set()
@@ -367,12 +278,13 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
     for name, module in selected:
         if not name.startswith(prefix):
             outside.append(name)
-        elif type(module) is not nn.Linear:
-            ctx.note(f"GPTQ: skipped {name}: {subclass_reason(module, 'a QuantLinear')}")
-        elif gs is not None and module.in_features % gs:
+        elif (problem := linear_problem(module, "a QuantLinear")) is not None:
+            ctx.note(f"GPTQ: skipped {name}: {problem}")
+        elif gs is not None and in_features(module) % gs:
+            cols = in_features(module)
             raise ConfigError(
-                f"GPTQ.group_size: {gs} does not divide in_features {module.in_features} of {name}; "
-                f"use {_divisor_hint(module.in_features, gs)} or leave the layer out with ignore=[{name!r}]"
+                f"GPTQ.group_size: {gs} does not divide in_features {cols} of {name}; "
+                f"use {_divisor_hint(cols, gs)} or leave the layer out with ignore=[{name!r}]"
             )
         else:
             chosen.add(name)
@@ -439,7 +351,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
                          f"(escalated from {config.damp:g}) to be positive definite")
         for r in live:
             linear = modules[r]
-            result = gptq_quantize_factored(linear.weight.detach(), factor, bits=config.bits, group_size=gs,
+            result = gptq_quantize_factored(linear_weight(linear).detach(), factor, bits=config.bits, group_size=gs,
                                             symmetric=config.symmetric, block_size=config.block_size)
             done[r] = QuantLinear.from_linear(linear, weight=result.weight)
             _swap(block, r, _stand_in(linear, done[r], ctx))
@@ -471,16 +383,18 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
     )
 
 
-def _stand_in(linear: nn.Linear, qlinear: QuantLinear, ctx: Context) -> nn.Module:
+def _stand_in(linear: nn.Module, qlinear: QuantLinear, ctx: Context) -> nn.Module:
     """A plain Linear computing what ``qlinear`` computes (its dequantized weight, the same bias).
 
-    When streaming, memory comes first: the QuantLinear itself (dequantizing on every
-    forward) rather than a float copy of the weight.
+    ``linear``: the Linear-like layer being replaced (a Conv1D too). When streaming, memory
+    comes first: the QuantLinear itself (dequantizing on every forward) rather than a float
+    copy of the weight.
     """
     if ctx.stream is not None:
         return qlinear
     w = linear.weight
-    new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    out_f, in_f = linear_shape(linear)
+    new = nn.Linear(in_f, out_f, bias=linear.bias is not None, device="meta")
     new.weight = nn.Parameter(qlinear.dense_weight(w.dtype), requires_grad=False)
     new.bias = linear.bias
     return new

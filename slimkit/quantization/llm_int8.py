@@ -27,10 +27,22 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
+from slimkit.core.linear_like import (
+    LinearLike,
+    bypassed_forward,
+    linear_problem,
+    linear_shape,
+    linear_weight,
+)
 from slimkit.core.modules import SlimkitModule, register_module_type
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import select_modules, set_submodule
-from slimkit.quantization.modules import _QuantWeightMixin
+from slimkit.core.targets import select_modules, set_submodule, tie_notes
+from slimkit.quantization.modules import (
+    _dtype_from_spec,
+    _dtype_spec,
+    _forward_must_run,
+    _QuantWeightMixin,
+)
 from slimkit.quantization.primitives import dequantize_weight, quantize_weight
 
 DEFAULT_THRESHOLD = 6.0
@@ -94,6 +106,8 @@ class LLMInt8Linear(_QuantWeightMixin, SlimkitModule):
 
     ``qweight`` int8 (out, in), ``scale`` float32 (out, 1), bias a float Parameter.
     ``threshold``: |x| at or above which an input dimension goes through the float path.
+    ``.weight`` is the dequantized weight (read-only); the layer must be called (a
+    ``_forward_must_run`` hook keeps torch's fused encoder paths from reading ``.weight`` instead).
     """
 
     onnx_unsupported: ClassVar[str] = (
@@ -101,13 +115,15 @@ class LLMInt8Linear(_QuantWeightMixin, SlimkitModule):
         "export a DynamicQuant(per_token=True) model instead")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = DEFAULT_THRESHOLD,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features, self.threshold = in_features, out_features, float(threshold)
         self.bits, self.group_size, self.symmetric = 8, None, True
+        self.dtype = dtype
         self.kernel = "int_mm"  # not saved: "int32" forces the emulation (tests, timing)
         self._init_storage(out_features, in_features, device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.register_forward_pre_hook(_forward_must_run)
 
     @property
     def _rows(self) -> int:
@@ -118,12 +134,13 @@ class LLMInt8Linear(_QuantWeightMixin, SlimkitModule):
         return self.in_features
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD) -> LLMInt8Linear:
-        """Quantize ``linear``'s weight to int8 per output channel (min/max, symmetric); the bias stays float."""
+    def from_linear(cls, linear: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> LLMInt8Linear:
+        """Quantize a Linear-like layer's (out, in) weight to int8 per output channel (min/max, symmetric)."""
         with torch.no_grad():
-            qw = quantize_weight(linear.weight, 8, symmetric=True)
-            mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
-                      device=linear.weight.device)
+            w = linear_weight(linear)
+            out_f, in_f = linear_shape(linear)
+            qw = quantize_weight(w, 8, symmetric=True)
+            mod = cls(in_f, out_f, bias=linear.bias is not None, threshold=threshold, device=w.device, dtype=w.dtype)
             mod._store(qw)
             if linear.bias is not None:
                 mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
@@ -142,13 +159,13 @@ class LLMInt8Linear(_QuantWeightMixin, SlimkitModule):
         """Constructor arguments as JSON data (see ``SlimkitModule``)."""
         threshold = self.threshold if math.isfinite(self.threshold) else "inf"  # JSON has no infinity
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
-                "threshold": threshold}
+                "threshold": threshold, **_dtype_spec(self.dtype)}
 
     @classmethod
     def from_slimkit_spec(cls, spec: dict[str, Any]) -> LLMInt8Linear:
         """An empty LLMInt8Linear of the shapes ``spec`` describes, ready for ``load_state_dict``."""
         return cls(int(spec["in_features"]), int(spec["out_features"]), bias=bool(spec["bias"]),
-                   threshold=float(spec["threshold"]))
+                   threshold=float(spec["threshold"]), dtype=_dtype_from_spec(spec, "LLMInt8Linear"))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -180,12 +197,17 @@ class LLMInt8(Config):
 
 @register(LLMInt8)
 def apply_llm_int8(model: nn.Module, config: LLMInt8, ctx: Context) -> None:
-    """Replace the selected nn.Linear layers with LLMInt8Linear, in place; other types are noted and skipped."""
+    """Replace the selected Linear-like layers with LLMInt8Linear, in place; the others are noted and skipped.
+
+    Linear-like: nn.Linear, subclasses computing x·Wᵀ + b (FalconLinear) and transformers'
+    Conv1D (``core.linear_like``). A layer its parent never calls (``out_proj`` of an
+    nn.MultiheadAttention) is skipped with a note: its input could not be quantized.
+    """
     targets = []
-    for name, module in select_modules(model, (nn.Linear,), config.include, config.ignore):
-        if type(module) is not nn.Linear:
-            ctx.note(f"LLMInt8: skipped {name}: it is a {type(module).__name__}, a subclass LLMInt8Linear cannot "
-                     "stand in for")
+    for name, module in select_modules(model, (LinearLike,), config.include, config.ignore):
+        problem = linear_problem(module, "an LLMInt8Linear") or bypassed_forward(model, name)
+        if problem:
+            ctx.note(f"LLMInt8: skipped {name}: {problem}")
         elif module.weight.is_meta:
             ctx.note(f"LLMInt8: skipped {name}: its weight is on the meta device (not loaded)")
         else:
@@ -193,6 +215,8 @@ def apply_llm_int8(model: nn.Module, config: LLMInt8, ctx: Context) -> None:
     for name, module in targets:
         if not torch.isfinite(module.weight.detach()).all():
             raise DataError(f"layer {name!r} has NaN or inf in its weight; fix or ignore it (ignore=[{name!r}])")
+    for line in tie_notes(model, targets, "LLMInt8"):
+        ctx.note(line)
     paths: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(name)

@@ -17,9 +17,15 @@ import torch
 from torch import nn
 
 from slimkit.core.config import Config
+from slimkit.core.linear_like import LinearLike, as_linear, linear_kind, linear_problem
 from slimkit.core.modules import SlimkitModule, register_module_type
 from slimkit.core.registry import Context, register
-from slimkit.core.targets import select_modules, set_submodule
+from slimkit.core.targets import (
+    module_paths,
+    select_modules,
+    set_submodule,
+    subclass_reason,
+)
 
 LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _KINDS = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
@@ -78,6 +84,17 @@ class LowPrecision(SlimkitModule):
             return self.inner(x).to(getattr(torch, self.out_dtype_name))
         return self.inner(x.to(LOW_DTYPES[self.dtype_name])).to(x.dtype)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The layer's weight in its original dtype, read-only (for code reading ``.weight`` instead of calling it)."""
+        return self.inner.weight.to(getattr(torch, self.out_dtype_name))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias in the original dtype (None for an Embedding or a layer without one), read-only."""
+        b = getattr(self.inner, "bias", None)
+        return None if b is None else b.to(getattr(torch, self.out_dtype_name))
+
     def slimkit_spec(self) -> dict[str, Any]:
         """Constructor arguments as JSON data (see ``SlimkitModule``)."""
         return {"kind": self.kind, "args": self.args, "dtype": self.dtype_name, "out_dtype": self.out_dtype_name}
@@ -114,14 +131,26 @@ class CastPrecision(Config):
 
 @register(CastPrecision)
 def apply_cast(model: nn.Module, config: CastPrecision, ctx: Context) -> None:
-    """Replace the selected float layers with LowPrecision copies, in place."""
-    targets = [(n, m) for n, m in select_modules(model, tuple(_KINDS.values()), config.include, config.ignore)
-               if type(m) in _KINDS.values() and m.weight.is_floating_point()]
-    paths: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), []).append(name)
+    """Replace the selected float layers with LowPrecision copies, in place; the others are noted.
+
+    Linear-like layers (FalconLinear, Conv1D: ``core.linear_like``) are cast as the
+    nn.Linear they compute; other subclasses (a scaled embedding, say) are skipped with a note.
+    """
+    targets = []
+    for name, m in select_modules(model, (LinearLike, nn.Conv2d, nn.Embedding), config.include, config.ignore):
+        if linear_kind(m) is not None:
+            problem = linear_problem(m, "a LowPrecision layer")
+        else:
+            problem = None if type(m) in _KINDS.values() else subclass_reason(m, "a LowPrecision layer")
+        if problem is None and not m.weight.is_floating_point():
+            problem = f"its weight is {m.weight.dtype}, not float"
+        if problem:
+            ctx.note(f"CastPrecision: skipped {name}: {problem}")
+        else:
+            targets.append((name, m))
+    paths = module_paths(model)
     for name, module in targets:
-        new = LowPrecision.from_module(module, config.dtype)
+        new = LowPrecision.from_module(as_linear(module) if linear_kind(module) else module, config.dtype)
         new.train(module.training)
         for path in paths[id(module)]:
             set_submodule(model, path, new)

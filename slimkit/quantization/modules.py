@@ -20,6 +20,18 @@ QuantLinear and QuantConv2d can also quantize their *input* (``act_mode``):
   per-token activations: one outlier token no longer coarsens every other token's grid).
 The input is then fake-quantized (quantize, dequantize) before the float matmul, which is
 exactly what an int8 kernel computes up to float32 summation order.
+
+Every layer also answers ``.weight`` (and ``.bias``) like the float layer it replaced: a
+read-only property giving the dequantized weight in the original dtype, computed on each
+access and never stored (``state_dict`` holds only the codes). Code that reads a child's
+weight instead of calling it (``nn.MultiheadAttention``'s ``out_proj``, the fused fast path
+of ``nn.TransformerEncoderLayer``) then computes what the layer computes. A layer that
+quantizes its input must be *called*: it carries a no-op forward pre-hook, which is what
+torch's fused encoder paths check to fall back to calling each child (see
+``_forward_must_run``).
+
+``TiedQuantLinear`` is an output layer tied to a QuantEmbedding (lm_head and the token
+table of most LMs): it computes with the embedding's codes, so the tie costs nothing twice.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.core.linear_like import embedding_scale, linear_shape, linear_weight
 from slimkit.core.modules import SlimkitModule, register_module_type
 from slimkit.quantization.primitives import (
     BITS,
@@ -51,12 +64,47 @@ UNPACKED_BITS = (8, 16)
 ACT_MODES = (None, "static", "dynamic", "dynamic_token")
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _dtype_from_spec(spec: dict[str, Any], owner: str) -> torch.dtype:
+    """The ``dtype`` entry of a spec (float32 when absent, as in checkpoints written before it existed)."""
+    name = spec.get("dtype", "float32")
+    if name not in _DTYPES:
+        raise ValueError(f"{owner} spec: unknown dtype {name!r}; known: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _dtype_spec(dtype: torch.dtype) -> dict[str, str]:
+    """``{"dtype": name}`` for a non-float32 layer; nothing for float32 (older specs stay valid as written)."""
+    return {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
+
+
+def _forward_must_run(_module: nn.Module, _args: tuple) -> None:
+    """No-op forward pre-hook of layers whose forward does more than a matmul with ``.weight`` (input quantization).
+
+    ``nn.TransformerEncoderLayer`` (and ``nn.TransformerDecoderLayer``) run a fused kernel
+    in eval mode without gradients that reads ``linear1.weight`` etc. directly; they fall
+    back to calling their children when any child has a hook. This hook is that signal.
+    """
+
+
 class _QuantWeightMixin:
     """Shared storage of a quantized (rows, cols) weight; the subclass sets ``_rows``/``_cols``."""
 
     bits: int
     group_size: int | None
     symmetric: bool
+    dtype: torch.dtype = torch.float32  # the replaced layer's weight dtype: what ``.weight`` returns
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the replaced layer's dtype, read-only and recomputed on each access.
+
+        For code that reads ``.weight`` instead of calling the layer (``nn.MultiheadAttention``
+        and friends); not a parameter or buffer, so nothing extra is saved or counted.
+        """
+        return self.dense_weight(self.dtype)
 
     def _init_storage(self, rows: int, cols: int, device: torch.device | str | None, g_idx: bool = False) -> None:
         if self.bits not in BITS:
@@ -136,6 +184,8 @@ class _InputQuantMixin:
         # so x·(1/s) times it is the original product, with outlier channels tamed before rounding.
         multiplier = torch.ones(features, dtype=torch.float32, device=device) if smooth else None
         self.register_buffer("input_multiplier", multiplier)
+        if act_mode is not None or smooth:
+            self.register_forward_pre_hook(_forward_must_run)
 
     def set_input_qparams(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Freeze the static input scale and zero point (0-dim tensors from an observer)."""
@@ -208,10 +258,12 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         act_symmetric: bool = False,
         smooth: bool = False,
         g_idx: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.dtype = dtype
         self._init_storage(out_features, in_features, device, g_idx)
         self._init_input_quant(act_mode, act_bits, act_symmetric, device, smooth, in_features)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
@@ -227,7 +279,7 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         bits: int = 8,
         group_size: int | None = None,
         symmetric: bool = True,
@@ -238,26 +290,31 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         act_symmetric: bool = False,
         input_multiplier: torch.Tensor | None = None,
     ) -> QuantLinear:
-        """Quantize ``linear``'s weight (RTN unless ``weight`` gives ready codes); the bias stays a float Parameter.
+        """Quantize a Linear-like layer's (out, in) weight (RTN unless ``weight`` gives ready codes).
 
+        ``linear``: an nn.Linear or any layer ``core.linear_like`` reads (a Conv1D's
+        transposed weight is read as (out, in)). The bias stays a float Parameter.
         ``input_multiplier`` (per input feature) is applied to the input before anything
         else; ``weight`` must then hold the codes of W·diag(1/multiplier).
         """
         with torch.no_grad():
-            qw = weight or quantize_weight(linear.weight, bits, group_size=group_size, symmetric=symmetric)
+            w = linear_weight(linear)
+            out_f, in_f = linear_shape(linear)
+            qw = weight or quantize_weight(w, bits, group_size=group_size, symmetric=symmetric)
             mod = cls(
-                linear.in_features,
-                linear.out_features,
+                in_f,
+                out_f,
                 bias=linear.bias is not None,
                 bits=qw.bits,
                 group_size=qw.group_size,
                 symmetric=qw.symmetric,
-                device=linear.weight.device,
+                device=w.device,
                 act_mode=act_mode,
                 act_bits=act_bits,
                 act_symmetric=act_symmetric,
                 smooth=input_multiplier is not None,
                 g_idx=qw.g_idx is not None,
+                dtype=w.dtype,
             )
             mod._store(qw)
             if input_multiplier is not None:
@@ -268,8 +325,20 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         return mod
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dequantized (out, in) weight, computed in float32 then cast to ``dtype``."""
+        """The dequantized (out, in) weight as stored (W·diag(s) for a smoothed layer), in float32 then ``dtype``."""
         return dequantize_weight(self.codes(), self.scale, self.zero, self.group_size, self.g_idx).to(dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in) weight the layer applies to its input, dequantized, in the replaced layer's dtype; read-only.
+
+        A smoothed layer multiplies its input by 1/s before its W·diag(s) codes, so its
+        ``weight`` is W (the multiplier folded back in). Recomputed on each access, never stored.
+        """
+        w = self.dense_weight()
+        if self.input_multiplier is not None:
+            w = w * self.input_multiplier
+        return w.to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -286,6 +355,7 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
             "symmetric": self.symmetric,
             **({"g_idx": True} if self.g_idx is not None else {}),
             **self._input_spec(),
+            **_dtype_spec(self.dtype),
         }
 
     @classmethod
@@ -299,6 +369,7 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
             group_size=None if spec["group_size"] is None else int(spec["group_size"]),
             symmetric=bool(spec["symmetric"]),
             g_idx=bool(spec.get("g_idx", False)),
+            dtype=_dtype_from_spec(spec, "QuantLinear"),
             **_input_kwargs(spec),
         )
 
@@ -336,10 +407,12 @@ class QuantConv2d(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         act_bits: int = 8,
         act_symmetric: bool = False,
         smooth: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if smooth:
             raise ValueError("input smoothing applies to QuantLinear only")
+        self.dtype = dtype
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
@@ -379,7 +452,7 @@ class QuantConv2d(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
                 conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, bias=conv.bias is not None, bits=qw.bits, group_size=qw.group_size,
                 symmetric=qw.symmetric, device=conv.weight.device, act_mode=act_mode, act_bits=act_bits,
-                act_symmetric=act_symmetric,
+                act_symmetric=act_symmetric, dtype=conv.weight.dtype,
             )
             mod._store(qw)
             if conv.bias is not None:
@@ -403,6 +476,7 @@ class QuantConv2d(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
             "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
             "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
             "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, **self._input_spec(),
+            **_dtype_spec(self.dtype),
         }
 
     @classmethod
@@ -413,7 +487,7 @@ class QuantConv2d(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
             int(spec["in_channels"]), int(spec["out_channels"]), pair(spec["kernel_size"]), pair(spec["stride"]),
             pair(spec["padding"]), pair(spec["dilation"]), int(spec["groups"]), bias=bool(spec["bias"]),
             bits=int(spec["bits"]), group_size=None if spec["group_size"] is None else int(spec["group_size"]),
-            symmetric=bool(spec["symmetric"]), **_input_kwargs(spec),
+            symmetric=bool(spec["symmetric"]), dtype=_dtype_from_spec(spec, "QuantConv2d"), **_input_kwargs(spec),
         )
 
     def extra_repr(self) -> str:
@@ -424,16 +498,16 @@ class QuantConv2d(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         )
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
 @register_module_type
 class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
     """An Embedding whose table is stored as 8/4/2-bit codes, one scale per row (or per row-group).
 
     ``forward`` gathers only the looked-up rows' codes and scales and dequantizes those,
     so no dense (num_embeddings, dim) table is ever built. The output dtype is the original
-    table's (``dtype``), since integer token ids carry no dtype to follow.
+    table's (``dtype``), since integer token ids carry no dtype to follow. ``embed_scale``
+    (None for a plain nn.Embedding): the constant the replaced layer's forward multiplied
+    the rows by (Gemma's √hidden, ``core.linear_like.embedding_scale``); ``.weight`` and
+    ``dense_weight`` stay the unscaled table, as the original layer's ``.weight`` was.
     """
 
     def __init__(
@@ -446,12 +520,14 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
         symmetric: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        embed_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.dtype = dtype
+        self.embed_scale = None if embed_scale is None else float(embed_scale)
         self._init_storage(num_embeddings, embedding_dim, device)
 
     @property
@@ -464,29 +540,37 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
 
     @classmethod
     def from_embedding(
-        cls, embedding: nn.Embedding, bits: int = 8, group_size: int | None = None, symmetric: bool = True
+        cls, embedding: nn.Embedding, bits: int = 8, group_size: int | None = None, symmetric: bool = True,
+        *, weight: QuantizedWeight | None = None,
     ) -> QuantEmbedding:
-        """Round-to-nearest quantize ``embedding``'s table (groups run along the embedding dim)."""
+        """Round-to-nearest quantize ``embedding``'s table (groups run along the embedding dim).
+
+        ``weight``: ready codes of the table instead of RTN (e.g. a searched range). A
+        subclass that scales its rows (``embedding_scale``) keeps that scale; any other
+        subclass raises ValueError with the reason.
+        """
         if embedding.max_norm is not None:
             # max_norm renormalizes the table in place during forward: impossible on codes.
             raise ValueError("an Embedding with max_norm cannot be quantized")
+        embed_scale = embedding_scale(embedding)
         with torch.no_grad():
-            qw = quantize_weight(embedding.weight, bits, group_size=group_size, symmetric=symmetric)
+            qw = weight or quantize_weight(embedding.weight, bits, group_size=group_size, symmetric=symmetric)
             mod = cls(
                 embedding.num_embeddings,
                 embedding.embedding_dim,
                 padding_idx=embedding.padding_idx,
-                bits=bits,
-                group_size=group_size,
-                symmetric=symmetric,
+                bits=qw.bits,
+                group_size=qw.group_size,
+                symmetric=qw.symmetric,
                 dtype=embedding.weight.dtype,
                 device=embedding.weight.device,
+                embed_scale=embed_scale,
             )
             mod._store(qw)
         return mod
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dequantized (num_embeddings, dim) table in ``dtype`` (default: the original dtype)."""
+        """The dequantized (num_embeddings, dim) table in ``dtype`` (default: the original dtype), unscaled."""
         codes = self._codes(self.qweight, self.embedding_dim)
         return dequantize_weight(codes, self.scale, self.zero, self.group_size).to(dtype or self.dtype)
 
@@ -494,7 +578,11 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
         codes = self._codes(F.embedding(input, self.qweight), self.embedding_dim)  # (..., dim)
         scale = F.embedding(input, self.scale)  # (..., n_groups)
         zero = None if self.zero is None else F.embedding(input, self.zero)
-        return dequantize_weight(codes, scale, zero, self.group_size).to(self.dtype)
+        out = dequantize_weight(codes, scale, zero, self.group_size).to(self.dtype)
+        if self.embed_scale is not None:
+            # As transformers' scaled embeddings: the scale in the table's dtype, multiplied after the lookup.
+            out = out * torch.tensor(self.embed_scale, dtype=self.dtype, device=out.device)
+        return out
 
     def slimkit_spec(self) -> dict[str, Any]:
         """Constructor arguments as JSON data (see ``SlimkitModule``)."""
@@ -506,14 +594,13 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "dtype": str(self.dtype).removeprefix("torch."),
+            **({} if self.embed_scale is None else {"embed_scale": self.embed_scale}),
         }
 
     @classmethod
     def from_slimkit_spec(cls, spec: dict[str, Any]) -> QuantEmbedding:
         """An empty QuantEmbedding of the shapes ``spec`` describes, ready for ``load_state_dict``."""
-        dtype_name = spec.get("dtype", "float32")
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"QuantEmbedding spec: unknown dtype {dtype_name!r}; known: {', '.join(_DTYPES)}")
+        scale = spec.get("embed_scale")
         return cls(
             int(spec["num_embeddings"]),
             int(spec["embedding_dim"]),
@@ -521,11 +608,132 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
             bits=int(spec["bits"]),
             group_size=None if spec["group_size"] is None else int(spec["group_size"]),
             symmetric=bool(spec["symmetric"]),
-            dtype=_DTYPES[dtype_name],
+            dtype=_dtype_from_spec(spec, "QuantEmbedding"),
+            embed_scale=None if scale is None else float(scale),
         )
 
     def extra_repr(self) -> str:
+        scale = "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
-            f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}, dtype={self.dtype}"
+            f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}, dtype={self.dtype}" + scale
         )
+
+
+@register_module_type
+class TiedQuantLinear(SlimkitModule):
+    """An output layer (lm_head) tied to a QuantEmbedding: y = x · dequant(table)ᵀ (+ bias), no codes of its own.
+
+    The table's codes, scales and zero points are read from the embedding at ``source``
+    (a module path from the model's root) on every call, so the tie costs nothing twice in
+    memory, in ``state_dict`` and on disk, and survives ``.to()`` and ``deepcopy``. The
+    embedding is referenced, not registered as a child (it is not walked twice);
+    ``after_load`` re-binds it in a reloaded checkpoint. Weight-only: no input quantization.
+    """
+
+    def __init__(self, in_features: int, out_features: int, source: str, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.source = in_features, out_features, source
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        object.__setattr__(self, "_table", None)  # the QuantEmbedding, kept out of the module tree
+
+    @classmethod
+    def tie(cls, linear: nn.Module, table: QuantEmbedding, source: str) -> TiedQuantLinear:
+        """The tied replacement of ``linear`` reading ``table`` (at path ``source``); its bias is kept."""
+        out_f, in_f = linear_shape(linear)
+        if (out_f, in_f) != (table.num_embeddings, table.embedding_dim):
+            raise ValueError(f"a ({out_f}, {in_f}) output layer cannot read a {table.num_embeddings}x"
+                             f"{table.embedding_dim} table")
+        mod = cls(in_f, out_f, source, bias=False)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        mod.bind(table)
+        mod.train(linear.training)
+        return mod
+
+    def bind(self, table: nn.Module) -> None:
+        """Read the codes of ``table`` (a QuantEmbedding of this layer's shape) from now on."""
+        if not isinstance(table, QuantEmbedding) or (table.num_embeddings, table.embedding_dim) != (
+                self.out_features, self.in_features):
+            raise ValueError(f"TiedQuantLinear needs a {self.out_features}x{self.in_features} QuantEmbedding at "
+                             f"{self.source!r}, found {type(table).__name__}")
+        object.__setattr__(self, "_table", table)
+
+    @classmethod
+    def after_load(cls, model: nn.Module) -> None:
+        """Bind every TiedQuantLinear of a reloaded ``model`` to its embedding."""
+        from slimkit.core.errors import ModelLoadError
+
+        for name, m in model.named_modules():
+            if isinstance(m, cls):
+                try:
+                    m.bind(model.get_submodule(m.source))
+                except (AttributeError, ValueError) as exc:
+                    raise ModelLoadError(f"{name} is tied to {m.source!r}, which the checkpoint does not rebuild "
+                                         f"as a QuantEmbedding ({exc})") from None
+
+    @property
+    def table(self) -> QuantEmbedding:
+        """The QuantEmbedding whose codes this layer computes with."""
+        if self._table is None:
+            raise RuntimeError(f"TiedQuantLinear is not bound to its embedding {self.source!r} yet")
+        return self._table
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The table's dtype (the tied weight's)."""
+        return self.table.dtype
+
+    @property
+    def bits(self) -> int:
+        """The table's bit width."""
+        return self.table.bits
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (out, in) table in its dtype, read-only: equal to the embedding's ``.weight``."""
+        return self.table.dense_weight()
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized (out, in) weight: the tied table."""
+        return self.table.dense_weight(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.table.dense_weight(x.dtype), bias)
+
+    def weight_bits_per_element(self) -> float:
+        """The bits per element of the tied table (stored once, by the embedding)."""
+        return self.table.weight_bits_per_element()
+
+    def slimkit_param_counts(self) -> tuple[int, int]:
+        """``(0, 0)``: the weight is the embedding's and is counted there, as a tied float weight is counted once."""
+        return 0, 0
+
+    def as_quant_linear(self) -> QuantLinear:
+        """A standalone QuantLinear with copies of the table's codes (for exports that write each layer apart)."""
+        t = self.table
+        mod = QuantLinear(self.in_features, self.out_features, bias=self.bias is not None, bits=t.bits,
+                          group_size=t.group_size, symmetric=t.symmetric, device=t.qweight.device, dtype=t.dtype)
+        with torch.no_grad():
+            mod.qweight.copy_(t.qweight)
+            mod.scale.copy_(t.scale)
+            if t.zero is not None:
+                mod.zero.copy_(t.zero)
+            if self.bias is not None:
+                mod.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return mod
+
+    def slimkit_spec(self) -> dict[str, Any]:
+        """Constructor arguments as JSON data (see ``SlimkitModule``): the tied embedding's path included."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "source": self.source,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_slimkit_spec(cls, spec: dict[str, Any]) -> TiedQuantLinear:
+        """An unbound TiedQuantLinear (``after_load`` binds it once the weights are in)."""
+        return cls(int(spec["in_features"]), int(spec["out_features"]), str(spec["source"]), bias=bool(spec["bias"]))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to {self.source}"

@@ -27,6 +27,15 @@ from torch import nn
 from slimkit.core.calibration import CalibrationData, run_model
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.linear_like import (
+    LinearLike,
+    bypassed_forward,
+    embedding_problem,
+    in_features,
+    linear_kind,
+    linear_problem,
+    linear_weight,
+)
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import (
     check_layer_map,
@@ -35,6 +44,7 @@ from slimkit.core.targets import (
     select_modules,
     set_submodule,
     subclass_reason,
+    tie_notes,
     value_for,
 )
 from slimkit.quantization.attention import (
@@ -82,7 +92,8 @@ class DynamicQuant(Config):
 
     bits: 8 or 16 (or a per-layer map). act_bits: 8 (uint8 per-tensor, ORT's
     DynamicQuantizeLinear) or 16. embeddings: also store Embedding tables as int8 per row.
-    include / ignore: module name patterns. Only nn.Linear is quantized dynamically.
+    include / ignore: module name patterns. Only Linear-like layers (nn.Linear, FalconLinear,
+    Conv1D: ``core.linear_like``) are quantized dynamically.
     reduce_range: int8 weight codes in [−63, 63] (7 bits of range) — see StaticQuant.
     per_token: False: one uint8 range (with zero point) per input tensor and batch; True:
     one symmetric int8 scale max|x|/127 per token (each row of the input flattened to
@@ -221,9 +232,21 @@ class StaticQuant(Config):
 
 
 def skip_reason(module: nn.Module, group_size: int | None) -> str | None:
-    """Why ``module`` cannot become a quantized (or QAT) layer, or None when it can."""
-    if type(module) not in (nn.Linear, nn.Conv2d, nn.Embedding):
-        return subclass_reason(module, "a quantized layer")
+    """Why ``module`` cannot become a quantized (or QAT) layer, or None when it can.
+
+    Linear-like layers (``core.linear_like``: nn.Linear, FalconLinear, Conv1D) and
+    embeddings (scaled ones too) are checked by their own rules; a Conv2d must be exactly one.
+    """
+    if isinstance(module, nn.Embedding):
+        problem = embedding_problem(module)
+    elif linear_kind(module) is not None:
+        problem = linear_problem(module, "a quantized layer")
+    elif type(module) is not nn.Conv2d:
+        problem = subclass_reason(module, "a quantized layer")
+    else:
+        problem = None
+    if problem:
+        return problem
     if module.weight.is_meta:
         return "its weight is on the meta device (not loaded)"
     if isinstance(module, nn.Conv2d):
@@ -231,9 +254,7 @@ def skip_reason(module: nn.Module, group_size: int | None) -> str | None:
             return f"padding {module.padding!r} / mode {module.padding_mode!r} is not supported (zero padding given as numbers)"
         if group_size is not None:
             return "group-wise scales apply to Linear layers only"
-    if isinstance(module, nn.Embedding) and module.max_norm is not None:
-        return "max_norm renormalizes the table during forward, which codes cannot do"
-    cols = module.weight[0].numel()
+    cols = in_features(module) if linear_kind(module) is not None else module.weight[0].numel()
     if group_size is not None and cols % group_size:
         return f"its {cols} input columns are not divisible by group_size {group_size}"
     return None
@@ -247,16 +268,24 @@ def _check_finite_weights(targets: list[tuple[str, nn.Module]]) -> None:
 
 def _select(model: nn.Module, cfg: Config, types: tuple[type[nn.Module], ...], group_size: int | None,
             ctx: Context) -> list[tuple[str, nn.Module]]:
-    """Selected layers that can be quantized; the others are noted with the reason."""
+    """Selected layers that can be quantized; the others are noted with the reason.
+
+    Linear-like layers get their inputs quantized, so one that its parent never calls
+    (``out_proj`` of an nn.MultiheadAttention, ``core.linear_like.bypassed_forward``) is skipped.
+    """
     kind = type(cfg).__name__
     targets = []
     for name, module in select_modules(model, types, cfg.include, cfg.ignore):
         reason = skip_reason(module, group_size)
+        if reason is None and linear_kind(module) is not None:
+            reason = bypassed_forward(model, name)
         if reason:
             ctx.note(f"{kind}: skipped {name}: {reason}")
         else:
             targets.append((name, module))
     _check_finite_weights(targets)
+    for line in tie_notes(model, targets, kind):
+        ctx.note(line)
     return targets
 
 
@@ -299,8 +328,9 @@ def _quantized_twin(module: nn.Module, bits: int, cfg: Config, act_mode: str | N
     act = {"act_mode": act_mode, "act_bits": cfg.act_bits, "act_symmetric": getattr(cfg, "act_symmetric", False)}
     # reduce_range: quantize on the 7-bit grid, store in the 8-bit container.
     grid_bits = 7 if bits == 8 and getattr(cfg, "reduce_range", False) else bits
-    if isinstance(module, nn.Linear):
-        weight = module.weight.detach() if smooth is None else module.weight.detach() * smooth
+    if linear_kind(module) is not None:
+        w = linear_weight(module).detach()  # (out, in), a Conv1D's read transposed
+        weight = w if smooth is None else w * smooth
         qw = (quantize_weight(weight, grid_bits, group_size=group_size, symmetric=symmetric) if group_size
               else observed_weight(weight, grid_bits, symmetric, observer))
         multiplier = None if smooth is None else 1.0 / smooth
@@ -317,7 +347,7 @@ def _quantized_twin(module: nn.Module, bits: int, cfg: Config, act_mode: str | N
 @register(DynamicQuant)
 def apply_dynamic(model: nn.Module, config: DynamicQuant, ctx: Context) -> None:
     """Replace the selected Linear layers with int8/int16 weights and per-batch input quantization, in place."""
-    types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding) if config.embeddings else (nn.Linear,)
+    types: tuple[type, ...] = (LinearLike, nn.Embedding) if config.embeddings else (LinearLike,)
     targets = _select(model, config, types, None, ctx)
     paths = _paths(model)
     with torch.no_grad():
@@ -423,7 +453,7 @@ def _smoothing(model: nn.Module, data: CalibrationData, names: list[str], alpha:
     first_input.clear()
     scales = {}
     for members in groups:
-        w_absmax = [model.get_submodule(n).weight.detach().abs().amax(dim=0) for n in members]
+        w_absmax = [linear_weight(model.get_submodule(n)).detach().abs().amax(dim=0) for n in members]
         s = smoothing_scale(absmax[members[0]], w_absmax, alpha)
         for n in members:
             scales[n] = s
@@ -472,7 +502,7 @@ def apply_static(model: nn.Module, config: StaticQuant, ctx: Context) -> None:
         raise DataError("StaticQuant needs calibration data (CalibrationData) to choose activation ranges")
     if isinstance(data, CalibrationData):
         data.validate()
-    types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d) + ((nn.Embedding,) if config.embeddings else ())
+    types: tuple[type, ...] = (LinearLike, nn.Conv2d) + ((nn.Embedding,) if config.embeddings else ())
     _check_finite_weights(select_modules(model, types, config.include, config.ignore))
     _fold_batchnorm(model, ctx)
     targets = _select(model, config, types, config.group_size, ctx)
@@ -484,7 +514,7 @@ def apply_static(model: nn.Module, config: StaticQuant, ctx: Context) -> None:
 
     smooth: dict[str, torch.Tensor] = {}
     if config.smooth_alpha is not None:
-        linears = [n for n, m in targets if isinstance(m, nn.Linear)
+        linears = [n for n, m in targets if linear_kind(m) is not None
                    and (not config.smooth_include or any(matches(n, p) for p in config.smooth_include))]
         smooth = _smoothing(model, data, linears, config.smooth_alpha)
         ctx.note(f"StaticQuant: smoothed the inputs of {len(smooth)} Linear layer(s) (alpha {config.smooth_alpha}, "

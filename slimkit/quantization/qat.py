@@ -11,10 +11,11 @@ sk.quantize_(model, sk.QAT(base=base, step="convert"))  # the same layers PTQ wo
 prepare
     Folds BatchNorm into the convs once, with eval-mode statistics (``fold.py``): the
     simple "fold, then fine-tune" scheme, so BN is *gone* during QAT and the folded weight
-    and bias train directly. Each selected nn.Linear / nn.Conv2d (the base's include,
-    ignore and per-layer bits) becomes a ``QATLinear`` / ``QATConv2d``: the float weight
-    stays the trainable Parameter (the very same Parameter object for a Linear) and the
-    forward uses its fake-quantized copy, per output channel (per group of input columns
+    and bias train directly. Each selected Linear-like layer (``core.linear_like``:
+    nn.Linear, FalconLinear, GPT-2's Conv1D) / nn.Conv2d (the base's include, ignore and
+    per-layer bits) becomes a ``QATLinear`` / ``QATConv2d``: the float weight stays the
+    trainable Parameter (the very same Parameter object for a Linear; a transposed copy
+    for a Conv1D) and the forward uses its fake-quantized copy, per output channel (per group of input columns
     for a Linear with ``group_size``), at the base's bits (16/8/4/2/1; 1 = binary
     sign × mean|w|). Fixed scales follow the min/max of the current weights on every step
     (STE gradient); ``learnable_scales`` makes them LSQ step sizes, nn.Parameters that
@@ -51,10 +52,18 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError, UnsupportedError
+from slimkit.core.linear_like import (
+    LinearLike,
+    bypassed_forward,
+    linear_kind,
+    linear_shape,
+)
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import select_modules, set_submodule, value_for
 from slimkit.quantization.fake_quant import FakeQuantizer
-from slimkit.quantization.fold import fold_batchnorm  # also registers FoldedBatchNorm for slimkit.load
+from slimkit.quantization.fold import (
+    fold_batchnorm,  # also registers FoldedBatchNorm for slimkit.load
+)
 from slimkit.quantization.modules import QuantConv2d, QuantLinear
 from slimkit.quantization.primitives import QuantizedWeight, quantize, split_groups
 from slimkit.quantization.ptq import calibrate_inputs, skip_reason
@@ -225,12 +234,22 @@ class QATLinear(_QATMixin, nn.Linear):
     """An nn.Linear trained through fake quantization; ``to_quantized()`` gives the QuantLinear PTQ would build."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None, symmetric: bool = True, *,
+    def from_linear(cls, linear: nn.Module, bits: int, group_size: int | None = None, symmetric: bool = True, *,
                     learnable: bool = False, act_bits: int | None = None, act_symmetric: bool = False,
                     freeze_after: int | None = None) -> QATLinear:
-        """Wrap ``linear``, sharing its weight and bias Parameters; ``act_bits`` None leaves the input float."""
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        mod.weight, mod.bias = linear.weight, linear.bias
+        """Wrap a Linear-like ``linear``, sharing its weight and bias; ``act_bits`` None leaves the input float.
+
+        A transformers Conv1D stores its weight (in, out): the QATLinear trains a transposed
+        copy (a new Parameter; build the optimizer after prepare), and shares the bias.
+        """
+        out_f, in_f = linear_shape(linear)
+        mod = cls(in_f, out_f, bias=linear.bias is not None, device="meta")
+        if linear_kind(linear) == "conv1d":
+            w = linear.weight
+            mod.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+        else:
+            mod.weight = linear.weight
+        mod.bias = linear.bias
         mod._init_qat(bits, group_size, symmetric, learnable, act_bits, act_symmetric, freeze_after)
         mod.to(linear.weight.device)
         mod.train(linear.training)
@@ -343,7 +362,7 @@ def _prepare(model: nn.Module, config: QAT, ctx: Context) -> None:
     base = config.base
     if qat_layers(model):
         raise ConfigError("the model is already prepared for QAT: train it, then run QAT(step='convert')")
-    types = (nn.Linear, nn.Conv2d)
+    types = (LinearLike, nn.Conv2d)
     _check_finite(select_modules(model, types, base.include, base.ignore))  # before anything changes
     if config.fold_bn:
         folded = fold_batchnorm(model)
@@ -354,6 +373,8 @@ def _prepare(model: nn.Module, config: QAT, ctx: Context) -> None:
     targets = []
     for name, module in select_modules(model, types, base.include, base.ignore):
         reason = skip_reason(module, group_size)
+        if reason is None and linear_kind(module) is not None:
+            reason = bypassed_forward(model, name)  # its fake quantization would never run
         if reason:
             ctx.note(f"QAT: skipped {name}: {reason}")
         else:
@@ -376,7 +397,7 @@ def _prepare(model: nn.Module, config: QAT, ctx: Context) -> None:
         bits = value_for(name, base.bits)
         common = {"learnable": config.learnable_scales, "act_bits": act_bits, "act_symmetric": act_symmetric,
                   "freeze_after": config.freeze_observers_after}
-        if isinstance(module, nn.Linear):
+        if linear_kind(module) is not None:
             new = QATLinear.from_linear(module, bits, group_size, base.symmetric, **common)
             n_linear += 1
         else:
@@ -466,7 +487,7 @@ def _logits(out: Any) -> torch.Tensor:
 def apply_qat_train(model: nn.Module, config: QATTrain, ctx: Context) -> None:
     """Fine-tune a QAT-prepared ``model`` on ``ctx.data`` by distillation from its own float outputs."""
     from slimkit.core.calibration import run_model
-    from slimkit.distillation.losses import kd_loss
+    from slimkit.core.kd import kd_loss
 
     if not qat_layers(model):
         raise UnsupportedError("QATTrain trains a QAT-prepared model: run QAT(step='prepare') before it")

@@ -38,6 +38,7 @@ from slimkit.core.blockwise import (
 from slimkit.core.calibration import BlockInputs
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
+from slimkit.core.linear_like import linear_problem, linear_weight
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import matches
 
@@ -132,6 +133,11 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuant, ctx: Context) -> No
                 notes.append(f"SmoothQuant: {', '.join(full)} not smoothed: they share one input and "
                              f"{', '.join(left)} is not selected")
                 continue
+            problems = [f"{n}: {p}" for n, r in zip(full, group.names)
+                        if (p := linear_problem(b.block.get_submodule(r), "a smoothed layer"))]
+            if problems:
+                notes.append(f"SmoothQuant: {', '.join(full)} not smoothed: {'; '.join(problems)}")
+                continue
             if group.producer is None:
                 notes.append(f"SmoothQuant: {', '.join(full)} not smoothed: no op inside the block with a "
                              "per-channel weight produces their input (it comes from the previous block, or "
@@ -158,7 +164,9 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuant, ctx: Context) -> No
             if not bool(torch.isfinite(act).all()):
                 raise DataError(f"the input of {full} has NaN or inf on the calibration data; fix the model or "
                                 f"ignore those layers")
-            weights = [b.block.get_submodule(n).weight.detach().abs().amax(dim=0).float() for n in group.names]
+            # max |W_ij| over output rows, per input column j, of the (out, in) weights (Conv1D's read transposed).
+            weights = [linear_weight(b.block.get_submodule(n)).detach().abs().amax(dim=0).float()
+                       for n in group.names]
             s = smooth_scales(act, weights, config.alpha)
             if fold_input_scale(b.block, group, s, b.calls[0]):
                 counts["smoothed"] += 1

@@ -1,15 +1,15 @@
 """Weight-only round-to-nearest (RTN) quantization: the data-free baseline of LLM quantization.
 
-Each selected nn.Linear (and nn.Embedding with ``embeddings=True``) is replaced in place by
-a QuantLinear / QuantEmbedding whose weight is min/max quantized per output channel or per
-group of input columns. No calibration data is needed; GPTQ and AWQ improve on it with data.
+Each selected Linear-like layer (nn.Linear, FalconLinear, GPT-2's Conv1D: ``core.linear_like``)
+and, with ``embeddings=True``, each nn.Embedding (Gemma's scaled one too) is replaced in place
+by a QuantLinear / QuantEmbedding whose weight is min/max quantized per output channel or per
+group of input columns; an lm_head tied to a quantized embedding reads the embedding's codes. No calibration data is needed; GPTQ and AWQ improve on it with data.
 ``range_opt`` optionally replaces the min/max range of each group by a searched one
 (``range_search``: an MSE clip search, or HQQ's half-quadratic fit), still data-free.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,15 +18,24 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.errors import DataError
+from slimkit.core.linear_like import (
+    LinearLike,
+    embedding_problem,
+    in_features,
+    linear_kind,
+    linear_problem,
+    linear_weight,
+)
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import (
     check_layer_map,
+    module_paths,
     select_modules,
     set_submodule,
-    subclass_reason,
+    tie_notes,
     value_for,
 )
-from slimkit.quantization.modules import QuantEmbedding, QuantLinear
+from slimkit.quantization.modules import QuantEmbedding, QuantLinear, TiedQuantLinear
 from slimkit.quantization.primitives import BITS, QuantizedWeight
 from slimkit.quantization.range_search import hqq_quantize, mse_clip_scales
 
@@ -97,30 +106,51 @@ class RTN(Config):
 
 def _skip_reason(module: nn.Module, config: RTN) -> str | None:
     """Why ``module`` cannot be RTN-quantized under ``config``, or None when it can."""
-    if type(module) not in (nn.Linear, nn.Embedding):
-        # Subclasses (e.g. MultiheadAttention's out_proj) carry behaviour or are read
-        # directly by their parent; a QuantLinear would silently drop that.
-        return subclass_reason(module, "a QuantLinear/QuantEmbedding")
+    if isinstance(module, nn.Embedding):
+        problem = embedding_problem(module)
+        cols, what = module.embedding_dim, "embedding_dim"
+    else:
+        # nn.Linear, subclasses computing x·Wᵀ + b, Conv1D; other subclasses (a router, say)
+        # carry behaviour a QuantLinear would silently drop.
+        problem = linear_problem(module, "a QuantLinear")
+        cols, what = (in_features(module), "in_features") if problem is None else (0, "")
+    if problem:
+        return problem
     if module.weight.is_meta:
         return "its weight is on the meta device (not loaded)"
-    if isinstance(module, nn.Embedding) and module.max_norm is not None:
-        return "max_norm renormalizes the table during forward, which codes cannot do"
-    cols = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
     if config.group_size is not None and cols % config.group_size:
-        what = "in_features" if isinstance(module, nn.Linear) else "embedding_dim"
         return f"{what} {cols} is not divisible by group_size {config.group_size}"
     return None
 
 
+def _tied_pairs(model: nn.Module, targets: list[tuple[str, nn.Module]], config: RTN) -> dict[str, str]:
+    """Output layers to tie to a quantized embedding: linear name -> embedding name.
+
+    A selected Linear holding the very Parameter of a selected Embedding (lm_head tied to
+    the token table) with the same bit width can read the embedding's codes: one row per
+    token, groups along the hidden dim, the same layout in both.
+    """
+    by_weight = {id(m.weight): n for n, m in targets if isinstance(m, nn.Embedding)}
+    pairs = {}
+    for name, module in targets:
+        source = by_weight.get(id(module.weight)) if linear_kind(module) == "linear" else None
+        if source is not None and value_for(name, config.bits) == value_for(source, config.bits):
+            pairs[name] = source
+    return pairs
+
+
 @register(RTN)
 def apply_rtn(model: nn.Module, config: RTN, ctx: Context) -> None:
-    """Replace the selected Linear (and Embedding) layers of ``model`` with RTN-quantized ones, in place.
+    """Replace the selected Linear-like (and Embedding) layers of ``model`` with RTN-quantized ones, in place.
 
+    Linear-like: nn.Linear, subclasses computing x·Wᵀ + b (FalconLinear) and transformers'
+    Conv1D (``core.linear_like``); Embedding: nn.Embedding and scaled subclasses (Gemma).
     Every target is checked first, so a NaN/inf weight raises DataError naming the layer
-    with the model untouched. Layers that cannot be quantized are skipped with a note;
-    weights tied between modules are quantized per module, with a note that the tie breaks.
+    with the model untouched. Layers that cannot be quantized are skipped with a note. An
+    output layer tied to a quantized embedding becomes a ``TiedQuantLinear`` reading the
+    embedding's codes (the tie is kept); other ties are noted as broken.
     """
-    types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding) if config.embeddings else (nn.Linear,)
+    types: tuple[type, ...] = (LinearLike, nn.Embedding) if config.embeddings else (LinearLike,)
     selected = select_modules(model, types, config.include, config.ignore)
 
     notes: list[str] = []
@@ -135,36 +165,33 @@ def apply_rtn(model: nn.Module, config: RTN, ctx: Context) -> None:
         if not torch.isfinite(module.weight.detach()).all():
             raise DataError(f"layer {name!r} has NaN or inf in its weight; fix or ignore it (ignore=[{name!r}])")
 
-    # Every path of every module (a module reachable twice is replaced at both paths) and
-    # the module paths owning each Parameter (to find weights tied across modules).
-    paths: dict[int, list[str]] = defaultdict(list)
-    owners: dict[int, list[str]] = defaultdict(list)
-    for mname, m in model.named_modules(remove_duplicate=False):
-        paths[id(m)].append(mname)
-        for p in m.parameters(recurse=False):
-            owners[id(p)].append(mname)
-    selected_names = {n for n, _ in targets}
-    for name, module in targets:
-        others = [o for o in owners[id(module.weight)] if o not in paths[id(module)]]
-        if others and all(o not in selected_names or name < o for o in others):  # one note per tie
-            both = any(o in selected_names for o in others)
-            fate = "each copy is quantized separately" if both else "the other copy stays float"
-            notes.append(f"RTN: {name}'s weight is shared with {', '.join(others)}; {fate}, so the tie is broken")
+    paths = module_paths(model)
+    tied = _tied_pairs(model, targets, config)
+    notes += tie_notes(model, targets, "RTN", kept=set(tied) | set(tied.values()))
+    for name, source in tied.items():
+        notes.append(f"RTN: {name} is tied to {source}: it computes with the embedding's int"
+                     f"{value_for(name, config.bits)} codes (a TiedQuantLinear), so the tie is kept and stored once")
 
     n_linear = n_embedding = 0
+    replaced: dict[str, nn.Module] = {}
     with torch.no_grad():
-        for i, (name, module) in enumerate(targets):
+        # Embeddings first, so a tied output layer finds its quantized table.
+        order = sorted(targets, key=lambda t: not isinstance(t[1], nn.Embedding))
+        for i, (name, module) in enumerate(order):
             bits = value_for(name, config.bits)
-            qw = _range_optimized(module.weight, bits, config)
-            if isinstance(module, nn.Linear):
+            if name in tied:
+                new = TiedQuantLinear.tie(module, replaced[tied[name]], tied[name])
+                n_linear += 1
+            elif isinstance(module, nn.Embedding):
+                qw = _range_optimized(module.weight, bits, config)
+                new = QuantEmbedding.from_embedding(module, bits, config.group_size, config.symmetric, weight=qw)
+                n_embedding += 1
+            else:
+                qw = _range_optimized(linear_weight(module), bits, config)
                 new = QuantLinear.from_linear(module, bits, config.group_size, config.symmetric, weight=qw)
                 n_linear += 1
-            else:
-                new = QuantEmbedding.from_embedding(module, bits, config.group_size, config.symmetric)
-                if qw is not None:
-                    new._store(qw)
-                n_embedding += 1
             new.train(module.training)
+            replaced[name] = new
             for path in paths[id(module)]:
                 set_submodule(model, path, new)
             if ctx.progress is not None:

@@ -7,44 +7,15 @@ from typing import Any
 from torch import nn
 
 from slimkit.core.calibration import CalibrationData
-from slimkit.core.errors import DataError
-from slimkit.core.io import model_info, tokenizer_of
 from slimkit.core.registry import Context
-from slimkit.recipe.schema import CalibrationSpec, Recipe
+from slimkit.recipe.schema import Recipe
+from slimkit.recipe.steps import apply_step
+from slimkit.tasks import task_of
 
 
-def calibration_from_spec(model: nn.Module, spec: CalibrationSpec) -> CalibrationData:
-    """Calibration data from a built-in corpus's calibration split (never its eval split), shaped for ``model``."""
-    kind = model_info(model)["kind"]
-    if spec.corpus == "digits":
-        import torch
-
-        from slimkit.zoo.digits import load_digits_split
-
-        x, _ = load_digits_split("calibration")
-        g = torch.Generator().manual_seed(spec.seed)
-        idx = torch.randperm(len(x), generator=g)[: spec.samples]
-        return CalibrationData.from_tensors(x[idx], batch_size=64)
-    # stdlib
-    tokenizer = tokenizer_of(model)
-    if tokenizer is None:
-        raise DataError("calibration corpus 'stdlib' needs a model with a tokenizer; pass CalibrationData yourself")
-    if kind == "encoder":
-        from slimkit.zoo.minilm import sample_texts
-
-        texts = sample_texts("calibration", n=spec.samples, seed=spec.seed)
-        batches = []
-        for i in range(0, len(texts), 16):
-            enc = tokenizer(texts[i:i + 16], padding="max_length", truncation=True, max_length=spec.seq_len,
-                            return_tensors="pt")
-            batches.append(dict(enc))
-        return CalibrationData(batches, description=f"{len(texts)} stdlib docstring sentences (calibration split)")
-    from slimkit.zoo.corpus import load_split
-
-    data = CalibrationData.from_texts(load_split("calibration"), tokenizer, seq_len=spec.seq_len, n=spec.samples,
-                                      seed=spec.seed)
-    data.description = f"stdlib calibration split, {data.description}"
-    return data
+def calibration_from_spec(model: nn.Module, spec: Any = None) -> CalibrationData:
+    """Calibration data for ``model`` from a data spec (a built-in corpus's calibration split by default), from its task."""
+    return task_of(model).calibration(model, spec)
 
 
 def needs_data(recipe: Recipe) -> bool:
@@ -56,27 +27,27 @@ def run_recipe(model: nn.Module, recipe: Recipe, data: CalibrationData | None = 
                ctx: Context | None = None) -> Context:
     """Apply every step of ``recipe`` to ``model`` through the public verbs; returns the context (notes).
 
-    Steps change the model in place, except a ``Distill`` step with a ``student``: it builds
+    Every step goes through ``steps.apply_step`` (the verbs' dispatcher, with its checks). Steps change the
+    model in place, except a ``Distill`` step with a ``student``: it builds
     a new model from the current one and trains it, and later steps work on that model.
     ``ctx.model`` is the model the recipe ended with. A distillation step's teacher is the
     model as it was before the first step (an uncompressed copy, kept only when needed).
     """
     import copy
 
-    from slimkit import api
-
     ctx = ctx or Context()
+    ctx.allow_partial = ctx.allow_partial or recipe.allow_partial
     if data is None and needs_data(recipe):
-        data = calibration_from_spec(model, recipe.calibration or CalibrationSpec())
+        data = calibration_from_spec(model, recipe.calibration)
+        ctx.data_description = data.description
     if ctx.teacher is None and any(step.family == "distill" for step in recipe.steps):
         ctx.teacher = copy.deepcopy(model)
-    verbs: dict[str, Any] = {"quantize": api.quantize_, "prune": api.prune_, "factorize": api.factorize_}
     for stage in recipe.stages:
         for step in stage.steps:
             if step.family == "distill":
-                model = api.distill_(step.build_student(model), ctx.teacher, step, ctx=ctx)
+                ctx.data = None  # training data comes from the step (train_data), never the calibration set
+                model = apply_step(step.build_student(model), step, None, ctx)
                 continue
-            verb = verbs.get(step.family, api.apply)
-            verb(model, step, data, ctx)
+            apply_step(model, step, data, ctx)
     ctx.model = model
     return ctx

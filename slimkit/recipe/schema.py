@@ -3,7 +3,9 @@
 ```yaml
 version: 1
 model: stdlib-coder                       # optional: zoo name or folder
-calibration: {corpus: stdlib, samples: 64, seq_len: 256}   # optional
+calibration: {source: stdlib, n: 64, seq_len: 256}   # optional: a built-in corpus, or a file/folder/dataset
+data: {source: my-eval.txt}               # optional: evaluation data for the report (default: the model's corpus)
+allow_partial: false                      # optional: accept a step that covers < 10% of the weights it targets
 stages:
   - name: quantize
     steps:
@@ -26,12 +28,14 @@ from typing import Any
 
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, RecipeError, closest
+from slimkit.tasks.sources import DataSpec
 
 RECIPE_VERSION = 1
-CORPORA = ("stdlib", "digits")
 METRICS = ("size", "params", "sparsity", "flops", "latency", "perplexity", "accuracy", "fidelity")
-_TOP_KEYS = ("version", "model", "calibration", "stages", "evaluate")
+_TOP_KEYS = ("version", "model", "calibration", "data", "allow_partial", "stages", "evaluate")
 _STAGE_KEYS = ("name", "steps")
+# Names of the first recipe format, still read: calibration.corpus -> source, calibration.samples -> n.
+_LEGACY_DATA_KEYS = {"corpus": "source", "samples": "n"}
 
 
 def _check_keys(data: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
@@ -40,31 +44,23 @@ def _check_keys(data: dict[str, Any], allowed: tuple[str, ...], where: str) -> N
             raise RecipeError(f"{where}: unknown key {key!r}{closest(str(key), allowed)}; valid keys: {', '.join(allowed)}")
 
 
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """Where calibration data comes from: a built-in corpus's calibration split, never its eval split."""
-
-    corpus: str = "stdlib"
-    samples: int = 64
-    seq_len: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.corpus not in CORPORA:
-            raise RecipeError(f"calibration.corpus {self.corpus!r} is unknown{closest(self.corpus, CORPORA)}; "
-                              f"choose one of {', '.join(CORPORA)}")
-        for name in ("samples", "seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise RecipeError(f"calibration.{name} must be a positive integer, got {value!r}")
-
-    @classmethod
-    def from_dict(cls, data: Any) -> CalibrationSpec:
-        """Parse the recipe's ``calibration`` mapping."""
-        if not isinstance(data, dict):
-            raise RecipeError(f"calibration must be a mapping, got {type(data).__name__}")
-        _check_keys(data, tuple(f.name for f in dataclasses.fields(cls)), "calibration")
-        return cls(**data)
+def data_spec_from(data: Any, where: str) -> DataSpec:
+    """A recipe's ``calibration`` / ``data`` section (a mapping of DataSpec fields, or a source string) as a DataSpec."""
+    if isinstance(data, dict):
+        known = tuple(f.name for f in dataclasses.fields(DataSpec)) + tuple(_LEGACY_DATA_KEYS)
+        _check_keys(data, known, where)
+        for old, new in _LEGACY_DATA_KEYS.items():
+            if old in data:
+                if new in data:
+                    raise RecipeError(f"{where}: give {new!r} or its old name {old!r}, not both")
+                data = {**{k: v for k, v in data.items() if k != old}, new: data[old]}
+    elif not isinstance(data, str):
+        raise RecipeError(f"{where} must be a mapping (source, field, n, seq_len, ...) or a source string, "
+                          f"got {type(data).__name__}")
+    try:
+        return DataSpec.parse(data)
+    except ConfigError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -81,8 +77,10 @@ class Recipe:
 
     stages: tuple[Stage, ...]
     model: str | None = None
-    calibration: CalibrationSpec | None = None
+    calibration: DataSpec | None = None
     evaluate: tuple[str, ...] = ()
+    data: DataSpec | None = None
+    allow_partial: bool = False
     version: int = RECIPE_VERSION
     source: str | None = field(default=None, compare=False)  # where it was read from, for messages
 
@@ -105,7 +103,12 @@ class Recipe:
         model = data.get("model")
         if model is not None and not isinstance(model, str):
             raise RecipeError(f"{where}: model must be a zoo name or a folder path, got {model!r}")
-        calibration = CalibrationSpec.from_dict(data["calibration"]) if data.get("calibration") is not None else None
+        calibration = (data_spec_from(data["calibration"], f"{where}: calibration")
+                       if data.get("calibration") is not None else None)
+        eval_data = data_spec_from(data["data"], f"{where}: data") if data.get("data") is not None else None
+        allow_partial = data.get("allow_partial", False)
+        if not isinstance(allow_partial, bool):
+            raise RecipeError(f"{where}: allow_partial must be true or false, got {allow_partial!r}")
         raw_stages = data.get("stages")
         if not isinstance(raw_stages, list) or not raw_stages:
             raise RecipeError(f"{where}: 'stages' must be a non-empty list of {{name, steps}}")
@@ -131,7 +134,8 @@ class Recipe:
         for m in metrics:
             if m not in METRICS:
                 raise RecipeError(f"{where}: unknown metric {m!r}{closest(str(m), METRICS)}; known: {', '.join(METRICS)}")
-        return cls(tuple(stages), model, calibration, tuple(metrics), version, source)
+        return cls(tuple(stages), model=model, calibration=calibration, evaluate=tuple(metrics), data=eval_data,
+                   allow_partial=allow_partial, version=version, source=source)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
@@ -165,7 +169,11 @@ class Recipe:
         if self.model is not None:
             out["model"] = self.model
         if self.calibration is not None:
-            out["calibration"] = dataclasses.asdict(self.calibration)
+            out["calibration"] = self.calibration.to_dict()
+        if self.data is not None:
+            out["data"] = self.data.to_dict()
+        if self.allow_partial:
+            out["allow_partial"] = True
         out["stages"] = [{"name": s.name, "steps": [c.to_dict() for c in s.steps]} for s in self.stages]
         if self.evaluate:
             out["evaluate"] = list(self.evaluate)

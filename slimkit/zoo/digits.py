@@ -121,6 +121,9 @@ class DigitsCNN(nn.Module):
     """
 
     slimkit_arch = "digits-cnn"
+    # What its task needs to know, declared by the model itself (also when built directly, not loaded).
+    slimkit_kind = "classifier"
+    slimkit_defaults = {"corpus": "digits", "input_shape": [1, 8, 8]}
 
     def __init__(self, config: dict | None = None):
         super().__init__()
@@ -145,6 +148,10 @@ class DigitsCNN(nn.Module):
     def arch_config(self) -> dict:
         """A JSON-able copy of the architecture config."""
         return json.loads(json.dumps(self._config))
+
+    def sync_arch_config(self) -> None:
+        """Set the config's channel list to the convs' current widths (after structured pruning)."""
+        self._config["channels"] = [int(c.out_channels) for c in self.features if isinstance(c, nn.Conv2d)]
 
     @classmethod
     def from_arch_config(cls, cfg: dict) -> DigitsCNN:

@@ -133,7 +133,7 @@ def embed(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # The evaluation package's pooling, so embeddings here and its quality metrics agree.
-    from slimkit.evaluation.quality import mean_pool
+    from slimkit.tasks.metrics import mean_pool
 
     device = next(model.parameters()).device
     out = []

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from slimkit.tasks.causal_lm import windowed_loss  # noqa: F401  (also the training script's check)
 from slimkit.zoo import corpus
 
 _logger = logging.getLogger(__name__)
@@ -89,24 +90,6 @@ def encode_corpus(tokenizer, texts: list[str]) -> torch.Tensor:
         ids.extend(enc)
         ids.append(eos_id)
     return torch.tensor(ids, dtype=torch.long)
-
-
-@torch.no_grad()
-def windowed_loss(model, ids: torch.Tensor, seq_len: int, max_windows: int) -> float:
-    """Mean next-token NLL over the first ``max_windows`` non-overlapping windows of ``ids`` (model mode kept)."""
-    was_training = model.training
-    model.eval()
-    n = min(max_windows, (len(ids) - 1) // seq_len)
-    x = ids[: n * seq_len].view(n, seq_len).to(next(model.parameters()).device)
-    total, count = 0.0, 0
-    for i in range(0, n, 8):
-        batch = x[i : i + 8]
-        out = model(input_ids=batch, labels=batch)
-        tokens = batch.numel() - batch.shape[0]  # the first token of each window is not predicted
-        total += out.loss.item() * tokens
-        count += tokens
-    model.train(was_training)
-    return total / count
 
 
 def train(
@@ -219,7 +202,7 @@ def document(model_dir: str | Path, log: Callable[[str], None] | None = None) ->
     log = log or _logger.info
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from slimkit.evaluation.quality import perplexity
+    from slimkit.tasks.metrics import perplexity
 
     model_dir = Path(model_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)

@@ -5,25 +5,51 @@ import torch
 from torch import nn
 
 import slimkit
-
-from slimkit.core.blockwise import block_outputs, feed_inputs, fold_input_scale, linear_groups, run_blockwise
+from slimkit.core.blockwise import (
+    block_outputs,
+    feed_inputs,
+    fold_input_scale,
+    linear_groups,
+    run_blockwise,
+)
 from slimkit.core.calibration import CalibrationData, iterate_blocks
+from slimkit.core.linear_like import in_features, linear_weight
 from slimkit.core.registry import Context
-from tests.llm_archs import ARCHS, tiny_causal_lm, token_batches
+from tests.llm_archs import ALL_ARCHS, tiny_causal_lm, token_batches
 
 EXPECTED_GROUPS = {
     "llama": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
               ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)],
     "opt": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)],
+    "phi3": [("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)],
+    "gpt2": [("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)],  # transformers Conv1D
+    "gpt_neox": [("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
+                 ("mlp.dense_4h_to_h",)],
+    # Falcon runs attention and MLP in parallel on one norm's output: qkv and h_to_4h are one group.
+    "falcon": [("self_attention.query_key_value", "mlp.dense_h_to_4h"), ("self_attention.dense",),
+               ("mlp.dense_4h_to_h",)],
+    "bloom": [("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
+              ("mlp.dense_4h_to_h",)],
 }
 # llama/qwen2 tiny configs use grouped-query attention (2 kv heads for 4 query heads), so
-# o_proj's input width differs from v_proj's output and cannot take v_proj's scale.
+# o_proj's input width differs from v_proj's output and cannot take v_proj's scale. The
+# fused and GELU MLPs (phi3 gate_up, gpt2, neox, falcon, bloom) have no producer for the
+# down projection.
+_LLAMA_PRODUCERS = ["input_layernorm", None, "post_attention_layernorm", "mlp.up_proj"]
 EXPECTED_PRODUCERS = {
-    "llama": ["input_layernorm", None, "post_attention_layernorm", "mlp.up_proj"],
-    "qwen2": ["input_layernorm", None, "post_attention_layernorm", "mlp.up_proj"],
+    "llama": _LLAMA_PRODUCERS, "qwen2": _LLAMA_PRODUCERS, "qwen3": _LLAMA_PRODUCERS, "gemma": _LLAMA_PRODUCERS,
     "mistral": ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"],
     "opt": ["self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", "fc1"],
+    "phi3": ["input_layernorm", None, "post_attention_layernorm", None],
+    "gpt2": ["ln_1", None, "ln_2", None],
+    "gpt_neox": ["input_layernorm", None, "post_attention_layernorm", None],
+    "falcon": ["input_layernorm", None, None],
+    "bloom": ["input_layernorm", None, "post_attention_layernorm", None],
 }
+# A fold needs a producer that scales linearly: Gemma's norms compute x·(1 + w), so only
+# up_proj takes a scale there; Falcon's h_to_4h -> GELU -> 4h_to_h has none.
+EXPECTED_FOLDS = {arch: [p is not None for p in producers] for arch, producers in EXPECTED_PRODUCERS.items()}
+EXPECTED_FOLDS["gemma"] = [False, False, False, True]
 
 
 def _data(n=4, seq=16):
@@ -34,7 +60,7 @@ def _first_block(model, data):
     return next(iter(iterate_blocks(model, data)))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_linear_groups_follow_execution_and_shared_inputs(arch):
     model = tiny_causal_lm(arch)
     b = _first_block(model, _data())
@@ -44,7 +70,7 @@ def test_linear_groups_follow_execution_and_shared_inputs(arch):
     assert [g.producer for g in groups] == EXPECTED_PRODUCERS[arch]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_folding_a_scale_keeps_the_block_output(arch):
     model = tiny_causal_lm(arch)
     b = _first_block(model, _data())
@@ -52,12 +78,12 @@ def test_folding_a_scale_keeps_the_block_output(arch):
     g = torch.Generator().manual_seed(0)
     folded = []
     for group in linear_groups(b.block, b.calls):
-        width = b.block.get_submodule(group.names[0]).in_features
-        w_before = b.block.get_submodule(group.names[0]).weight.clone()
-        scale = torch.rand(width, generator=g) * 3 + 0.25
+        first = b.block.get_submodule(group.names[0])
+        w_before = linear_weight(first).clone()  # (out, in), also for GPT-2's (in, out) Conv1D
+        scale = torch.rand(in_features(first), generator=g) * 3 + 0.25
         ok = fold_input_scale(b.block, group, scale, b.calls[0])
         folded.append(ok)
-        w_after = b.block.get_submodule(group.names[0]).weight
+        w_after = linear_weight(first)
         if ok:  # the weight's input columns carry the scale now
             torch.testing.assert_close(w_after, w_before * scale, rtol=1e-6, atol=0)
         else:
@@ -65,7 +91,7 @@ def test_folding_a_scale_keeps_the_block_output(arch):
     after = block_outputs(b.block, b.calls)
     for x, y in zip(before, after):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
-    assert folded == [p is not None for p in EXPECTED_PRODUCERS[arch]]
+    assert folded == EXPECTED_FOLDS[arch]
 
 
 class _GeluMLP(nn.Module):

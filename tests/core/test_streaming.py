@@ -13,7 +13,8 @@ from slimkit.core.calibration import CalibrationData
 from slimkit.core.errors import ModelLoadError, UnsupportedError
 from slimkit.core.io import META_FILE, WEIGHTS_FILE, checkpoint_meta
 from slimkit.core.registry import Context
-from slimkit.core.streaming import (BlockStream, CheckpointIndex, SafetensorsWriter, compress_checkpoint, lazy_model,
+from slimkit.api import compress_checkpoint
+from slimkit.core.streaming import (BlockStream, CheckpointIndex, SafetensorsWriter, lazy_model,
                                     memory_estimate)
 from slimkit.core.targets import set_submodule
 from slimkit.quantization.modules import QuantLinear

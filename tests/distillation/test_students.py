@@ -316,7 +316,8 @@ def test_drop_layers_digits_copies_where_shapes_match():
         assert all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), t.state_dict().values()))
     assert torch.equal(student.classifier.weight, teacher.classifier.weight)  # last block kept
     assert student(torch.rand(3, 1, 8, 8)).shape == (3, 5)
-    assert model_info(student) == {"kind": "classifier", "source": "toy-cnn-2block", "steps": []}
+    assert model_info(student) == {"kind": "classifier", "source": "toy-cnn-2block", "steps": [],
+                                   "defaults": {"corpus": "digits", "input_shape": [1, 8, 8]}}
 
     consecutive = drop_layers(teacher, [1, 2])
     c_convs = [m for m in consecutive.features if isinstance(m, nn.Conv2d)]
@@ -465,7 +466,8 @@ def test_make_student_default_digits():
     assert isinstance(student, DigitsCNN)
     assert student.arch_config() == {"channels": [8, 16, 32], "pool_after": [0, 1], "num_classes": 10}
     assert [m.out_channels for m in student.features if isinstance(m, nn.Conv2d)] == [8, 16, 32]
-    assert model_info(student) == {"kind": "classifier", "source": "digits-cnn-small", "steps": []}
+    assert model_info(student) == {"kind": "classifier", "source": "digits-cnn-small", "steps": [],
+                                   "defaults": {"corpus": "digits", "input_shape": [1, 8, 8]}}
     assert student(torch.rand(2, 1, 8, 8)).shape == (2, 10)
     again = make_student(teacher, seed=2)
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values()))

@@ -6,7 +6,7 @@ import pytest
 from rich.console import Console
 
 from slimkit.core.errors import DataError
-from slimkit.evaluation.measure import LatencyStats
+from slimkit.core.measure import LatencyStats
 from slimkit.evaluation.report import (
     QUALITY_DIRECTIONS,
     CompressionReport,
@@ -192,16 +192,20 @@ def test_environment_info_fields():
 
 
 def test_evaluation_modules_import_no_heavy_dependencies_at_top_level():
-    # Importing slimkit.evaluation must stay lean: transformers/onnx/matplotlib only inside functions.
+    # Importing slimkit.evaluation or slimkit.tasks must stay lean: transformers/onnx/matplotlib only inside functions.
     import ast
     import pathlib
 
     import slimkit.evaluation
+    import slimkit.tasks
 
-    root = pathlib.Path(slimkit.evaluation.__file__).parent
-    for name in ("measure.py", "quality.py", "report.py"):
-        tree = ast.parse((root / name).read_text())
+    paths = [p for pkg in (slimkit.evaluation, slimkit.tasks) for p in pathlib.Path(pkg.__file__).parent.glob("*.py")]
+    assert len(paths) >= 10
+    for path in sorted(paths):
+        name = path.name
+        tree = ast.parse(path.read_text())
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         modules = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
         modules += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
-        assert not [m for m in modules if m.split(".")[0] in {"transformers", "onnx", "onnxruntime", "matplotlib"}], name
+        heavy = {"transformers", "onnx", "onnxruntime", "matplotlib", "datasets", "pyarrow", "PIL"}
+        assert not [m for m in modules if m.split(".")[0] in heavy], name

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimkit.core.errors import ConfigError
-from slimkit.factorization.allocation import allocate_budget, lower_hull, output_divergence
+from slimkit.factorization.allocation import allocate_budget, lower_hull
 
 torch.set_num_threads(1)
 
@@ -99,15 +99,17 @@ def test_greedy_spends_the_budget_on_the_most_sensitive_layer():
     assert allocate_budget(dense, [sensitive, robust], 125) == [None, 1]
 
 
-def test_output_divergence_is_one_minus_cosine_for_encoders_and_kl_otherwise():
+def test_task_divergence_is_one_minus_cosine_for_encoders_and_kl_otherwise():
+    from slimkit.tasks import CausalLMTask, ClassifierTask, EncoderTask
+
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     b = torch.tensor([[1.0, 1.0], [0.0, 3.0]])
     expected = (1 - 1 / 2**0.5 + 0) / 2
-    assert abs(output_divergence("encoder", a, b) - expected) < 1e-12
+    assert abs(EncoderTask().divergence(a, b) - expected) < 1e-12
     p, q = a.double().softmax(-1), b.double().softmax(-1)
     kl = float((p * (p.log() - q.log())).sum(-1).mean())
-    assert abs(output_divergence("causal-lm", a, b) - kl) < 1e-12
-    assert output_divergence("classifier", a, a) == 0.0
+    assert abs(CausalLMTask().divergence(a, b) - kl) < 1e-12
+    assert ClassifierTask().divergence(a, a) == 0.0
 
 
 def test_replaying_the_unchanged_blocks_gives_the_same_sensitivities(tiny_llama, monkeypatch):

@@ -202,7 +202,7 @@ def test_configs_round_trip():
 
 
 def test_tucker_on_digits_halves_the_macs_skips_the_first_conv_and_reloads_and_exports(tmp_path):
-    from slimkit.evaluation.measure import count_macs
+    from slimkit.core.measure import count_macs
     from slimkit.export.onnx import export_onnx, ort_session, run_onnx
     from slimkit.zoo.digits import accuracy, load_digits_split
 
@@ -252,7 +252,9 @@ def test_a_fixed_rank_that_gains_nothing_is_refused_unless_forced():
         sk.factorize_(nn.Sequential(nn.Conv2d(8, 8, 3)), Tucker(rank=9, force=True))
     forced = sk.factorize_(nn.Sequential(nn.Conv2d(8, 8, 3)), Tucker(rank=8, force=True))
     assert isinstance(forced[0], TuckerConv2d)
-    ctx = Context()
+    with pytest.raises(sk.SlimkitError, match="Tucker changed 0 of the 640 weights"):  # nothing left to gain
+        sk.factorize_(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1)), Tucker(rank_ratio=1.0))
+    ctx = Context(allow_partial=True)
     skipped = sk.factorize_(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1)), Tucker(rank_ratio=1.0), ctx=ctx)
     assert type(skipped[0]) is nn.Conv2d and any("no fewer than the dense" in n for n in ctx.notes)
     assert any("a 1x1 conv is a matrix" in n for n in ctx.notes)

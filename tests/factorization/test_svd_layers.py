@@ -124,7 +124,9 @@ def test_relative_rules_pick_the_documented_ranks():
 
 
 def test_energy_that_needs_more_than_break_even_skips_the_layer():
-    ctx = Context()
+    with pytest.raises(sk.SlimkitError, match="SVD changed 0 of the"):  # every layer skipped: not a success
+        sk.factorize_(MLP(), SVD(energy=0.9999, ignore=["tiny"]))
+    ctx = Context(allow_partial=True)
     model = sk.factorize_(MLP(), SVD(energy=0.9999, ignore=["tiny"]), ctx=ctx)
     assert type(model.fc1) is nn.Linear
     assert any("skipped fc1: rank" in n and "above its break-even rank 21" in n for n in ctx.notes), ctx.notes
@@ -216,7 +218,7 @@ def test_tied_masked_and_already_factorized_layers_are_left_alone():
         def forward(self, ids):
             return self.head(self.mid(self.emb(ids)))
 
-    model, ctx = Tied(), Context()
+    model, ctx = Tied(), Context(allow_partial=True)
     prune.l1_unstructured(model.mid, "weight", amount=0.5)
     sk.factorize_(model, SVD(rank=4), ctx=ctx)
     assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
@@ -229,7 +231,8 @@ def test_tied_masked_and_already_factorized_layers_are_left_alone():
     sk.factorize_(masked, SVD(rank=4, ignore=["tiny"]), ctx=ctx)
     assert any("fc1: its weight is parametrized" in n for n in ctx.notes) and isinstance(masked.fc2, FactorizedLinear)
     twice = sk.factorize_(MLP(), SVD(rank=8, ignore=["tiny"]))
-    sk.factorize_(twice, SVD(rank=4, ignore=["tiny"]))
+    with pytest.raises(sk.SlimkitError, match="SVD changed 0 of the"):  # nothing left to factorize: an error
+        sk.factorize_(twice, SVD(rank=4, ignore=["tiny"]))
     assert twice.fc1.rank == 8 and type(twice.fc1.first) is nn.Linear  # factors are not factorized again
 
 

@@ -22,7 +22,7 @@ from slimkit.pruning.magnitude import (
     magnitude_scores,
     threshold_mask,
 )
-from slimkit.pruning.masks import get_mask, masked_modules, strip
+from slimkit.core.masks import get_mask, masked_modules, strip
 from slimkit.pruning.nm import nm_keep_mask
 
 SHAPES = [(7, 5), (16, 12), (3, 4, 3, 3), (6, 2, 5), (1, 33)]
@@ -232,7 +232,9 @@ def test_existing_masks_only_grow_and_sparsity_is_the_total():
         mask = get_mask(m)
         assert not (mask & ~first[name]).any(), name  # nothing revived
         assert int((~mask).sum()) == round(0.6 * mask.numel()), name  # 0.6 of the layer, not of the rest
-    sk.prune_(net, Magnitude(sparsity=0.1))  # below the current level: nothing changes
+    with pytest.raises(sk.SlimkitError, match="Magnitude changed 0 of the"):  # below the current level: a no-op
+        sk.prune_(net, Magnitude(sparsity=0.1))
+    sk.prune_(net, Magnitude(sparsity=0.1), ctx=Context(allow_partial=True))  # accepted: nothing changes
     assert all(int((~get_mask(m)).sum()) == round(0.6 * m.weight.numel()) for _, m in _layers(net))
 
 
@@ -292,3 +294,54 @@ def test_example_masks_survive_fine_tuning():
         assert zeros == round(0.7 * total) and math.isclose(r["sparsity"], zeros / total), key
         assert r["finetuned"] > 0.5, key  # far above chance (0.1): training ran on a working network
         assert sk.sparsity_report(strip(r["model"])).zeros == zeros, key
+
+
+# --- transformers' Conv1D (GPT-2): weight stored (in, out), pruned with output rows first ----------
+
+
+@pytest.mark.parametrize("cfg", [Magnitude(sparsity=0.5, scope="row"), Magnitude(pattern="2:4"),
+                                 Magnitude(sparsity=0.3), Magnitude(sparsity=0.4, scope="global")])
+def test_conv1d_masks_are_those_of_the_linear_it_computes(cfg, tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    from slimkit.core.linear_like import as_linear, linear_weight
+
+    torch.manual_seed(0)
+    convs = nn.Sequential(Conv1D(24, 16), Conv1D(8, 24))  # (nf=out, nx=in): weights (16, 24) and (24, 8)
+    linears = nn.Sequential(*[as_linear(c) for c in convs])  # the same (out, in) weights as nn.Linear
+    from slimkit.core.registry import handler_for
+
+    for model in (convs, linears):
+        handler_for(cfg)(model, cfg, Context())
+    for conv, lin in zip(convs, linears):
+        assert get_mask(conv).shape == conv.weight.shape  # in the Conv1D's own (in, out) layout
+        assert torch.equal(get_mask(conv).t(), get_mask(lin))  # rows = outputs, as for the Linear
+        assert torch.equal(linear_weight(conv), lin.weight)
+    if cfg.pattern:
+        w = linear_weight(convs[0])
+        assert bool(((w.reshape(24, -1, 4) == 0).sum(-1) == 2).all())  # 2:4 along the inputs
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(convs(x), linears(x), rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_gpt2_conv1d_reloads_exactly(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    from tests.llm_archs import tiny_causal_lm, token_batches
+
+    model = tiny_causal_lm("gpt2")
+    ctx = Context()
+    sk.prune_(model, Magnitude(pattern="2:4", ignore=["lm_head", "wte", "wpe"]), ctx=ctx)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert len(convs) == 8 and all(get_mask(m) is not None for m in convs.values())
+    assert "pruned 8 layer(s)" in ctx.notes[-1]
+    ids = token_batches(2, 16)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    sk.save(model, tmp_path / "gpt2")
+    reloaded = sk.load(tmp_path / "gpt2")
+    for name, m in convs.items():
+        again = reloaded.get_submodule(name)
+        assert type(again) is Conv1D and torch.equal(again.weight, m.weight)  # masks baked in, (in, out) layout
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, out)

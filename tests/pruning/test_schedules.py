@@ -6,7 +6,7 @@ from torch import nn
 
 import slimkit as sk
 from slimkit.core.errors import ConfigError
-from slimkit.pruning.masks import get_mask, masked_modules
+from slimkit.core.masks import get_mask, masked_modules
 from slimkit.pruning.schedules import (
     Gradual,
     GradualPruner,

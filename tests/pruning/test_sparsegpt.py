@@ -19,8 +19,9 @@ from slimkit.core.errors import ConfigError, DataError, UnsupportedError
 from slimkit.core.registry import Context, config_types, handler_for
 from slimkit.pruning.sparsegpt import SparseGPT, sparsegpt_prune
 from slimkit.pruning.wanda import wanda_prune
-from slimkit.quantization.gptq import accumulate_hessian, factor_hessian
+from slimkit.core.hessian import accumulate_hessian, factor_hessian
 from tests.llm_archs import (
+    linear_copy,
     ToyLM,
     indefinite_hessian,
     tiny_causal_lm,
@@ -381,7 +382,7 @@ def test_handler_names_layer_whose_hessian_is_not_positive_definite(monkeypatch)
 
 def test_streamed_checkpoint_equals_in_memory(tmp_path):
     """Through run_blockwise SparseGPT also runs block by block from disk, with the same result."""
-    from slimkit.core.streaming import compress_checkpoint
+    from slimkit.api import compress_checkpoint
 
     model = tiny_causal_lm("mistral")
     model.save_pretrained(tmp_path / "src")
@@ -394,3 +395,23 @@ def test_streamed_checkpoint_equals_in_memory(tmp_path):
     ids = token_batches(2, 16, seed=5)
     with torch.no_grad():
         assert torch.equal(slimkit.load(tmp_path / "out")(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_gpt2_conv1d_gets_2_4_along_its_inputs_like_its_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    from slimkit.core.linear_like import linear_weight
+
+    gpt2 = tiny_causal_lm("gpt2")
+    linear = linear_copy(gpt2)
+    data = calib()
+    for model in (gpt2, linear):
+        ctx = run(model, SparseGPT(pattern="2:4"), data)
+    assert "pruned 8 Linear layer(s)" in ctx.notes[-1]
+    for name, conv in gpt2.named_modules():
+        if isinstance(conv, Conv1D):
+            w = linear_weight(conv)  # (out, in) view of the (in, out) weight
+            assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all()), name
+    first = "transformer.h.0.attn.c_attn"  # the same inputs in both models: the same OBS update exactly
+    torch.testing.assert_close(linear_weight(gpt2.get_submodule(first)), linear.get_submodule(first).weight,
+                               rtol=0, atol=0)

@@ -14,7 +14,7 @@ from slimkit.core.calibration import CalibrationData
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError, UnsupportedError
 from slimkit.core.registry import Context
-from slimkit.evaluation.measure import count_macs
+from slimkit.core.measure import count_macs
 from slimkit.pruning.structured import StructuredPrune
 from slimkit.zoo.digits import load_digits_split, load_pretrained
 

@@ -284,8 +284,8 @@ def test_non_uniform_pruning_reloads_through_resize(arch, tmp_path):
 # -- the zoo's real causal LM ----------------------------------------------------------------------
 def test_stdlib_coder_half_heads_and_neurons_runs_saves_and_reloads(tmp_path):
     import slimkit as sk
-    from slimkit.evaluation.measure import count_macs
-    from slimkit.evaluation.quality import perplexity
+    from slimkit.core.measure import count_macs
+    from slimkit.tasks.metrics import perplexity
 
     dense = sk.load("stdlib-coder")  # Llama: 6 layers, 8 query / 4 kv heads of 32, MLP 640
     model = copy.deepcopy(dense)

@@ -284,7 +284,7 @@ def test_few_samples_warn():
 
 
 def test_streamed_checkpoint_equals_in_memory(tmp_path):
-    from slimkit.core.streaming import compress_checkpoint
+    from slimkit.api import compress_checkpoint
 
     model = tiny_causal_lm("qwen2")
     model.save_pretrained(tmp_path / "src")
@@ -322,3 +322,55 @@ def test_sparsity_defaults_to_what_the_pattern_implies():
     assert Wanda().sparsity == 0.5
     assert Wanda(pattern="1:4").sparsity == 0.75
     assert Wanda(pattern="4:8").to_dict()["sparsity"] == 0.5
+
+
+def _with_linears(model):
+    """A copy of ``model`` whose transformers Conv1D layers are the nn.Linear they compute."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    from slimkit.core.linear_like import as_linear
+
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Conv1D):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, as_linear(m))
+    return model
+
+
+def test_gpt2_conv1d_is_pruned_per_output_row_like_its_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    from slimkit.core.linear_like import linear_weight
+
+    gpt2 = tiny_causal_lm("gpt2")
+    linear = _with_linears(gpt2)
+    data = calib()
+    for model in (gpt2, linear):
+        ctx = run(model, Wanda(sparsity=0.5), data)
+    assert "pruned 8 Linear layer(s)" in ctx.notes[-1]
+    convs = {n: m for n, m in gpt2.named_modules() if isinstance(m, Conv1D)}
+    assert len(convs) == 8
+    for conv in convs.values():
+        w = linear_weight(conv)
+        assert type(conv) is Conv1D and torch.all((w == 0).sum(1) == w.shape[1] // 2)  # per output row
+    first = "transformer.h.0.attn.c_attn"  # its inputs are the same in both models: the same mask exactly
+    assert torch.equal(linear_weight(gpt2.get_submodule(first)), linear.get_submodule(first).weight)
+    ids = token_batches(2, 16)
+    with torch.no_grad():
+        a, b = gpt2(input_ids=ids).logits, linear(input_ids=ids).logits
+    assert float((a - b).norm() / b.norm()) < 1e-3
+
+
+def test_linear_subclass_with_own_forward_is_skipped_with_a_note():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = ToyLM()
+    model.layers[0].spare = Scaled(32, 32)
+    ctx = run(model, Wanda(sparsity=0.5), toy_data())
+    assert any("skipped layers.0.spare" in n and "Scaled" in n for n in ctx.notes)
+    assert bool((model.layers[0].spare.weight != 0).all())

@@ -424,7 +424,7 @@ def test_needs_data_and_config_errors():
 
 def test_streamed_checkpoint_equals_in_memory_run(tmp_path):
     from slimkit.core.io import load
-    from slimkit.core.streaming import compress_checkpoint
+    from slimkit.api import compress_checkpoint
 
     model = tiny_causal_lm("llama")
     model.save_pretrained(tmp_path / "src")

@@ -446,7 +446,7 @@ def test_handler_names_layer_whose_hessian_is_not_positive_definite(monkeypatch)
 
 def test_streamed_checkpoint_equals_in_memory(tmp_path):
     """Through run_blockwise GPTQ also runs block by block from disk, with the same result."""
-    from slimkit.core.streaming import compress_checkpoint
+    from slimkit.api import compress_checkpoint
 
     model = tiny_causal_lm("qwen2")
     model.save_pretrained(tmp_path / "src")

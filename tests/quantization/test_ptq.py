@@ -182,13 +182,18 @@ def test_bad_input_is_refused_clearly():
 
 
 def test_unsupported_layers_are_skipped_and_listed():
-    class MyLinear(nn.Linear):
+    class DoubledLinear(nn.Linear):  # a forward that is not x·Wᵀ + b: a QuantLinear cannot stand in
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class PlainSubclass(nn.Linear):  # nn.Linear's own forward: Linear-like, quantized
         pass
 
-    model = nn.Sequential(nn.Linear(16, 8), MyLinear(8, 4))
+    model = nn.Sequential(nn.Linear(16, 8), DoubledLinear(8, 8), PlainSubclass(8, 4))
     ctx = run(model, StaticQuant(), calib())
-    assert isinstance(model[0], QuantLinear) and type(model[1]) is MyLinear
-    assert any("skipped 1" in n and "MyLinear" in n for n in ctx.notes)
+    assert isinstance(model[0], QuantLinear) and type(model[1]) is DoubledLinear
+    assert isinstance(model[2], QuantLinear)
+    assert any("skipped 1" in n and "DoubledLinear" in n and "forward" in n for n in ctx.notes)
 
 
 @pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile", "kl", "mse"])

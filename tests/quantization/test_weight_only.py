@@ -9,7 +9,7 @@ from torch import nn
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.registry import Context, config_types, handler_for
-from slimkit.quantization.modules import QuantEmbedding, QuantLinear
+from slimkit.quantization.modules import QuantEmbedding, QuantLinear, TiedQuantLinear
 from slimkit.quantization.weight_only import RTN
 
 torch.set_num_threads(1)
@@ -108,13 +108,32 @@ def test_indivisible_group_is_skipped_with_note():
     assert ctx.notes[-1].endswith("skipped 1")
 
 
-def test_linear_subclass_is_skipped():
-    model = nn.Module()
-    model.attn = nn.MultiheadAttention(16, 2)  # out_proj is a Linear subclass read directly by its parent
-    model.fc = nn.Linear(16, 16)
+def test_linear_subclass_with_own_forward_is_skipped_with_its_reason():
+    class Router(nn.Linear):  # not x·Wᵀ + b: a QuantLinear would silently drop the softmax
+        def forward(self, x):
+            return super().forward(x).softmax(-1)
+
+    model = nn.Sequential(nn.Linear(16, 16), Router(16, 4))
     ctx = run(model, RTN())
-    assert quantized_names(model) == ["fc"]
-    assert any("attn.out_proj" in n and "NonDynamicallyQuantizableLinear" in n for n in ctx.notes)
+    assert quantized_names(model) == ["0"] and type(model[1]) is Router
+    assert any("skipped 1" in n and "Router" in n and "forward" in n for n in ctx.notes)
+
+
+def test_multihead_attention_out_proj_is_quantized_and_read_through_weight():
+    # nn.MultiheadAttention never calls out_proj: it passes out_proj.weight / .bias to the functional
+    # form, which now receive the dequantized weight, exactly what the QuantLinear computes with.
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    ctx = run(attn, RTN(bits=4, group_size=8))
+    assert isinstance(attn.out_proj, QuantLinear) and not any("skipped" in n and "out_proj" in n for n in ctx.notes)
+    dense = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    dense.load_state_dict({k: v for k, v in attn.state_dict().items() if not k.startswith("out_proj")}, strict=False)
+    with torch.no_grad():
+        dense.out_proj.weight.copy_(attn.out_proj.dense_weight())
+        dense.out_proj.bias.copy_(attn.out_proj.bias)
+        got, want = attn(x, x, x)[0], dense(x, x, x)[0]
+    assert torch.equal(got, want)
 
 
 def test_module_reachable_at_two_paths_is_replaced_at_both():
@@ -141,10 +160,19 @@ def test_llama_logits_close(bits, group_size, symmetric, limit):
 def test_llama_ignore_lm_head_and_tied_weights_noted():
     model = tiny_llama(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    ctx = run(model, RTN(embeddings=True))
+    ctx = run(model, RTN(embeddings=True))  # both quantized: lm_head reads the embedding's codes, the tie is kept
+    assert isinstance(model.lm_head, TiedQuantLinear) and isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert model.lm_head.table is model.model.embed_tokens
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert not any("shared with" in n for n in ctx.notes)
+    assert any("lm_head is tied to model.embed_tokens" in n and "tie is kept" in n for n in ctx.notes)
+
+    model = tiny_llama(tie=True)
+    ctx = run(model, RTN(bits={"lm_head": 4, "default": 8}, embeddings=True))  # different bits: two sets of codes
     assert isinstance(model.lm_head, QuantLinear) and isinstance(model.model.embed_tokens, QuantEmbedding)
     tie_notes = [n for n in ctx.notes if "shared with" in n]
     assert len(tie_notes) == 1 and "lm_head" in tie_notes[0] and "embed_tokens" in tie_notes[0]
+    assert "tie is broken" in tie_notes[0]
 
     model = tiny_llama(tie=True)
     ctx = run(model, RTN())  # lm_head quantized, the embedding keeps the float table

@@ -73,7 +73,7 @@ def test_svd_minilm_keeps_its_budget_stays_close_recovers_and_reloads(tmp_path):
 
 def test_tucker_digits_halves_the_macs_recovers_the_accuracy_and_reloads(tmp_path):
     pytest.importorskip("tensorly")
-    from slimkit.evaluation.measure import count_macs
+    from slimkit.core.measure import count_macs
     from slimkit.factorization.conv import Tucker, TuckerConv2d
     from slimkit.zoo.digits import accuracy, load_digits_split
 

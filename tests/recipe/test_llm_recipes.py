@@ -25,7 +25,7 @@ def _data():
 @pytest.mark.parametrize("name", ["w4-gptq", "w4-awq", "w8a8-smoothquant"])
 def test_recipe_parses_round_trips_and_targets_the_zoo_coder(name):
     recipe = resolve_recipe(name)
-    assert recipe.model == "stdlib-coder" and recipe.calibration.corpus == "stdlib"
+    assert recipe.model == "stdlib-coder" and recipe.calibration.source == "stdlib"
     assert Recipe.from_yaml_text(recipe.to_yaml()) == recipe
 
 

@@ -45,8 +45,8 @@ def _check_exact(weight, nm, per_row):
 @pytest.mark.parametrize("name", sorted(LLM_RECIPES))
 def test_llm_recipe_parses_round_trips_and_targets_the_zoo_coder(name):
     recipe = resolve_recipe(name)
-    assert recipe.model == "stdlib-coder" and recipe.calibration.corpus == "stdlib"
-    assert recipe.calibration.samples == 64 and recipe.calibration.seq_len == 256
+    assert recipe.model == "stdlib-coder" and recipe.calibration.source == "stdlib"
+    assert recipe.calibration.n == 64 and recipe.calibration.seq_len == 256
     assert Recipe.from_yaml_text(recipe.to_yaml()) == recipe
     (step,) = recipe.steps
     assert type(step).__name__ == LLM_RECIPES[name][0] and step.ignore == ("lm_head",) and step.sparsity == 0.5

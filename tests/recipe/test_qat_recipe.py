@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 def test_recipe_parses_and_round_trips():
     r = resolve_recipe("qat-int4-digits")
-    assert r.model == "digits-cnn" and r.calibration.corpus == "digits"
+    assert r.model == "digits-cnn" and r.calibration.source == "digits"
     prepare, train, convert = r.steps
     assert isinstance(prepare, QAT) and prepare.step == "prepare" and type(prepare.base).__name__ == "StaticQuant"
     assert isinstance(train, QATTrain) and isinstance(convert, QAT) and convert.step == "convert"

@@ -22,7 +22,7 @@ evaluate: [size, perplexity]
 def test_parse_and_round_trip():
     r = Recipe.from_yaml_text(GOOD)
     assert r.steps == [RTN(bits=8, ignore=("lm_head",)), RTN(bits=4, group_size=32, include=("re:.*mlp.*",))]
-    assert r.calibration.samples == 8 and r.evaluate == ("size", "perplexity")
+    assert r.calibration.n == 8 and r.evaluate == ("size", "perplexity")
     again = Recipe.from_yaml_text(r.to_yaml())
     assert again == r and again.to_yaml() == r.to_yaml()
 

@@ -46,7 +46,7 @@ def test_recipe_parses_and_round_trips():
 
 
 def test_recipe_halves_heads_neurons_and_macs(pruned):
-    from slimkit.evaluation.measure import count_macs, count_parameters
+    from slimkit.core.measure import count_macs, count_parameters
 
     dense, model, ctx = pruned
     for layer in model.encoder.layer:

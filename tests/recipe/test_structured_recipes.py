@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import slimkit as sk
-from slimkit.evaluation.measure import count_macs
+from slimkit.core.measure import count_macs
 from slimkit.pruning.structured import StructuredPrune
 from slimkit.recipe.runner import needs_data, run_recipe
 from slimkit.recipe.schema import Recipe, resolve_recipe
@@ -19,7 +19,7 @@ def test_recipe_parses_and_round_trips():
     r = resolve_recipe("structured-l1-digits")
     (step,) = r.steps
     assert isinstance(step, StructuredPrune) and step.importance == "l1" and step.ratio == 0.3
-    assert step.recalibrate_bn and needs_data(r) and r.calibration.corpus == "digits"
+    assert step.recalibrate_bn and needs_data(r) and r.calibration.source == "digits"
     assert Recipe.from_yaml_text(r.to_yaml()) == r
 
 

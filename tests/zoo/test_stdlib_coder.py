@@ -42,7 +42,7 @@ def test_tokenizer_round_trips_source_exactly(coder):
 
 
 def test_perplexity_on_fixed_slice_is_far_below_unigram(coder):
-    from slimkit.evaluation.quality import perplexity
+    from slimkit.tasks.metrics import perplexity
 
     tok = slimkit.tokenizer_of(coder)
     eval_ids = encode_corpus(tok, corpus.load_split("eval")[:10])[:SLICE_TOKENS]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from slimkit.core.errors import DataError
-from slimkit.evaluation.quality import (
+from slimkit.tasks.metrics import (
     accuracy,
     embedding_fidelity,
     encode_sentences,

@@ -26,10 +26,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimkit.core.errors import DataError, UnsupportedError
+from slimkit.core.linear_like import LinearLike
 from slimkit.core.targets import select_modules
 
-# The layer types whose weights pruning masks by default.
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# The layer types whose weights pruning masks by default: every nn.Linear and transformers
+# Conv1D (``LinearLike``; a mask is element-wise, so a Conv1D is masked in its own (in, out) layout).
+PRUNABLE = (LinearLike, nn.Conv1d, nn.Conv2d)
 
 
 class WeightMask(nn.Module):
@@ -247,7 +249,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 
     Masked weights are measured as the forward pass sees them (original × mask).
     """
-    from slimkit.evaluation.measure import layer_sparsity
+    from slimkit.core.measure import layer_sparsity
 
     fractions = layer_sparsity(model)
     rows = []

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.linear_like import LinearLike
 
 
 class MeasureError(SlimkitError, ValueError):
@@ -86,7 +87,7 @@ def size_on_disk(path: str | os.PathLike) -> int:
 # Sparsity
 # ---------------------------------------------------------------------------------------
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+_WEIGHTED = (nn.Linear, LinearLike, nn.Conv1d, nn.Conv2d, nn.Embedding)  # LinearLike: GPT-2's Conv1D too
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, float]:

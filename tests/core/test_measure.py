@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
-from slimkit.evaluation import measure
-from slimkit.evaluation.measure import (
+from slimkit.core import measure
+from slimkit.core.measure import (
     LatencyStats,
     ParamCount,
     count_flops,

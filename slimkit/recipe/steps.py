@@ -1,0 +1,111 @@
+"""One step of a recipe (or one call of a public verb): dispatch to the handler, then check the result.
+
+``apply_step`` is the single dispatcher the verbs (``slimkit.api``) and the recipe runner
+share. It looks the handler up in the registry, records the step on the model, and refuses
+to succeed silently:
+
+- a compression step that changed less than ``MIN_COVERAGE`` of the weight matrices it was
+  asked to cover (``core.coverage``) raises ``NothingCompressedError`` naming the layer types
+  it left alone, unless ``ctx.allow_partial`` (then a note says so);
+- after the step the model runs one forward on two rows of the first calibration batch, or
+  its task's example inputs, and must return finite values (``BrokenModelError`` otherwise),
+  so a step that breaks the model fails there, never after an artifact was saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.core.calibration import CalibrationData, run_model
+from slimkit.core.config import Config
+from slimkit.core.coverage import coverage, snapshot
+from slimkit.core.errors import BrokenModelError, ConfigError, NothingCompressedError, SlimkitError
+from slimkit.core.io import attach_info, model_info
+from slimkit.core.registry import Context, handler_for
+from slimkit.tasks import task_of
+from slimkit.tasks.base import first_tensor, split_labels
+
+MIN_COVERAGE = 0.1  # a step must change at least this share of the weights it was asked to cover
+NOTE_COVERAGE = 0.5  # below this share the report says what was left alone
+_CHANGED_IN_PLACE = " (the model was changed in place: reload it before trying another step)"
+
+
+def apply_step(model: nn.Module, config: Config, data: CalibrationData | None = None,
+               ctx: Context | None = None) -> nn.Module:
+    """Apply any registered technique ``config`` to ``model`` in place, checked (see the module docstring)."""
+    if not isinstance(config, Config):
+        raise ConfigError(f"expected a slimkit config (e.g. slimkit.RTN(bits=8)), got {type(config).__name__}")
+    handler = handler_for(config)
+    ctx = ctx or Context()
+    if data is not None:
+        ctx.data = data
+    checked = config.family != "distill" and ctx.stream is None  # training changes everything; a stream is on meta
+    before = snapshot(model) if checked else None
+    notes_before = len(ctx.notes)
+    handler(model, config, ctx)
+    if checked:  # before the step is recorded: a refused step is not part of the model's history
+        _check_coverage(model, config, before, ctx, ctx.notes[notes_before:])
+        _check_runs(model, config, ctx.data)
+    info = model_info(model)
+    attach_info(model, steps=[*info.get("steps", []), config.to_dict()])
+    return model
+
+
+def _check_coverage(model: nn.Module, config: Config, before: dict, ctx: Context, step_notes: list[str]) -> None:
+    found = coverage(before, model, config)
+    said = f" ({'; '.join(step_notes)})" if step_notes else ""  # the step's own notes say why it skipped
+    name = type(config).__name__
+    if found.asked == 0:
+        raise NothingCompressedError(f"{name} was asked to cover no weight matrix of {type(model).__name__}: "
+                                     f"check its include/ignore patterns{said}")
+    if found.fraction >= NOTE_COVERAGE:
+        return
+    if found.fraction >= MIN_COVERAGE:
+        ctx.note(f"{name} changed {100 * found.fraction:.0f}% of the weights it was asked to cover; left unchanged: "
+                 f"{found.describe_untouched()}")
+        return
+    message = (f"{name} changed {found.changed:,} of the {found.asked:,} weights it was asked to cover "
+               f"({100 * found.fraction:.1f}%); left unchanged: {found.describe_untouched()}{said}")
+    if ctx.allow_partial:
+        ctx.note(message + " (allowed by allow_partial)")
+        return
+    raise NothingCompressedError(message + ". Use a technique that handles those layers, narrow it with "
+                                 "include/ignore, or set allow_partial: true to accept it" + _CHANGED_IN_PLACE)
+
+
+def _check_runs(model: nn.Module, config: Config, data: Any) -> None:
+    """One forward on two rows of the first calibration batch (or the task's example inputs); finite output."""
+    if data is not None and isinstance(data, CalibrationData) and len(data):
+        batch, _ = split_labels(next(iter(data)))
+        batch = {k: v[:2] for k, v in batch.items()} if isinstance(batch, dict) else batch[:2]
+    else:
+        try:
+            inputs = task_of(model).example_inputs(model)
+        except SlimkitError:
+            return  # inputs unknown (a user's module without a GenericTask): nothing to run it on
+        batch = inputs["input"] if list(inputs) == ["input"] else inputs
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None and device.type == "meta":
+        return
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = first_tensor(run_model(model, batch), "the model output")
+    except SlimkitError:
+        raise
+    except Exception as exc:
+        raise BrokenModelError(f"after {type(config).__name__}, {type(model).__name__} no longer runs: "
+                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}{_CHANGED_IN_PLACE}") from exc
+    finally:
+        model.train(was_training)
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise BrokenModelError(f"after {type(config).__name__}, {type(model).__name__} returns NaN or inf on "
+                               f"example inputs{_CHANGED_IN_PLACE}")
+
+
