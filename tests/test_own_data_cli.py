@@ -92,9 +92,22 @@ def test_every_llm_recipe_runs_from_the_cli_on_user_data(arch, arch_dirs, user_d
                                        "--json")
         assert code == 0, stderr
         assert json.loads(stdout)["quality"]["perplexity"] == pytest.approx(ppl, rel=1e-5), (arch, recipe)
+    # Deployable artifacts of the int4 result: ONNX (MatMulNBits, checked against PyTorch by ORT) and
+    # compressed-tensors where its loaders know the layer type (plain nn.Linear: not GPT-2's Conv1D, Falcon's).
+    gptq = tmp_path / "w4-gptq" / "model"
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "export", "onnx", gptq, "--out", tmp_path / "m.onnx", "--json")
+    assert code == 0, f"{arch}: {stderr}"
+    exported = json.loads(stdout)
+    assert exported["ops"].get("MatMulNBits", 0) >= 8 and exported["max_abs_diff"] < 0.05, (arch, exported)
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "export", "compressed-tensors", gptq, tmp_path / "ct", "--json")
+    if arch in ("gpt2", "falcon"):
+        assert code == 2 and "compressed-tensors export" in stderr and "nn.Linear" in stderr, stderr
+    else:
+        assert code == 0, f"{arch}: {stderr}"
+        assert len(json.loads(stdout)["quantized"]) >= 8
 
 
-@pytest.mark.parametrize("arch", ("gpt2", "falcon", "gemma"))
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_prune_then_distill_trains_on_a_user_text_folder(arch, arch_dirs, user_data, tmp_path, monkeypatch, capsys):
     _, data = user_data
     code, stdout, stderr = run_cli(monkeypatch, capsys, "distill", "--recipe", "prune-then-distill",

@@ -47,6 +47,9 @@ class CalibrationData:
         """
         if seq_len < 2 or n < 1 or batch_size < 1:
             raise DataError(f"calibration needs seq_len >= 2, n >= 1 and batch_size >= 1 (got {seq_len}, {n}, {batch_size})")
+        if isinstance(texts, (str, bytes)):  # iterating it would calibrate on single characters
+            raise DataError("CalibrationData.from_texts takes a list of texts, not one string: pass [text], or read "
+                            "a file with slimkit.read_source(path)")
         texts = [t for t in texts if t]
         if not texts:
             raise DataError("calibration texts are empty: give at least one non-empty text")

@@ -28,6 +28,7 @@ class Config:
     version: ClassVar[int] = 1
     needs_data: ClassVar[bool] = False  # True when the handler needs CalibrationData (GPTQ, Wanda, ...)
     leaves_zeros: ClassVar[bool] = False  # True when the technique leaves pruned weights in place as zeros
+    qat_base: ClassVar[bool] = False  # True when QAT can train for this config's result (RTN, StaticQuant)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

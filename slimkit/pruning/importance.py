@@ -17,6 +17,8 @@ Higher means more important. Members without a weight (an affine-free norm) are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -126,20 +128,32 @@ class RandomImportance(Importance):
         return torch.rand(group.units, generator=self.generator)
 
 
-IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "random")
+# name -> factory(seed): the registry StructuredPrune's ``importance`` names are checked against.
+_IMPORTANCE_FACTORIES: dict[str, Callable[[int], Importance]] = {}
+
+
+def register_importance(name: str, factory: Callable[[int], Importance]) -> None:
+    """Make ``factory(seed)`` the importance criterion called ``name`` (usable in StructuredPrune)."""
+    _IMPORTANCE_FACTORIES[name] = factory
+
+
+register_importance("l1", lambda seed: MagnitudeImportance(p=1))
+register_importance("l2", lambda seed: MagnitudeImportance(p=2))
+register_importance("taylor", lambda seed: TaylorImportance())
+register_importance("bn_scale", lambda seed: BNScaleImportance())
+register_importance("random", RandomImportance)
+IMPORTANCES = tuple(_IMPORTANCE_FACTORIES)  # the built-in names, in a stable order for messages
+
+
+def importance_names() -> tuple[str, ...]:
+    """Every registered importance name (the built-in ones and any registered since)."""
+    return tuple(_IMPORTANCE_FACTORIES)
 
 
 def make_importance(name: str, seed: int = 0) -> Importance:
-    """The importance criterion called ``name`` (one of IMPORTANCES); ConfigError otherwise."""
-    if name == "l1":
-        return MagnitudeImportance(p=1)
-    if name == "l2":
-        return MagnitudeImportance(p=2)
-    if name == "taylor":
-        return TaylorImportance()
-    if name == "bn_scale":
-        return BNScaleImportance()
-    if name == "random":
-        return RandomImportance(seed)
-    raise ConfigError(f"unknown importance {name!r}{closest(str(name), IMPORTANCES)}; "
-                      f"choose one of {', '.join(IMPORTANCES)}")
+    """The importance criterion registered as ``name``; ConfigError naming the known ones otherwise."""
+    factory = _IMPORTANCE_FACTORIES.get(name)
+    if factory is None:
+        known = importance_names()
+        raise ConfigError(f"unknown importance {name!r}{closest(str(name), known)}; choose one of {', '.join(known)}")
+    return factory(seed)

@@ -39,7 +39,7 @@ from slimkit.core.io import is_transformers_model
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import check_layer_map, matches, value_for
 from slimkit.pruning.group import OUT, Group, prune_groups
-from slimkit.pruning.importance import IMPORTANCES, Importance, make_importance
+from slimkit.pruning.importance import Importance, importance_names, make_importance
 from slimkit.tasks import Task, task_of
 from slimkit.tasks.base import split_labels
 
@@ -112,10 +112,10 @@ class StructuredPrune(Config):
                 self.fail("ratio", "a per-layer map needs scope 'layer'; scope 'global' takes one ratio")
         elif _ratio_problem(self.ratio):
             self.fail("ratio", _ratio_problem(self.ratio))
-        if self.importance not in IMPORTANCES:
-            hint = closest(str(self.importance), IMPORTANCES)
+        if self.importance not in importance_names():
+            hint = closest(str(self.importance), importance_names())
             self.fail("importance", f"unknown importance {self.importance!r}{hint}; choose one of "
-                                    f"{', '.join(IMPORTANCES)}")
+                                    f"{', '.join(importance_names())}")
         if self.scope not in SCOPES:
             self.fail("scope", f"must be 'layer' or 'global', got {self.scope!r}")
         if not _is_int(self.round_to) or self.round_to < 1:

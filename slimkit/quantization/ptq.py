@@ -167,6 +167,7 @@ class StaticQuant(Config):
     """
 
     family: ClassVar[str] = "quantize"
+    qat_base: ClassVar[bool] = True  # QAT can train for its result (weights and static inputs)
     needs_data: ClassVar[bool] = True
 
     bits: int | dict = 8

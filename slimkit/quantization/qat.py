@@ -68,7 +68,6 @@ from slimkit.quantization.modules import QuantConv2d, QuantLinear
 from slimkit.quantization.primitives import QuantizedWeight, quantize, split_groups
 from slimkit.quantization.ptq import calibrate_inputs, skip_reason
 
-BASES = ("RTN", "StaticQuant")
 STEPS = ("prepare", "convert")
 
 
@@ -109,8 +108,11 @@ class QAT(Config):
         if not isinstance(base, Config):
             self.fail("base", f"must be a quantization config such as RTN(bits=4) or {{type: RTN, bits: 4}}, got {base!r}")
         name = type(base).__name__
-        if name not in BASES:
-            self.fail("base", f"QAT trains for {' or '.join(BASES)} (weights-only or static), not {name}")
+        if not base.qat_base:
+            from slimkit.core.registry import config_types
+
+            bases = sorted(n for n, cls in config_types().items() if cls.qat_base)
+            self.fail("base", f"QAT trains for {' or '.join(bases)} (weights-only or static), not {name}")
         if getattr(base, "embeddings", False):
             self.fail("base", "QAT does not fake-quantize Embedding tables: set embeddings: false in the base "
                               "(quantize them afterwards with RTN(embeddings=True, include=[...]))")

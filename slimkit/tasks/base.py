@@ -19,7 +19,6 @@ name of a built-in *corpus* that the zoo registered (``register_corpus``), each 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -345,10 +344,3 @@ def task_of(model: nn.Module) -> Task:
     ensure_installed()
     kind = model_info(model)["kind"]  # recorded, else claimed by a task, else core's guess from the class
     return _TASKS.get(kind, Task)()
-
-
-def replace_spec(spec: Any, **changes: Any) -> DataSpec:
-    """``spec`` parsed, with the given fields set where the spec left them unset (None)."""
-    parsed = DataSpec.parse(spec)
-    fill = {k: v for k, v in changes.items() if getattr(parsed, k) is None and v is not None}
-    return dataclasses.replace(parsed, **fill) if fill else parsed

@@ -107,3 +107,15 @@ def test_trim_padding_cuts_right_padding_only_and_keeps_bert_outputs():
         full = bert(input_ids=ids, attention_mask=mask).last_hidden_state
         cut = bert(**trim_padding({"input_ids": ids, "attention_mask": mask})).last_hidden_state
     assert torch.allclose(full[0, :3], cut[0, :3], atol=1e-5) and torch.allclose(full[1, :4], cut[1, :4], atol=1e-5)
+
+
+def test_from_texts_refuses_a_single_string():
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+    with pytest.raises(DataError, match="not one string"):
+        CalibrationData.from_texts("def f(x): return x" * 50, Tok(), seq_len=8, n=2)
+    assert len(CalibrationData.from_texts(["def f(x): return x" * 50], Tok(), seq_len=8, n=2, batch_size=2)) == 1
