@@ -1,7 +1,9 @@
 """The ``slimkit`` command: compress, distill, eval, zoo, export.
 
-A user's mistake (a SlimkitError) prints one line on stderr and exits with code 2,
-with no traceback and no partial output; anything else is a bug and keeps its traceback.
+A user's mistake (a SlimkitError, or a usage error: unknown command or option, missing
+argument) prints one line on stderr and exits with code 2, with no traceback and no partial
+output; Ctrl-C prints "interrupted" (130), SIGTERM "terminated" (143), both after the
+temporary output folders are removed. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -80,9 +82,28 @@ class _Ui:
         self.err.print(f"[green]done[/] {description} ({time.perf_counter() - start:.1f}s)")
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / _OUTPUT_MARKER).exists())):
-        raise SlimkitError(f"refusing to overwrite {out}: it exists and is not a slimkit output folder; choose another --out")
+def _is_report(content: object) -> bool:
+    return isinstance(content, dict) and "baseline" in content and "compressed" in content
+
+
+def _output_kinds():
+    """The folders the commands write, as ``OutputKind``s (what each holds; see ``core.atomic``)."""
+    from slimkit.core.atomic import MODEL_FOLDER, TOKENIZER_FILES, OutputKind
+
+    report = OutputKind("compress/distill output", _OUTPUT_MARKER,
+                        ("report.json", "report.md", "report.html", "model/",
+                         *(f"model/{p}" for p in MODEL_FOLDER.paths)), _is_report)
+    zoo = OutputKind("trained zoo model", "training.json",
+                     ("model.safetensors", "config.json", "generation_config.json", "training.json", *TOKENIZER_FILES),
+                     lambda content: isinstance(content, dict))
+    return report, zoo
+
+
+def _check_out_dir(out: Path, option: str = "--out") -> None:
+    """SlimkitError unless ``out`` is new, empty, or a compress/distill output holding only what slimkit wrote."""
+    from slimkit.core.atomic import check_output_dir
+
+    check_output_dir(out, _output_kinds()[0], hint=f"choose another {option}")
 
 
 @app.command()
@@ -153,7 +174,7 @@ def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path) -> None:
         data = resolve_eval_data(baseline, rec.data)
     if ctx.data_description:
         ctx.notes.insert(0, f"calibration data: {ctx.data_description}")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind=_output_kinds()[0], hint="choose another --out") as tmp:
         with ui.step(f"saving to {out / 'model'}"):
             save(compressed, tmp / "model")
         with ui.step("measuring baseline and compressed model") as update:
@@ -188,6 +209,11 @@ def distill(
     if not any(s.family == "distill" for s in rec.steps):
         raise SlimkitError(f"recipe {rec.source} has no Distill step; use `slimkit compress` for it")
     ckpt = str(checkpoints if checkpoints is not None else out.with_name(out.name + ".checkpoints"))
+    if os.environ.get("RANK", "0") == "0":  # before any work: both folders must be slimkit's to write
+        from slimkit.distillation.checkpoint import check_checkpoint_dir
+
+        _check_out_dir(out)
+        check_checkpoint_dir(ckpt, "--checkpoints")
 
     def override(step):
         if step.family != "distill":
@@ -303,7 +329,10 @@ def zoo_train(
     minutes: float = typer.Option(70.0, help="Wall-clock budget for models trained by time (the shipped LM used 70)."),
 ) -> None:
     """Re-train a shipped zoo model from scratch (reproduces the shipped weights' recipe)."""
+    from slimkit.core.atomic import check_output_dir
     from slimkit.zoo import train_zoo
+
+    check_output_dir(out, _output_kinds()[1], hint="choose another --out")  # training writes its files into it
 
     def log(line: str) -> None:
         print(line, flush=True)  # flushed, so a log file of a background run stays current
@@ -363,14 +392,17 @@ def export_onnx_cmd(
 @export_app.command("compressed-tensors")
 def export_compressed_tensors_cmd(
     source: str = typer.Argument(..., help="slimkit checkpoint folder (or zoo name) of a weight-only quantized causal LM."),
-    out: Path = typer.Argument(..., help="Folder to write (replaced atomically if it exists)."),
+    out: Path = typer.Argument(..., help="Folder to write (a new or empty folder, or an earlier such export, "
+                                         "replaced atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary."),
 ) -> None:
     """Write a Hugging Face folder in the compressed-tensors "pack-quantized" format (vLLM, transformers)."""
+    from slimkit.core.atomic import check_output_dir
     from slimkit.core.io import load
-    from slimkit.export.compressed_tensors import export_compressed_tensors
+    from slimkit.export.compressed_tensors import OUTPUT_KIND, export_compressed_tensors
 
+    check_output_dir(out, OUTPUT_KIND, hint="choose another OUT folder")  # before the model is loaded
     ui = _Ui(quiet, as_json)
     with ui.step(f"loading {source}"):
         model = load(source)
@@ -387,22 +419,68 @@ def export_compressed_tensors_cmd(
         ui.out.print(f"  note: {note}", highlight=False, soft_wrap=True)
 
 
-def main() -> None:
-    """Entry point: run the app, turning a user mistake into one line and exit code 2."""
-    try:
-        app(standalone_mode=False)
-    except SlimkitError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors carry their own exit code
-        import click
+def _click_classes(name: str) -> tuple[type, ...]:
+    """``name`` (ClickException, Abort) from every click typer may be using: its vendored ``typer._click``
+    (typer >= 0.24) or the ``click`` package (older typer). Only modules already imported can have raised."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _fail(message: str, code: int, label: str | None = "error:") -> None:
+    """Print ``label message`` as one line on stderr and exit with ``code``."""
+    from rich.markup import escape
+
+    text = escape(" ".join(message.split("\n")))  # one line, whatever the message; brackets are not markup
+    Console(stderr=True).print(f"[bold red]{label}[/] {text}" if label else text, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _usage_error(exc: Exception) -> None:
+    """A click usage error (unknown command or option, missing argument) as one line and exit code 2."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `slimkit` or `slimkit zoo` alone: the help was printed
+        text = exc.format_message()
+        if text:
+            print(text, file=sys.stderr)
+        sys.exit(2)
+    command = getattr(ctx, "command_path", None) or "slimkit"
+    help_option = (getattr(ctx, "help_option_names", None) or ["--help"])[0]
+    _fail(f"{exc.format_message()} (try '{command} {help_option}')", 2)
+
+
+def main() -> None:
+    """Entry point: a user mistake or a usage error is one line and exit code 2; Ctrl-C 130; SIGTERM 143.
+
+    SIGTERM raises ``Terminated`` for the whole command, so temporary output folders are removed.
+    """
+    from slimkit.core.atomic import Terminated, terminate_on_sigterm
+
+    try:
+        with terminate_on_sigterm():
+            code = app(standalone_mode=False)
+    except SlimkitError as exc:
+        _fail(str(exc), 2)
+    except Terminated:
+        _fail("terminated", 143, label=None)
+    except (KeyboardInterrupt, typer.Abort):
+        _fail("interrupted", 130, label=None)
+    except Exception as exc:
+        if isinstance(exc, _click_classes("Abort")):
+            _fail("interrupted", 130, label=None)
+        if not isinstance(exc, _click_classes("ClickException")):
+            raise
+        if getattr(exc, "exit_code", 1) == 2 or isinstance(exc, _click_classes("UsageError")):
+            _usage_error(exc)
+        _fail(exc.format_message(), getattr(exc, "exit_code", 1) or 1)
+    # Without standalone mode, typer returns the exit code of Ctrl-C (130) and of ctx.exit(n) instead of exiting.
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        if code == 130:
+            _fail("interrupted", 130, label=None)
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

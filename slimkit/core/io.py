@@ -12,8 +12,16 @@ A slimkit checkpoint is a folder:
   nn.Module), the spec of every slimkit replacement module, and the steps applied.
 
 Nothing is unpickled: weights come only from safetensors, the architecture only from
-transformers classes, zoo builders or registered slimkit module types.
+transformers model classes, zoo builders or registered slimkit module types.
 Saving writes to a temporary folder and renames it into place.
+
+A folder to load is untrusted input ("reading files from an untrusted folder" below): no
+code from it runs (``trust_remote_code=False`` everywhere, ``auto_map`` refused, only
+``PreTrainedModel`` subclasses instantiated); JSON is read only from small regular files
+inside it; ``slimkit.json`` is checked against a schema (``validate_meta``); the
+architecture is first built on the meta device and compared with the safetensors header
+(parameter count against stored bytes, keys, shapes, dtypes) before memory is allocated;
+and non-finite weights are refused. Every problem is one ModelLoadError naming the file.
 
 A sentence-transformers folder (``modules.json``; the Transformer module at the root or in
 a sub-folder, then Pooling, Normalize, ...) loads as its transformer, with the rest of the
@@ -31,8 +39,12 @@ transformers' Auto classes, so no ``trust_remote_code`` is ever needed).
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.atomic import atomic_dir
-from slimkit.core.errors import ModelLoadError
+from slimkit.core.atomic import MODEL_FOLDER, atomic_dir
+from slimkit.core.errors import ModelLoadError, SlimkitError, closest
 from slimkit.core.modules import SlimkitModule, module_type
 from slimkit.core.plugins import checkpoint_hooks, model_sources, resolve_kind
 from slimkit.core.targets import set_submodule
@@ -136,7 +148,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) ->
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(model)
     meta = checkpoint_meta(model)
     arch = meta["architecture"]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind=MODEL_FOLDER) as tmp:  # never replaces a folder slimkit did not write
         if arch["kind"] == "transformers":
             quiet_transformers()
             model.config.save_pretrained(tmp)
@@ -226,6 +238,9 @@ def checkpoint_meta(model: nn.Module) -> dict[str, Any]:
         "source": info.get("source"),
         "steps": info.get("steps", []),
         "modules": modules,
+        # Float reductions (GPTQ's Hessian, SVD) depend on the thread count: the same seed and thread count
+        # give byte-identical outputs, another thread count may differ in the last bits.
+        "torch_threads": torch.get_num_threads(),
     }
     if info.get("defaults"):
         meta["defaults"] = info["defaults"]
@@ -235,13 +250,429 @@ def checkpoint_meta(model: nn.Module) -> dict[str, Any]:
     return meta
 
 
+# -- load: reading files from an untrusted folder --------------------------------------
+# A model folder is untrusted input. Nothing in it runs (no pickles, no `auto_map` code, no class
+# outside transformers' models), JSON is read only from small regular files inside the folder,
+# and the architecture it describes is built on the meta device and checked against the
+# safetensors header (size, keys, shapes, dtypes) before anything is allocated.
+JSON_LIMIT = 1 << 20  # slimkit.json, config.json, modules.json: descriptions, never data
+TOKENIZER_CONFIG_LIMIT = 16 << 20  # tokenizer_config.json may carry many added tokens and chat templates
+INDEX_LIMIT = 64 << 20  # model.safetensors.index.json: one line per tensor
+AUTO_MAP_REFUSED = "slimkit never runs code from a model folder"
+# Config fields that count repeated layers: each layer holds at least one stored tensor.
+_LAYER_COUNT_FIELDS = frozenset({"num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
+                                 "decoder_layers", "num_encoder_layers", "num_decoder_layers"})
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_inside(path: Path, root: Path) -> None:
+    """ModelLoadError unless ``path``, followed through every symbolic link on the way, stays inside ``root``."""
+    target, home = path.resolve(), root.resolve()
+    if target != home and home not in target.parents:
+        how = "is a symbolic link to" if path.is_symlink() else "leads (through a linked folder) to"
+        raise ModelLoadError(f"{path} {how} {target}, outside {root}; slimkit reads only files inside the "
+                             "model folder")
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a model folder holding an entry that is a symbolic link out of it or neither a file nor a folder.
+
+    Transformers and tokenizers open files of the folder by name (tokenizer files, shards), so
+    every top-level entry is checked, not only the ones slimkit reads itself.
+    """
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise ModelLoadError(f"folder {folder} cannot be listed ({exc})") from None
+    for entry in entries:
+        check_inside(entry, folder)
+        try:
+            mode = entry.stat().st_mode
+        except OSError as exc:  # a dangling link, a file removed meanwhile
+            raise ModelLoadError(f"{entry} cannot be read ({exc})") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelLoadError(f"{entry} is {_file_kind(mode)}; a model folder holds only regular files and folders")
+
+
+def read_regular(path: Path, root: Path, limit: int) -> bytes:
+    """The bytes of ``path``: a regular file inside ``root`` of at most ``limit`` bytes; ModelLoadError otherwise.
+
+    The file is opened without blocking and checked on the open descriptor, so a FIFO or a
+    device (``/dev/zero``) is refused rather than read, and at most ``limit + 1`` bytes are read.
+    """
+    if not os.path.lexists(path):
+        raise ModelLoadError(f"{path} is missing")
+    check_inside(path, root)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be opened ({exc})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelLoadError(f"{path} is {_file_kind(info.st_mode)}; slimkit reads only regular files")
+        raise ModelLoadError(f"{path} is {info.st_size:,} bytes, more than the {limit:,} bytes slimkit reads there")
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:  # grew after the check
+        raise ModelLoadError(f"{path} is more than the {limit:,} bytes slimkit reads there")
+    return data
+
+
+def read_json_file(path: Path, root: Path, limit: int = JSON_LIMIT) -> Any:
+    """The JSON value in ``path`` (read with ``read_regular``); ModelLoadError naming the file when it is not JSON."""
+    data = read_regular(path, root, limit)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested arrays
+        raise ModelLoadError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+# -- slimkit.json schema --------------------------------------------------------------------
+META_KEYS = ("format", "format_version", "slimkit_version", "architecture", "kind", "source", "steps", "modules",
+             "defaults", "structure", "torch_threads")
+_ARCH_KEYS = {"transformers": ("kind", "class"), "zoo": ("kind", "name", "config"), "module": ("kind", "class")}
+_ST_KEYS = ("modules", "sentence_bert_config", "config_sentence_transformers", "files", "unsupported")
+_ST_MODULE_KEYS = ("idx", "name", "path", "type", "kwargs")
+_MODULE_NAME = re.compile(r"(?!__)[^.\s]+(\.(?!__)[^.\s]+)*")  # dotted, no blanks, no dunder parts
+
+
+def _shown(value: Any) -> str:
+    """A JSON value named for a message: its JSON type and a short excerpt."""
+    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "an array"),
+             (dict, "an object"))
+    kind = "null" if value is None else next(name for t, name in kinds if isinstance(value, t))
+    text = json.dumps(value, default=str) if not isinstance(value, float) else repr(value)
+    return kind if value is None else f"{kind} ({text[:60]}{'...' if len(text) > 60 else ''})"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_meta(meta: Any, file: Path) -> dict[str, Any]:
+    """Check a parsed ``slimkit.json`` against the checkpoint schema; returns it, or raises ModelLoadError.
+
+    Every known key's type is checked (and, for nested records, theirs); an unknown top-level
+    key is refused with the closest known name. ``structure``'s content is the pruning
+    loader's to check (``pruning.checkpoint_hooks``); here it must be an object of objects.
+    """
+
+    def bad(where: str, expected: str, value: Any) -> ModelLoadError:
+        return ModelLoadError(f"{file}: {where} must be {expected}, got {_shown(value)}")
+
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{file} is not a slimkit checkpoint description: it must hold a JSON object, "
+                             f"got {_shown(meta)}")
+    for key in meta:
+        if key not in META_KEYS:
+            raise ModelLoadError(f"{file}: unknown key {key!r}{closest(key, META_KEYS)}; slimkit.json keys are "
+                                 f"{', '.join(META_KEYS)}")
+    if meta.get("format") != "slimkit":
+        raise ModelLoadError(f"{file} is not a slimkit checkpoint description ('format' must be \"slimkit\", "
+                             f"got {_shown(meta.get('format'))})")
+    version = meta.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise bad("'format_version'", "a positive integer", version)
+    if version > FORMAT_VERSION:
+        raise ModelLoadError(f"{file}: the checkpoint was written by a newer slimkit (format {version}); upgrade slimkit")
+    for key in ("slimkit_version", "kind", "source"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(repr(key), "a string", meta[key])
+    threads = meta.get("torch_threads")
+    if threads is not None and not (_is_int(threads) and threads >= 1):
+        raise bad("'torch_threads'", "a positive integer", threads)
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise bad("'architecture'", 'an object such as {"kind": "transformers", "class": "LlamaForCausalLM"}', arch)
+    kind = arch.get("kind")
+    if not isinstance(kind, str) or kind not in _ARCH_KEYS:
+        raise bad("'architecture.kind'", f"one of {', '.join(map(repr, _ARCH_KEYS))}", kind)
+    for key in arch:
+        if key not in _ARCH_KEYS[kind]:
+            raise ModelLoadError(f"{file}: unknown key {key!r} in 'architecture'{closest(key, _ARCH_KEYS[kind])}; "
+                                 f"a {kind!r} architecture has {', '.join(_ARCH_KEYS[kind])}")
+    if kind == "transformers" and not (isinstance(arch.get("class"), str) and arch["class"].isidentifier()):
+        raise bad("'architecture.class'", "a transformers class name", arch.get("class"))
+    if kind == "module" and not isinstance(arch.get("class"), str):
+        raise bad("'architecture.class'", "a string (the module's class)", arch.get("class"))
+    if kind == "zoo":
+        if not isinstance(arch.get("name"), str):
+            raise bad("'architecture.name'", "a string (a zoo architecture)", arch.get("name"))
+        if not isinstance(arch.get("config", {}), dict):
+            raise bad("'architecture.config'", "an object", arch.get("config"))
+    steps = meta.get("steps", [])
+    if not isinstance(steps, list):
+        raise bad("'steps'", "an array of step records", steps)
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or not isinstance(step.get("type"), str):
+            raise bad(f"'steps[{i}]'", 'an object with a string "type"', step)
+    modules = meta.get("modules", {})
+    if not isinstance(modules, dict):
+        raise bad("'modules'", 'an object mapping module names to {"type", "spec"}', modules)
+    for name, entry in modules.items():
+        if not _MODULE_NAME.fullmatch(name):
+            raise ModelLoadError(f"{file}: 'modules' key {name!r} is not a module path (dotted names without "
+                                 "blanks or dunder parts)")
+        if not isinstance(entry, dict):
+            raise bad(f"'modules[{name!r}]'", 'an object {"type", "spec"}', entry)
+        for key in entry:
+            if key not in ("type", "spec"):
+                raise ModelLoadError(f"{file}: unknown key {key!r} in 'modules[{name!r}]'"
+                                     f"{closest(key, ('type', 'spec'))}; a module entry has type and spec")
+        if not isinstance(entry.get("type"), str):
+            raise bad(f"'modules[{name!r}].type'", "a slimkit module type name", entry.get("type"))
+        if not isinstance(entry.get("spec"), dict):
+            raise bad(f"'modules[{name!r}].spec'", "an object (the module's constructor arguments)", entry.get("spec"))
+    if "defaults" in meta:
+        _validate_defaults(meta["defaults"], bad)
+    structure = meta.get("structure")
+    if structure is not None and not (isinstance(structure, dict) and all(isinstance(v, dict)
+                                                                          for v in structure.values())):
+        raise bad("'structure'", "an object mapping module names to {attribute: size}", structure)
+    return meta
+
+
+def _validate_defaults(defaults: Any, bad: Any) -> None:
+    """The task defaults' known keys (``attach_info``, the tasks, the sentence-transformers layout); others are data."""
+    if not isinstance(defaults, dict):
+        raise bad("'defaults'", "an object", defaults)
+    for key in ("corpus", "student", "student_name"):
+        if defaults.get(key) is not None and not isinstance(defaults[key], str):
+            raise bad(f"'defaults.{key}'", "a string", defaults[key])
+    shape = defaults.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and all(_is_int(d) and d > 0 for d in shape)):
+        raise bad("'defaults.input_shape'", "an array of positive integers", shape)
+    for key in ("image_mean", "image_std"):
+        value = defaults.get(key)
+        if value is not None and not (isinstance(value, list) and all(
+                _is_int(v) or (isinstance(v, float) and math.isfinite(v)) for v in value)):
+            raise bad(f"'defaults.{key}'", "an array of finite numbers", value)
+    st = defaults.get(ST_INFO_KEY)
+    if st is None:
+        return
+    where = f"'defaults.{ST_INFO_KEY}'"
+    if not isinstance(st, dict):
+        raise bad(where, "an object (the sentence-transformers pipeline)", st)
+    for key in st:
+        if key not in _ST_KEYS:
+            raise bad(f"{where} key {key!r}", f"one of {', '.join(_ST_KEYS)}", key)
+    entries = st.get("modules")
+    if not (isinstance(entries, list) and entries):
+        raise bad(f"{where}.modules", "a non-empty array of module entries", entries)
+    for i, entry in enumerate(entries):
+        ok = isinstance(entry, dict) and all(k in _ST_MODULE_KEYS for k in entry) and isinstance(
+            entry.get("path"), str) and isinstance(entry.get("type"), str) and (
+            entry.get("idx") is None or _is_int(entry["idx"])) and isinstance(entry.get("name", ""), str) and (
+            isinstance(entry.get("kwargs", {}), dict))
+        if not ok or Path(entry["path"]).is_absolute() or ".." in Path(entry["path"]).parts:
+            raise bad(f"{where}.modules[{i}]", 'an object {"idx", "name", "path" (inside the folder), "type"}', entry)
+    for key in ("sentence_bert_config", "config_sentence_transformers"):
+        if st.get(key) is not None and not isinstance(st[key], dict):
+            raise bad(f"{where}.{key}", "an object", st[key])
+    files = st.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise bad(f"{where}.files", "an object mapping module paths to {file name: JSON}", files)
+    for path, content in files.items():
+        if Path(path).is_absolute() or ".." in Path(path).parts:
+            raise bad(f"{where}.files key", "a module path inside the folder", path)
+        for name in content:
+            if not name.endswith(".json") or name == ".json" or name != Path(name).name or "\\" in name:
+                raise bad(f"{where}.files[{path!r}] key", "a plain .json file name", name)
+    unsupported = st.get("unsupported", [])
+    if not (isinstance(unsupported, list) and all(isinstance(u, str) for u in unsupported)):
+        raise bad(f"{where}.unsupported", "an array of strings", unsupported)
+
+
+# -- config.json and transformers classes -------------------------------------------------------
+def read_config(folder: Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of ``folder`` once it is known to run no code; ModelLoadError otherwise.
+
+    Refused: not a JSON object, ``architectures`` other than a list of strings, and any
+    ``auto_map`` (a pointer to Python files in the folder, which transformers would import).
+    """
+    file = folder / "config.json"
+    config = read_json_file(file, folder)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object (a transformers config), got {_shown(config)}")
+    if "auto_map" in config:
+        raise ModelLoadError(f"{file} has 'auto_map', which points at Python code in the model folder; "
+                             f"{AUTO_MAP_REFUSED}: use a model whose class ships with transformers")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) and a.isidentifier()
+                                                                  for a in archs)):
+        raise ModelLoadError(f"{file}: 'architectures' must be a list of transformers class names, "
+                             f"got {_shown(archs)}")
+    return config
+
+
+def auto_config(folder: Path) -> Any:
+    """The transformers config object of ``folder`` (``read_config`` first); never runs code from the folder."""
+    import transformers
+
+    read_config(folder)
+    quiet_transformers()
+    try:
+        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # transformers raises ValueError, KeyError, TypeError, OSError for bad configs
+        raise ModelLoadError(f"{folder / 'config.json'} cannot be read as a transformers config "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+
+
+def model_class(name: str, file: Path) -> type:
+    """The transformers model class called ``name`` (named in ``file``): a ``PreTrainedModel`` subclass only.
+
+    Any other attribute of transformers (``TrainingArguments``, a pipeline, a function) is
+    refused before it is called, so a crafted class name cannot run its constructor.
+    """
+    import transformers
+
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if cls is None:
+        raise ModelLoadError(f"{file}: transformers has no model class {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelLoadError(f"{file}: {name!r} is not a transformers model class (a PreTrainedModel); "
+                             "slimkit builds only model classes")
+    return cls
+
+
+def build_transformers(cls: type, config: Any, file: Path) -> nn.Module:
+    """``cls(config)`` (on the current default device), with any failure a ModelLoadError naming ``file``."""
+    config_class = getattr(cls, "config_class", None)
+    if isinstance(config_class, type) and not isinstance(config, config_class):
+        raise ModelLoadError(f"{file}: {cls.__name__} needs a {config_class.__name__}, but config.json holds a "
+                             f"{type(config).__name__}")
+    try:
+        return cls(config)
+    except Exception as exc:  # a config whose values the class cannot build (negative sizes, wrong types)
+        raise ModelLoadError(f"{file}: cannot build {cls.__name__} from config.json "
+                             f"({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def check_layer_counts(config: dict[str, Any], n_tensors: int, config_file: Path, weights: str) -> None:
+    """Refuse a config whose layer count exceeds the stored tensors (checked before even a meta build)."""
+    pending = [config]
+    while pending:
+        node = pending.pop()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                pending.append(value)
+            elif key in _LAYER_COUNT_FIELDS and _is_int(value) and value > n_tensors:
+                raise ModelLoadError(f"{config_file}: {key} = {value:,}, but only {n_tensors:,} tensors are stored "
+                                     f"in {weights}; the config does not belong to these weights")
+
+
+def check_capacity(model: nn.Module, data_bytes: int, describes: str, weights: str, *,
+                   float_bits: float, slack: float = 1.0) -> None:
+    """Refuse a (meta) ``model`` whose persistent tensors cannot come from ``data_bytes`` of stored tensor data.
+
+    Each float element needs at least ``float_bits`` bits in the file (1 for a slimkit checkpoint:
+    a sparse bitmask or packed codes; the file's smallest float dtype for a plain Hugging Face
+    folder), each integer or bool element its full size (codes are stored as they are).
+    Tied tensors count once; ``slack`` allows for parameters transformers initialises itself.
+    """
+    seen: set[int] = set()
+    params, bits = 0, 0.0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        params += t.numel()
+        bits += t.numel() * (float_bits if (t.is_floating_point() or t.is_complex()) else t.element_size() * 8)
+    need = math.ceil(bits / 8)
+    if need > slack * data_bytes:
+        raise ModelLoadError(f"{describes} describes a model of {params:,} parameters, which need at least {need:,} "
+                             f"bytes of stored weights, but the tensor data in {weights} is only {data_bytes:,} bytes; "
+                             "the config does not belong to these weights (refused before building the model)")
+
+
+def dtypes_conflict(stored: torch.dtype, expected: torch.dtype) -> bool:
+    """Whether a stored dtype cannot be loaded into a tensor of ``expected`` dtype without changing its meaning.
+
+    Floats load into floats (cast); integer and bool tensors (quantized codes, indices) only
+    into exactly their dtype: int32 codes cast to int8 wrap around silently.
+    """
+    if stored.is_floating_point and expected.is_floating_point:
+        return False
+    return stored != expected
+
+
+def check_layout(model: nn.Module, stored: dict[str, Any], aliases: dict[str, str], weights: Path,
+                 meta_file: Path) -> None:
+    """Compare ``model``'s state dict with a file's tensors (name -> object with ``dtype``, ``shape``).
+
+    Works on a meta model, so it runs before anything is allocated. A key the file lacks is
+    accepted only when it is a recorded alias, or tied in the model (the same tensor, or the
+    same memory) to a key the file holds. Raises one ModelLoadError naming missing and
+    unexpected keys, shape mismatches and dtype mismatches.
+    """
+    expected = model.state_dict(keep_vars=True)
+    same: dict[int, set[str]] = {}
+    for name, t in expected.items():
+        same.setdefault(id(t), set()).add(name)
+    tied = {n: group - {n} for group in same.values() if len(group) > 1 for n in group}
+    for name, others in _tied_names({k: t.detach() for k, t in expected.items()}).items():
+        tied[name] = tied.get(name, set()) | others
+    stored = dict(stored)
+    for alias, target in aliases.items():
+        if target in stored and alias not in stored:
+            stored[alias] = stored[target]
+    missing = [k for k in expected if k not in stored and not (tied.get(k, set()) & stored.keys())]
+    unexpected = [k for k in stored if k not in expected]
+    common = [k for k in stored if k in expected]
+    mismatched = [f"{k!r} is {tuple(stored[k].shape)} in the file but {tuple(expected[k].shape)} in the model"
+                  for k in common if tuple(stored[k].shape) != tuple(expected[k].shape)]
+    retyped = [f"{k!r} is {stored[k].dtype} in the file but {expected[k].dtype} in the model"
+               for k in common if dtypes_conflict(stored[k].dtype, expected[k].dtype)]
+    problems = []
+    for label, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("shape mismatch", mismatched),
+                         ("dtype mismatch (integer codes and float weights never convert)", retyped)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{label}: {', '.join(map(str, items[:5]))}{more}")
+    if problems:
+        raise ModelLoadError(f"{weights} does not match the architecture in {meta_file}: {'; '.join(problems)}")
+
+
+def check_finite(tensors: Any, where: Path) -> None:
+    """Refuse NaN or inf in any float tensor of ``tensors`` ((name, tensor) pairs), naming the first such tensor."""
+    for name, t in tensors:
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and t.device.type != "meta":
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ModelLoadError(f"{where}: tensor {name!r} holds {bad:,} NaN/inf value(s) of {t.numel():,}; "
+                                     "slimkit refuses non-finite weights (a corrupt or tampered file)")
+
+
+def meta_copy(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (no memory), or None if it cannot be copied."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in memo:
+            shell = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(shell, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else shell
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # a module that cannot be deep-copied: its checks then run on the model itself
+        return None
+
+
 # -- load -----------------------------------------------------------------------------
 def load(source: str | os.PathLike | nn.Module, skeleton: nn.Module | None = None) -> nn.Module:
     """A model from a zoo name, a slimkit checkpoint folder, a Hugging Face folder, or an nn.Module (returned as is).
 
     ``skeleton`` is needed only for a checkpoint of a user's own nn.Module class: an
     instance of that class whose weights are then replaced by the checkpoint's.
-    Raises ModelLoadError naming the path or file for anything missing, corrupt or mismatched.
+    Raises ModelLoadError naming the path or file for anything missing, corrupt, mismatched
+    or unsafe (see "reading files from an untrusted folder" above).
     """
     if isinstance(source, nn.Module):
         return source
@@ -255,22 +686,32 @@ def load(source: str | os.PathLike | nn.Module, skeleton: nn.Module | None = Non
         raise ModelLoadError(f"model {text!r} not found: give an existing folder or a name ({known})")
     if path.is_file():
         raise ModelLoadError(f"model {text!r} is a file: give the folder that holds it (config.json, model.safetensors)")
-    if (path / META_FILE).exists():
+    if not path.is_dir():
+        raise ModelLoadError(f"model {text!r} is not a folder")
+    if os.path.lexists(path / META_FILE):
         return _load_checkpoint(path, skeleton)
-    if (path / ST_MODULES_FILE).exists():
+    if os.path.lexists(path / ST_MODULES_FILE):
         return _load_st_folder(path)
-    if (path / "config.json").exists():
+    if os.path.lexists(path / "config.json"):
         return _load_hf_folder(path)
     raise ModelLoadError(f"folder {text!r} holds neither {META_FILE} (a slimkit checkpoint), {ST_MODULES_FILE} "
                          "(a sentence-transformers model) nor config.json (a Hugging Face model)")
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise ModelLoadError unless ``path`` is a complete, readable safetensors file."""
+def check_safetensors(path: Path, root: Path | None = None) -> None:
+    """Raise ModelLoadError unless ``path`` is a complete, readable safetensors file (a regular file inside ``root``)."""
     from safetensors import safe_open
 
-    if not path.exists():
+    if not os.path.lexists(path):
         raise ModelLoadError(f"weights file {path} is missing")
+    if root is not None:
+        check_inside(path, root)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ModelLoadError(f"weights file {path} cannot be read ({exc})") from None
+    if not stat.S_ISREG(mode):  # safetensors would block on a FIFO or map a device
+        raise ModelLoadError(f"weights file {path} is {_file_kind(mode)}; slimkit reads only regular files")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -289,53 +730,48 @@ def check_safetensors(path: Path) -> None:
         raise ModelLoadError(f"weights file {path} holds no tensors")
 
 
-def _read_meta(folder: Path) -> dict[str, Any]:
+def stored_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
+    """``sparse_storage.stored_layout`` of a checked safetensors file, its problems as ModelLoadError naming it."""
+    from slimkit.core.sparse_storage import stored_layout
+
     try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{folder / META_FILE} is not valid JSON ({exc})") from None
-    if meta.get("format") != "slimkit" or not isinstance(meta.get("format_version"), int):
-        raise ModelLoadError(f"{folder / META_FILE} is not a slimkit checkpoint description")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise ModelLoadError(f"{folder} was written by a newer slimkit (format {meta['format_version']}); upgrade slimkit")
-    return meta
+        return stored_layout(path)
+    except ValueError as exc:
+        raise ModelLoadError(f"weights file {path} is corrupt ({exc}); re-save it") from None
 
 
-def _build_architecture(folder: Path, arch: dict[str, Any], skeleton: nn.Module | None) -> nn.Module:
-    kind = arch.get("kind")
+def _read_meta(folder: Path) -> dict[str, Any]:
+    file = folder / META_FILE
+    return validate_meta(read_json_file(file, folder), file)
+
+
+def _build_architecture(folder: Path, arch: dict[str, Any], skeleton: nn.Module | None, config: Any) -> nn.Module:
+    """The bare architecture ``arch`` describes (on the current default device); ``config`` for a transformers one."""
+    kind = arch["kind"]
     if kind == "transformers":
-        import transformers
-
-        quiet_transformers()
-        cls = getattr(transformers, str(arch.get("class")), None)
-        if cls is None or not isinstance(cls, type):
-            raise ModelLoadError(f"{folder}: transformers has no model class {arch.get('class')!r}")
-        try:
-            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        except Exception as exc:
-            raise ModelLoadError(f"{folder / 'config.json'} cannot be read ({exc})") from None
-        return cls(config)
+        cls = model_class(arch["class"], folder / META_FILE)
+        return build_transformers(cls, config, folder / "config.json")
     if kind == "zoo":
         builders = [p.build_architecture for p in model_sources() if p.build_architecture is not None]
         if not builders:
-            raise ModelLoadError(f"{folder / META_FILE}: no provider rebuilds architecture {arch.get('name')!r}")
+            raise ModelLoadError(f"{folder / META_FILE}: no provider rebuilds architecture {arch['name']!r}")
         try:
-            return builders[0](str(arch.get("name")), arch.get("config") or {})
-        except ValueError as exc:
-            raise ModelLoadError(f"{folder / META_FILE}: bad architecture config ({exc})") from None
-    if kind == "module":
-        if skeleton is None:
-            raise ModelLoadError(f"{folder} holds a custom nn.Module ({arch.get('class')}): pass an instance of it "
-                                 "as `skeleton` to slimkit.load")
-        return skeleton
-    raise ModelLoadError(f"{folder / META_FILE}: unknown architecture kind {kind!r}")
+            return builders[0](arch["name"], arch.get("config") or {})
+        except SlimkitError:
+            raise
+        except Exception as exc:  # the builder's own checks raise ValueError; odd values anything else
+            raise ModelLoadError(f"{folder / META_FILE}: bad architecture config ({type(exc).__name__}: {exc})") from None
+    if skeleton is None:
+        raise ModelLoadError(f"{folder} holds a custom nn.Module ({arch['class']}): pass an instance of it "
+                             "as `skeleton` to slimkit.load")
+    return skeleton
 
 
-def _load_checkpoint(folder: Path, skeleton: nn.Module | None) -> nn.Module:
-    meta = _read_meta(folder)
-    weights = folder / WEIGHTS_FILE
-    check_safetensors(weights)
-    model = _build_architecture(folder, meta.get("architecture", {}), skeleton)
+def _assemble(folder: Path, meta: dict[str, Any], model: nn.Module, shapes: dict[str, tuple[int, ...]]
+              ) -> dict[str, type]:
+    """Turn a bare architecture into the checkpoint's: hooks' ``prepare``, slimkit modules from their specs, hooks'
+    ``before_load`` (resizing to the file's ``shapes``). Returns the slimkit module classes used, by name."""
+    meta_file = folder / META_FILE
     for hook in checkpoint_hooks():  # e.g. a masked skeleton is stripped: the file holds baked weights
         if hook.prepare is not None:
             hook.prepare(model)
@@ -344,37 +780,95 @@ def _load_checkpoint(folder: Path, skeleton: nn.Module | None) -> nn.Module:
         try:
             cls = module_type(entry["type"])
         except KeyError:
-            raise ModelLoadError(f"{folder / META_FILE}: unknown module type {entry.get('type')!r} for {name!r}") from None
+            raise ModelLoadError(f"{meta_file}: unknown module type {entry['type']!r} for {name!r}") from None
         where = name.rpartition(".")[0] if cls.attached else name  # an attached module needs its parent
         try:
-            model.get_submodule(where)
+            parent = model.get_submodule(where)
         except AttributeError:
-            raise ModelLoadError(f"{folder}: module {where!r} does not exist in the rebuilt architecture") from None
-        set_submodule(model, name, cls.from_slimkit_spec(entry["spec"]))
+            raise ModelLoadError(f"{meta_file}: module {where!r} does not exist in the rebuilt architecture") from None
+        child = name.rpartition(".")[2]
+        if cls.attached and hasattr(parent, child) and not isinstance(getattr(parent, child), nn.Module):
+            raise ModelLoadError(f"{meta_file}: {name!r} would replace {type(parent).__name__}.{child}, which is not "
+                                 "a module")
+        try:
+            module = cls.from_slimkit_spec(entry["spec"])
+        except SlimkitError:
+            raise
+        except Exception as exc:  # a spec with missing keys or values of the wrong type
+            raise ModelLoadError(f"{meta_file}: the spec of {name!r} cannot rebuild a {entry['type']} "
+                                 f"({type(exc).__name__}: {exc})") from None
+        set_submodule(model, name, module)
         classes[cls.__name__] = cls
-    state = _read_weights(weights)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
     for hook in checkpoint_hooks():  # e.g. structurally pruned layers take the file's shapes
         if hook.before_load is not None:
-            hook.before_load(model, shapes, meta)
-    _load_weights(model, state, weights, folder / META_FILE)
+            try:
+                hook.before_load(model, shapes, meta)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{folder}: {exc}") from None
+            except SlimkitError:
+                raise
+            except Exception as exc:  # shapes from the header a layer type cannot take
+                raise ModelLoadError(f"{folder}: the rebuilt model cannot take the shapes in {WEIGHTS_FILE} "
+                                     f"({type(exc).__name__}: {exc})") from None
+    return classes
+
+
+def _load_checkpoint(folder: Path, skeleton: nn.Module | None) -> nn.Module:
+    """A slimkit checkpoint: validated description, the architecture checked on the meta device, then built and loaded."""
+    meta_file, weights = folder / META_FILE, folder / WEIGHTS_FILE
+    check_folder(folder)
+    meta = _read_meta(folder)
+    check_safetensors(weights, folder)
+    stored, aliases, data_bytes = stored_tensors(weights)
+    shapes = {k: v.shape for k, v in stored.items()}
+    shapes.update({a: shapes[s] for a, s in aliases.items() if s in shapes and a not in shapes})
+    arch = meta["architecture"]
+    config = None
+    if arch["kind"] == "transformers":
+        check_layer_counts(read_config(folder), len(stored), folder / "config.json", str(weights))
+        config = auto_config(folder)
+    # First on the meta device: what the description builds is compared with the file's header
+    # (size, keys, shapes, dtypes) before any memory is allocated for it.
+    # A user's skeleton is copied onto the meta device; one that cannot be copied is checked after assembly.
+    user = arch["kind"] == "module" and skeleton is not None
+    shell = meta_copy(skeleton) if user else None
+    if not user or shell is not None:
+        with torch.device("meta"):
+            shell = _build_architecture(folder, arch, shell, copy.deepcopy(config))
+            if arch["kind"] != "module":  # a user's skeleton is already built; a config is untrusted
+                describes = folder / ("config.json" if arch["kind"] == "transformers" else META_FILE)
+                check_capacity(shell, data_bytes, str(describes), str(weights), float_bits=1)
+            _assemble(folder, meta, shell, shapes)
+        check_layout(shell, stored, aliases, weights, meta_file)
+        del shell
+    model = _build_architecture(folder, arch, skeleton, config)
+    classes = _assemble(folder, meta, model, shapes)
+    check_layout(model, stored, aliases, weights, meta_file)
+    state = _read_weights(weights)
+    _load_weights(model, state, weights, meta_file)
     for cls in classes.values():
-        cls.after_load(model)
+        try:
+            cls.after_load(model)
+        except SlimkitError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{folder}: {cls.__name__} cannot be set up after loading "
+                                 f"({type(exc).__name__}: {exc})") from None
     model.eval()
     tokenizer = _load_tokenizer(folder)
-    defaults = meta.get("defaults") if isinstance(meta.get("defaults"), dict) else None
     return attach_info(model, kind=meta.get("kind"), source=meta.get("source"), tokenizer=tokenizer,
-                       steps=meta.get("steps", []), defaults=defaults)
+                       steps=meta.get("steps", []), defaults=meta.get("defaults") or None)
 
 
 def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
-    """The state dict stored in ``weights`` (compact tensors expanded, recorded aliases restored)."""
+    """The state dict stored in ``weights`` (compact tensors expanded, recorded aliases restored), all finite."""
     from slimkit.core.sparse_storage import load_state_dict
 
     try:
         state, aliases = load_state_dict(weights)
     except ValueError as exc:
         raise ModelLoadError(f"weights file {weights} is corrupt ({exc}); re-save it") from None
+    check_finite(state.items(), weights)
     for alias, stored in aliases.items():
         if stored in state and alias not in state:
             state[alias] = state[stored]
@@ -386,21 +880,14 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Pat
 
     A key the file lacks is accepted only when it is an alias recorded in the file, or when
     the rebuilt model ties it to a key the file holds (e.g. a checkpoint of an HF model
-    that omits its tied ``lm_head.weight``).
+    that omits its tied ``lm_head.weight``). A float tensor that overflows the model's
+    (narrower) float dtype is refused like a non-finite one.
     """
+    check_layout(model, state, {}, weights, meta_file)
     expected = model.state_dict()
-    tied = _tied_names(expected)
-    missing = [k for k in expected if k not in state and not (tied.get(k, set()) & state.keys())]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k!r} is {tuple(state[k].shape)} in the file but {tuple(expected[k].shape)} in the model"
-                  for k in state if k in expected and state[k].shape != expected[k].shape]
-    problems = []
-    for label, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("shape mismatch", mismatched)):
-        if items:
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            problems.append(f"{label}: {', '.join(map(str, items[:5]))}{more}")
-    if problems:
-        raise ModelLoadError(f"{weights} does not match the architecture in {meta_file}: {'; '.join(problems)}")
+    for k, v in state.items():
+        if k in expected and v.dtype != expected[k].dtype and v.is_floating_point():
+            check_finite([(k, v.to(expected[k].dtype))], weights)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
@@ -415,49 +902,76 @@ def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, set[str]]:
 
 
 def _load_tokenizer(folder: Path) -> Any:
-    if not any((folder / f).exists() for f in _TOKENIZER_FILES):
+    if not any(os.path.lexists(folder / f) for f in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
+    if os.path.lexists(folder / "tokenizer_config.json"):
+        tok_config = read_json_file(folder / "tokenizer_config.json", folder, TOKENIZER_CONFIG_LIMIT)
+        if isinstance(tok_config, dict) and "auto_map" in tok_config:
+            raise ModelLoadError(f"{folder / 'tokenizer_config.json'} has 'auto_map', which points at Python code "
+                                 f"in the model folder; {AUTO_MAP_REFUSED}")
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"tokenizer files in {folder} cannot be read ({exc})") from None
 
 
 def _load_hf_folder(folder: Path) -> nn.Module:
+    """A Hugging Face folder (config.json + safetensors): class and size checked on the meta device first."""
     import transformers
 
     quiet_transformers()
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON ({exc})") from None
+    check_folder(folder)
+    config_file = folder / "config.json"
+    raw = read_config(folder)
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise ModelLoadError(f"{folder} has no .safetensors weights; slimkit reads only safetensors (never pickles)")
+    stored: dict[str, Any] = {}
+    data_bytes = 0
     for shard in shards:
-        check_safetensors(shard)
-    archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
-    if cls is None:
-        raise ModelLoadError(f"{folder / 'config.json'}: transformers has no class {archs[0]!r}")
+        check_safetensors(shard, folder)
+        tensors, _aliases, nbytes = stored_tensors(shard)
+        stored.update(tensors)
+        data_bytes += nbytes
+    where = str(shards[0]) if len(shards) == 1 else f"the {len(shards)} .safetensors files in {folder}"
+    check_layer_counts(raw, len(stored), config_file, where)
+    config = auto_config(folder)
+    archs = raw.get("architectures") or []
+    with torch.device("meta"):
+        if archs:
+            shell = build_transformers(model_class(archs[0], config_file), copy.deepcopy(config), config_file)
+        else:
+            try:
+                shell = transformers.AutoModel.from_config(copy.deepcopy(config), trust_remote_code=False)
+            except Exception as exc:
+                raise ModelLoadError(f"{config_file}: transformers has no model for this config "
+                                     f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    cls = type(shell)
+    # A plain folder stores each element at (at least) the smallest width its files use; half the model
+    # may be missing from them before transformers initialises the rest itself (a new head is tiny).
+    smallest = min((t.dtype.itemsize for t in stored.values()), default=4)
+    check_capacity(shell, data_bytes, str(config_file), where, float_bits=8 * smallest, slack=2.0)
+    expected = shell.state_dict()
+    retyped = [f"{k!r} is {t.dtype} in the file but {expected[k].dtype} in the model"
+               for k, t in stored.items() if k in expected and dtypes_conflict(t.dtype, expected[k].dtype)]
+    if retyped:
+        raise ModelLoadError(f"{where} does not match {cls.__name__}: dtype mismatch (integer codes and float "
+                             f"weights never convert): {', '.join(retyped[:5])}")
+    del shell, expected
     try:
-        model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+        model = cls.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True,
+                                    dtype=torch.float32, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the Hugging Face model in {folder} ({str(exc).splitlines()[0][:300]})") from None
+    check_finite(((k, t) for k, t in model.state_dict().items() if k in stored or k.split(".", 1)[-1] in stored),
+                 folder)
     model.eval()
     return attach_info(model, source=str(folder), tokenizer=_load_tokenizer(folder))
 
 
 # -- sentence-transformers folders ------------------------------------------------------
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON ({exc})") from None
-
-
 def _module_dir(root: Path, relative: str, listed_in: str) -> Path:
     """``root / relative`` for a module path of ``modules.json``; ModelLoadError when it leaves ``root``."""
     if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts:
@@ -468,7 +982,8 @@ def _module_dir(root: Path, relative: str, listed_in: str) -> Path:
 def _load_st_folder(folder: Path) -> nn.Module:
     """A sentence-transformers folder: its Transformer module loaded (an HF folder, or the slimkit checkpoint a
     slimkit export points to) and the rest of the pipeline recorded as data (see the module docstring)."""
-    modules = _read_json(folder / ST_MODULES_FILE)
+    check_folder(folder)
+    modules = read_json_file(folder / ST_MODULES_FILE, folder)
     entries_ok = isinstance(modules, list) and all(
         isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("type"), str) for e in modules)
     if not (entries_ok and modules):
@@ -481,7 +996,7 @@ def _load_st_folder(folder: Path) -> nn.Module:
         raise ModelLoadError(f"{folder / ST_MODULES_FILE}: slimkit loads sentence-transformers models whose first "
                              f"module is a Transformer; this one starts with {first['type']}")
     tf_dir = _module_dir(folder, first["path"], ST_MODULES_FILE)
-    config = _read_json(tf_dir / "config.json") if (tf_dir / "config.json").exists() else {}
+    config = read_json_file(tf_dir / "config.json", folder) if os.path.lexists(tf_dir / "config.json") else {}
     if isinstance(config, dict) and config.get("model_type") == ST_ENCODER_TYPE:
         # A slimkit encoder re-saved by sentence-transformers: its config points at the slimkit checkpoint.
         checkpoint = (tf_dir / str(config.get("checkpoint", ""))).resolve()
@@ -489,7 +1004,7 @@ def _load_st_folder(folder: Path) -> nn.Module:
             raise ModelLoadError(f"{tf_dir / 'config.json'}: its checkpoint {config.get('checkpoint')!r} is not a "
                                  f"slimkit checkpoint inside {folder}")
         model = _load_checkpoint(checkpoint, None)
-    elif (tf_dir / "config.json").exists():
+    elif os.path.lexists(tf_dir / "config.json"):
         model = _load_hf_folder(tf_dir)
         attach_info(model, source=str(folder))
     else:
@@ -503,9 +1018,9 @@ def _st_layout(folder: Path, modules: list[dict], tf_dir: Path) -> dict[str, Any
                                           for e in modules]}
     config_file = next((tf_dir / n for n in _ST_CONFIG_FILES if (tf_dir / n).is_file()), None)
     if config_file is not None:
-        layout["sentence_bert_config"] = _read_json(config_file)
+        layout["sentence_bert_config"] = read_json_file(config_file, folder)
     if (folder / "config_sentence_transformers.json").is_file():
-        layout["config_sentence_transformers"] = _read_json(folder / "config_sentence_transformers.json")
+        layout["config_sentence_transformers"] = read_json_file(folder / "config_sentence_transformers.json", folder)
     files: dict[str, dict[str, Any]] = {}
     unsupported = []
     for entry in modules[1:]:
@@ -515,8 +1030,10 @@ def _st_layout(folder: Path, modules: list[dict], tf_dir: Path) -> dict[str, Any
             continue
         found = {}
         for item in sorted(where.iterdir()) if where.is_dir() else []:
-            if item.is_file() and item.suffix == ".json" and item.stat().st_size <= ST_JSON_LIMIT:
-                found[item.name] = _read_json(item)
+            # Only small regular JSON files are recorded (never through a link): they are written again on save.
+            if (not item.is_symlink() and item.is_file() and item.suffix == ".json"
+                    and item.stat().st_size <= ST_JSON_LIMIT):
+                found[item.name] = read_json_file(item, folder, ST_JSON_LIMIT)
             else:
                 unsupported.append(f"{entry['type']} ({entry['path']}/{item.name})")
         files[entry["path"]] = found

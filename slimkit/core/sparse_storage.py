@@ -25,6 +25,11 @@ Tied tensors (several names viewing the same memory, e.g. tied embeddings) are w
 under the first name; the others are listed under ``slimkit.aliases`` (JSON:
 ``{alias: stored_name}``). Files from ``safetensors.torch.save_model`` (which records an
 alias as a plain metadata entry ``alias -> stored_name``) are read the same way.
+
+``stored_layout(path)`` gives, from the header alone (no tensor data read), the dtype and
+shape of every tensor ``load_state_dict`` would return, compact pairs resolved and checked
+against each other, so a loader can compare them with the model it expects before it
+allocates anything.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import json
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +50,13 @@ ALIASES_KEY = "slimkit.aliases"
 COMPACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MIN_1D_ELEMENTS = 1024
 _DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in COMPACT_DTYPES}
+# safetensors' dtype names (the header's "dtype") -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}
 # Header bytes a compact pair costs beyond the dense entry: two JSON entries of about
 # len(name) + 80 characters, plus the shape/dtype record in the metadata.
 _PAIR_HEADER_BYTES = 240
@@ -159,6 +172,98 @@ def encode_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return tensors, metadata
 
 
+def _parse_metadata(metadata: dict[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The compact-tensor records and aliases of a file's metadata, type-checked; ValueError when malformed."""
+    try:
+        sparse = json.loads(metadata.get(SPARSE_KEY, "{}"))
+        aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"the {SPARSE_KEY}/{ALIASES_KEY} metadata is not valid JSON ({exc})") from None
+    if not isinstance(sparse, dict) or not all(isinstance(v, dict) for v in sparse.values()):
+        raise ValueError(f"the {SPARSE_KEY} metadata must map tensor names to {{shape, dtype}} records")
+    for name, info in sparse.items():
+        shape = info.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise ValueError(f"compact tensor {name!r}: its shape {shape!r} is not a list of non-negative integers")
+        if str(info.get("dtype")) not in _DTYPE_NAMES:
+            raise ValueError(f"compact tensor {name!r}: dtype {info.get('dtype')!r} is not a float dtype "
+                             f"({', '.join(_DTYPE_NAMES)})")
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ValueError(f"the {ALIASES_KEY} metadata must map tensor names to stored names")
+    return sparse, aliases
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """The dtype and shape a tensor of a safetensors file loads as (a compact pair: the dense tensor)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def resolve_layout(entries: dict[str, tuple[str, list[int]]], metadata: dict[str, str] | None
+                   ) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """What ``decode_tensors`` returns for a file whose header lists ``entries`` (name -> (dtype name, shape)).
+
+    Returns ``({name: StoredTensor}, {alias: stored_name})`` without any tensor data: compact
+    pairs become the dense tensor they expand to, after checking the pair fits (uint8 1-D
+    bitmask of ``ceil(n / 8)`` bytes, 1-D values of the recorded dtype and at most ``n``
+    entries). Raises ValueError naming the tensor for anything inconsistent or a dtype
+    torch cannot hold.
+    """
+    metadata = dict(metadata or {})
+    sparse, aliases = _parse_metadata(metadata)
+    stored: dict[str, StoredTensor] = {}
+    for name, (dtype_name, shape) in entries.items():
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise ValueError(f"tensor {name!r} has dtype {dtype_name}, which slimkit does not load")
+        stored[name] = StoredTensor(dtype, tuple(int(d) for d in shape))
+    for name, info in sparse.items():
+        bitmask, values = stored.pop(name + BITMASK_SUFFIX, None), stored.pop(name + VALUES_SUFFIX, None)
+        if bitmask is None or values is None:
+            missing = name + (BITMASK_SUFFIX if bitmask is None else VALUES_SUFFIX)
+            raise ValueError(f"compact tensor {name!r}: {missing!r} is missing from the file")
+        if name in stored:
+            raise ValueError(f"tensor {name!r} is stored both densely and compactly")
+        shape = tuple(info["shape"])
+        n = math.prod(shape)
+        if bitmask.dtype != torch.uint8 or bitmask.shape != (math.ceil(n / 8),):
+            raise ValueError(f"compact tensor {name!r}: a bitmask of {n} bits must be uint8 of shape "
+                             f"({math.ceil(n / 8)},), the file has {bitmask.dtype} of shape {bitmask.shape}")
+        dtype = _DTYPE_NAMES[info["dtype"]]
+        if values.dtype != dtype or len(values.shape) != 1 or values.shape[0] > n:
+            raise ValueError(f"compact tensor {name!r}: values must be 1-D {dtype} with at most {n} entries, "
+                             f"the file has {values.dtype} of shape {values.shape}")
+        stored[name] = StoredTensor(dtype, shape)
+    for key, value in metadata.items():  # save_model's plain alias entries (see decode_tensors)
+        if key not in (SPARSE_KEY, ALIASES_KEY, "format") and value in stored and key not in stored:
+            aliases.setdefault(key, value)
+    return stored, aliases
+
+
+def stored_layout(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[str, str], int]:
+    """``resolve_layout`` of the safetensors file ``path`` read from its header, plus its tensor data bytes.
+
+    Reads no tensor data. Raises ValueError for metadata that does not describe a
+    consistent state dict; safetensors' own errors for a corrupt header.
+    """
+    from safetensors import safe_open
+
+    entries: dict[str, tuple[str, list[int]]] = {}
+    nbytes = 0
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+            view = f.get_slice(key)
+            entries[key] = (view.get_dtype(), list(view.get_shape()))
+            dtype = SAFETENSORS_DTYPES.get(entries[key][0])
+            nbytes += math.prod(entries[key][1]) * (dtype.itemsize if dtype is not None else 1)
+    stored, aliases = resolve_layout(entries, metadata)
+    return stored, aliases, nbytes
+
+
 def decode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Invert ``encode_state_dict``: the dense state dict (aliases not expanded) and ``{alias: stored_name}``.
@@ -167,11 +272,7 @@ def decode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
     """
     metadata = dict(metadata or {})
     tensors = dict(tensors)
-    try:
-        sparse = json.loads(metadata.get(SPARSE_KEY, "{}"))
-        aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
-    except ValueError as exc:
-        raise ValueError(f"the {SPARSE_KEY}/{ALIASES_KEY} metadata is not valid JSON ({exc})") from None
+    sparse, aliases = _parse_metadata(metadata)
     for name, info in sparse.items():
         try:
             bitmask = tensors.pop(name + BITMASK_SUFFIX)

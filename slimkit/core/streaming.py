@@ -10,6 +10,11 @@ one block, the calibration activations and the method's own statistics (a Hessia
 
 ``SafetensorsWriter`` writes a valid safetensors file incrementally (tensor data to a
 side file, then header + data), so the compressed model is never held whole either.
+
+The source folder is untrusted like any model folder (``core.io``): its config runs no code
+and names only a transformers model class, its files stay inside it, the meta model must fit
+the bytes its safetensors hold, and each tensor read must have the shape and dtype kind the
+meta model expects and finite values.
 """
 
 from __future__ import annotations
@@ -28,9 +33,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.atomic import atomic_dir
+from slimkit.core.atomic import MODEL_FOLDER, atomic_dir
 from slimkit.core.calibration import CalibrationData, find_blocks
 from slimkit.core.errors import ModelLoadError, UnsupportedError
+from slimkit.core.io import (
+    INDEX_LIMIT,
+    _load_tokenizer,
+    attach_info,
+    auto_config,
+    build_transformers,
+    check_capacity,
+    check_finite,
+    check_folder,
+    check_layer_counts,
+    check_safetensors,
+    dtypes_conflict,
+    model_class,
+    read_config,
+    read_json_file,
+    stored_tensors,
+)
 from slimkit.core.linear_like import LinearLike, in_features
 
 _DTYPES = {
@@ -98,30 +120,49 @@ def return_freed_memory() -> None:
 
 
 class CheckpointIndex:
-    """Which safetensors file of a checkpoint folder holds each tensor (single file or sharded index)."""
+    """Which safetensors file of a checkpoint folder holds each tensor (single file or sharded index).
+
+    ``stored`` gives each tensor's dtype and shape from the headers, ``data_bytes`` the tensor
+    data of all files, so the model can be checked against them before anything is read.
+    """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
+        check_folder(self.folder)
         index = self.folder / "model.safetensors.index.json"
         self.where: dict[str, Path] = {}
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(f"{index} is not a valid safetensors index ({exc})") from None
+        self.stored: dict[str, Any] = {}
+        self.data_bytes = 0
+        if os.path.lexists(index):
+            data = read_json_file(index, self.folder, INDEX_LIMIT)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise ModelLoadError(f"{index} is not a valid safetensors index (its 'weight_map' must map tensor "
+                                     "names to file names)")
+            for name, file in weight_map.items():
+                if Path(file).is_absolute() or len(Path(file).parts) != 1 or not file.endswith(".safetensors"):
+                    raise ModelLoadError(f"{index}: {name!r} is mapped to {file!r}, not a .safetensors file of "
+                                         f"{self.folder}")
             self.where = {k: self.folder / v for k, v in weight_map.items()}
+            files = sorted(set(self.where.values()))
         else:
             files = sorted(self.folder.glob("*.safetensors"))
             if not files:
                 raise ModelLoadError(f"{self.folder} has no .safetensors weights")
-            for f in files:
-                try:
-                    with safe_open(f, "pt") as handle:
-                        self.where.update({k: f for k in handle.keys()})
-                except Exception as exc:  # a truncated or corrupt file
-                    raise ModelLoadError(f"{f} is not a readable safetensors file ({exc})") from None
+        for f in files:
+            try:
+                check_safetensors(f, self.folder)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{f.name} is not a readable safetensors file: {exc}") from None
+            tensors, _aliases, nbytes = stored_tensors(f)
+            self.data_bytes += nbytes
+            self.stored.update(tensors)
+            if not os.path.lexists(index):
+                self.where.update({k: f for k in tensors})
+        lost = [k for k, f in self.where.items() if k not in self.stored]
+        if lost:
+            raise ModelLoadError(f"{index} maps {len(lost)} tensor(s) to files that do not hold them "
+                                 f"(e.g. {lost[0]!r} in {self.where[lost[0]].name})")
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The named tensors, each file opened only for the read (so its pages are not kept mapped)."""
@@ -135,31 +176,47 @@ class CheckpointIndex:
             with safe_open(f, "pt") as handle:
                 for k in keys:
                     out[k] = handle.get_tensor(k)
+        check_finite(out.items(), self.folder)
         return out
+
+    def check(self, expected: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Refuse stored tensors ``prefix + name`` whose shape or dtype kind differs from ``expected[name]`` (meta tensors)."""
+        for name, t in expected.items():
+            stored = self.stored.get(prefix + name)
+            if stored is None:
+                continue
+            if tuple(stored.shape) != tuple(t.shape) or dtypes_conflict(stored.dtype, t.dtype):
+                raise ModelLoadError(f"{self.where[prefix + name]}: tensor {prefix + name!r} is {stored.dtype} "
+                                     f"{tuple(stored.shape)} in the file but the model expects {t.dtype} "
+                                     f"{tuple(t.shape)}")
 
     def under(self, prefix: str) -> list[str]:
         """Every tensor name starting with ``prefix``."""
         return [k for k in self.where if k.startswith(prefix)]
 
 
-def lazy_model(folder: str | os.PathLike) -> nn.Module:
-    """The Hugging Face model in ``folder`` built on the meta device: its structure, no weight memory."""
-    import transformers
+def lazy_model(folder: str | os.PathLike, index: CheckpointIndex | None = None) -> nn.Module:
+    """The Hugging Face model in ``folder`` built on the meta device: its structure, no weight memory.
 
-    from slimkit.core.io import _load_tokenizer, attach_info, quiet_transformers
-
+    The config must run no code (``io.read_config``: no ``auto_map``) and name a transformers
+    model class, and the model it describes must fit the bytes of the folder's safetensors
+    (``index``, read from the folder when not given).
+    """
     folder = Path(folder)
-    quiet_transformers()
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"{folder / 'config.json'} cannot be read ({exc})") from None
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise UnsupportedError(f"{folder / 'config.json'} names no transformers model class (architectures: {archs})")
+    index = index or CheckpointIndex(folder)
+    config_file = folder / "config.json"
+    raw = read_config(folder)
+    check_layer_counts(raw, len(index.stored), config_file, f"the .safetensors files in {folder}")
+    config = auto_config(folder)
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise UnsupportedError(f"{config_file} names no transformers model class (architectures: {archs})")
+    cls = model_class(archs[0], config_file)
     with torch.device("meta"):
-        model = cls(config)
+        model = build_transformers(cls, config, config_file)
+    smallest = min((t.dtype.itemsize for t in index.stored.values()), default=4)
+    check_capacity(model, index.data_bytes, str(config_file), f"the .safetensors files in {folder}",
+                   float_bits=8 * smallest, slack=2.0)
     model.eval()
     return attach_info(model, source=str(folder), tokenizer=_load_tokenizer(folder))
 
@@ -246,6 +303,8 @@ class BlockStream:
         for owners in groups.values():
             stored = [full for _, _, full, _ in owners if full in self.index.where]
             if stored:
+                owner, attr = owners[0][0], owners[0][1]
+                self.index.check({stored[0]: getattr(owner, attr)})
                 value = self.index.read([stored[0]])[stored[0]]
             else:
                 value = self._recompute(model, owners[0][0], owners[0][1], rebuilt)
@@ -276,8 +335,13 @@ class BlockStream:
                 store[attr] = (nn.Parameter(t.to("meta"), requires_grad=False) if is_param else t.to("meta"))
             self._outside = []
         prefix = name + "."
+        expected = block.state_dict()
+        self.index.check(expected, prefix)  # shapes and dtypes from the header, before reading
+        unexpected = [k for k in self.index.under(prefix) if k[len(prefix):] not in expected]
+        if unexpected:
+            raise ModelLoadError(f"{self.index.folder}: {unexpected[0]!r} is not a tensor of the model's block {name}")
         state = {k[len(prefix):]: v for k, v in self.index.read(self.index.under(prefix)).items()}
-        block.load_state_dict(state, strict=True, assign=True)
+        block.load_state_dict(state, strict=False, assign=True)
         still_meta = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
         if still_meta:
             raise UnsupportedError(f"{name}.{still_meta[0]} is not in the checkpoint; cannot stream this block")
@@ -316,9 +380,9 @@ def compress_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, c
     ctx = ctx or Context()
     source, out_dir = Path(source), Path(out_dir)
     index = CheckpointIndex(source)
-    model = lazy_model(source)
+    model = lazy_model(source, index)
     ctx.note(memory_estimate(model, data).describe())
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind=MODEL_FOLDER) as tmp:  # never replaces a folder slimkit did not write
         writer = SafetensorsWriter(tmp / WEIGHTS_FILE)
         stream = BlockStream(index, writer)
         ctx.stream = stream

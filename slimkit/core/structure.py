@@ -5,6 +5,12 @@ structural edits record such attributes on the model (JSON-able values, kept in
 ``model.__dict__["_slimkit_structure"]``: module name -> {attribute: value}); checkpoints
 save them and reloading sets them again. Code that renumbers layers (a student made by
 dropping layers) renumbers the records with ``renumber_structure``.
+
+Only the integer size fields in ``STRUCTURE_FIELDS`` may be recorded: a checkpoint's
+``structure`` is set on rebuilt modules with ``setattr``, so an open list would let a
+crafted ``slimkit.json`` change any attribute (``variance_epsilon``, a flag, a method).
+``structure_problem`` says what is wrong with one record; recording refuses such a record
+here, and the loader (``pruning.checkpoint_hooks``) refuses a checkpoint holding one.
 """
 
 from __future__ import annotations
@@ -20,16 +26,51 @@ from slimkit.core.errors import UnsupportedError
 
 STRUCTURE_ATTR = "_slimkit_structure"
 
+# The attributes structured pruning changes (``pruning/transformer_groups.py``: the head-size,
+# query-head, key/value-head, query-width and MLP-width families it rewrites), all positive
+# integer sizes. Keep in step with those tuples; a test checks they are all listed here.
+STRUCTURE_FIELDS = frozenset({
+    "head_dim", "attention_head_size", "head_size", "dim_per_head",
+    "num_heads", "num_attention_heads", "n_heads",
+    "num_key_value_heads", "num_kv_heads",
+    "all_head_size", "inner_dim",
+    "intermediate_size", "ffn_dim",
+})
+
+
+def structure_problem(module_name: Any, attrs: Any) -> str | None:
+    """What is wrong with recording ``attrs`` for module ``module_name``, or None when the record is allowed.
+
+    Allowed: a string module name and a mapping from names in ``STRUCTURE_FIELDS`` to
+    positive ints (not bools).
+    """
+    if not isinstance(module_name, str):
+        return f"a module name must be a string, got {module_name!r}"
+    if not isinstance(attrs, Mapping):
+        return f"the attributes recorded for {module_name!r} must be a mapping of name to integer, got {attrs!r}"
+    for attr, value in attrs.items():
+        if attr not in STRUCTURE_FIELDS:
+            return (f"attribute {attr!r} of {module_name!r} is not a structural size slimkit records; allowed: "
+                    f"{', '.join(sorted(STRUCTURE_FIELDS))}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            return f"attribute {attr!r} of {module_name!r} must be a positive integer, got {value!r}"
+    return None
+
+
 def record_attributes(model: nn.Module, module_name: str, attrs: Mapping[str, Any]) -> None:
     """Record that submodule ``module_name`` ("" = the model) must get ``attrs`` set when rebuilt.
 
-    Values must be JSON-able (they go into ``slimkit.json``); a later record of the same
-    attribute overwrites the earlier one.
+    Values must be JSON-able (they go into ``slimkit.json``) and each attribute one of
+    ``STRUCTURE_FIELDS`` with a positive int value (UnsupportedError otherwise); a later
+    record of the same attribute overwrites the earlier one.
     """
     try:
         plain = json.loads(json.dumps(dict(attrs)))
     except (TypeError, ValueError) as exc:
         raise UnsupportedError(f"attributes recorded for {module_name!r} must be JSON-able ({exc})") from None
+    problem = structure_problem(module_name, plain)
+    if problem is not None:
+        raise UnsupportedError(f"cannot record structure: {problem}")
     model.__dict__.setdefault(STRUCTURE_ATTR, {}).setdefault(module_name, {}).update(plain)
 
 

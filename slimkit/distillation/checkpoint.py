@@ -12,6 +12,12 @@ renamed into place):
 
 Every reader raises ``CheckpointError`` naming the file that is missing, corrupt or does not
 match the module or optimizer.
+
+``checkpoint_dir`` can be any path a recipe names, so it is slimkit's to write only when it is
+new, empty, or a checkpoint folder already: ``last/`` (a trainer checkpoint, marked by its
+``trainer.json``, holding those three files alone) and ``atomic_dir``'s own hidden temporaries.
+Anything else is refused (``check_checkpoint_dir``) before training and again before each write,
+so replacing ``last/`` never deletes a user's files.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.atomic import atomic_dir
+from slimkit.core.atomic import OutputKind, atomic_dir, check_output_dir
 from slimkit.core.errors import SlimkitError, UnsupportedError
 
 CHECKPOINT_NAME = "last"
@@ -34,8 +40,48 @@ STATE_FILE = "trainer.json"
 CHECKPOINT_FORMAT = "slimkit.trainer"
 CHECKPOINT_VERSION = 1
 
+
 class CheckpointError(SlimkitError):
     """A trainer checkpoint that cannot be read or does not match the module, optimizer or settings."""
+
+
+def _is_trainer_state(content: object) -> bool:
+    return isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT
+
+
+CHECKPOINT_KIND = OutputKind("trainer checkpoint", STATE_FILE, (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE),
+                             _is_trainer_state)
+"""``checkpoint_dir/last``: replaced only when it holds these files alone."""
+
+# atomic_dir's temporaries and lock beside ``last`` (``.last.tmp-PID.HOST-XXXX``, ``.last.old-...``, ``.last.lock``).
+_OWN_SIBLINGS = (f".{CHECKPOINT_NAME}.tmp-", f".{CHECKPOINT_NAME}.old-", f".{CHECKPOINT_NAME}.lock")
+
+
+def check_checkpoint_dir(folder: str | os.PathLike, option: str = "checkpoint_dir") -> None:
+    """Raise ``CheckpointError`` unless ``folder`` is new, empty, or a slimkit checkpoint folder and nothing else.
+
+    ``option`` names the setting in the message (``checkpoint_dir`` in a recipe, ``--checkpoints``
+    on the command line).
+    """
+    folder = Path(folder)
+    if not os.path.lexists(folder):
+        return
+    if not folder.is_dir():
+        raise CheckpointError(f"{option} {folder}: it exists and is not a folder; name a new or empty folder")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise CheckpointError(f"{option} {folder}: cannot be read ({exc.strerror or exc})") from None
+    for name in names:
+        if name == CHECKPOINT_NAME:
+            try:
+                check_output_dir(folder / name, CHECKPOINT_KIND, hint=f"name a new or empty {option}")
+            except SlimkitError as exc:
+                raise CheckpointError(f"{option} {folder}: {exc}") from None
+        elif not name.startswith(_OWN_SIBLINGS):
+            raise CheckpointError(f"{option} {folder}: refusing to write checkpoints there: it holds {name!r}, which "
+                                  f"is not slimkit's (a checkpoint folder holds {CHECKPOINT_NAME}/ alone); name a new "
+                                  "or empty folder")
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -135,7 +181,8 @@ def write_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Opt
         "optimizer": {"param_groups": [{k: _json_value(v) for k, v in g.items()} for g in opt["param_groups"]],
                       "scalars": scalars},
     }
-    with atomic_dir(folder) as tmp:
+    check_checkpoint_dir(folder.parent)  # again before each write: the folder may have changed since training began
+    with atomic_dir(folder, kind=CHECKPOINT_KIND, hint="name a new or empty checkpoint_dir") as tmp:
         save_state_dict(module.state_dict(), tmp / MODEL_FILE)
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str), encoding="utf-8")

@@ -283,6 +283,10 @@ def apply_distill(student: nn.Module, config: Distill, ctx: Context) -> None:
     if teacher is None:
         raise ConfigError("Distill needs a teacher: in a recipe it is the model before the first step; in Python "
                           "call slimkit.distill_(student, teacher, config)")
+    if config.checkpoint_dir is not None:  # before any training: a recipe's checkpoint_dir can name any folder
+        from slimkit.distillation.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(config.checkpoint_dir, "Distill.checkpoint_dir")
     check_weights_finite(teacher, "teacher")
     check_weights_finite(student, "student")
     task = task_of(student)

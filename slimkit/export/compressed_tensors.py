@@ -30,7 +30,10 @@ that replaced something other than a plain nn.Linear in the architecture (GPT-2'
 weight stored (in, out); Falcon's ``FalconLinear``, whose forward reads ``.weight``) is refused:
 the format's loaders quantize plain nn.Linear modules only.
 
-The folder is written to a temporary folder beside ``out_dir`` and renamed into place.
+The folder is written to a temporary folder beside ``out_dir`` and renamed into place. An
+existing ``out_dir`` is replaced only when it is empty or an earlier such export holding
+nothing but the files this writes (``OUTPUT_KIND``); anything else is refused, naming the
+first foreign file, before any work.
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimkit.core.atomic import atomic_dir
+from slimkit.core.atomic import (
+    TOKENIZER_FILES,
+    OutputKind,
+    atomic_dir,
+    check_output_dir,
+)
 from slimkit.core.errors import UnsupportedError
 from slimkit.core.linear_like import linear_kind
 from slimkit.quantization.modules import (
@@ -59,6 +67,16 @@ FORMAT = "pack-quantized"
 QUANT_METHOD = "compressed-tensors"
 CT_BITS = (2, 4, 8)
 WEIGHTS_FILE = "model.safetensors"
+
+
+def _is_export_config(content: object) -> bool:
+    quant = content.get("quantization_config") if isinstance(content, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
+
+
+OUTPUT_KIND = OutputKind("compressed-tensors export", "config.json",
+                         (WEIGHTS_FILE, "config.json", "generation_config.json", *TOKENIZER_FILES), _is_export_config)
+"""What ``export_compressed_tensors`` writes: an existing folder is replaced only when it holds nothing else."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike) -> C
     """
     from safetensors.torch import save_file
 
+    check_output_dir(out_dir, OUTPUT_KIND)  # before the packing work: a folder of the user's is never replaced
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise UnsupportedError(f"compressed-tensors export needs a transformers model with a config, got "
@@ -227,7 +246,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike) -> C
     from slimkit.core.io import tokenizer_of
 
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind=OUTPUT_KIND) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         generation = getattr(model, "generation_config", None)

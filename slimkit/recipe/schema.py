@@ -15,13 +15,17 @@ evaluate: [size, perplexity, latency]     # optional
 
 Every key is checked: an unknown one, at any level, is an error naming the closest
 valid key. Steps are exactly the configs' fields (``Config.from_dict``). YAML is read
-with ``yaml.safe_load`` only. ``Recipe.from_yaml(p).to_yaml()`` round-trips.
+with ``RecipeLoader``, a ``yaml.SafeLoader`` that also refuses what a recipe never needs and
+a hostile file uses: anchors and aliases (billion laughs), duplicate keys (the last would
+silently win), merge keys, nesting deeper than ``MAX_DEPTH``, more than ``MAX_NODES`` values,
+files over ``MAX_RECIPE_BYTES`` (checked before reading) or that are not regular files. ``Recipe.from_yaml(p).to_yaml()`` round-trips.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,126 @@ _TOP_KEYS = ("version", "model", "calibration", "data", "allow_partial", "stages
 _STAGE_KEYS = ("name", "steps")
 # Names of the first recipe format, still read: calibration.corpus -> source, calibration.samples -> n.
 _LEGACY_DATA_KEYS = {"corpus": "source", "samples": "n"}
+MAX_RECIPE_BYTES = 1024 * 1024  # the shipped recipes are < 2 KB
+MAX_DEPTH = 32  # nesting levels of YAML collections; a recipe uses about 5
+MAX_NODES = 50_000  # values in one recipe (the shipped ones hold < 100): bounds the pure-Python parse to seconds
+
+
+def _recipe_loader() -> type:
+    """``RecipeLoader``, built on first use so ``import slimkit`` does not import yaml."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml
+    from yaml.composer import ComposerError
+    from yaml.constructor import ConstructorError
+    from yaml.events import AliasEvent, CollectionStartEvent
+
+    class RecipeLoader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` without anchors/aliases, duplicate or merge keys, or nesting deeper than ``MAX_DEPTH``.
+
+        The checks run while the document is composed, event by event, so a hostile file
+        is refused before anything large or deep is built.
+        """
+
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self._depth = 0
+            self._nodes = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            self._nodes += 1
+            if self._nodes > MAX_NODES:
+                raise ComposerError(None, None, f"more than {MAX_NODES:,} values in one recipe", event.start_mark)
+            if isinstance(event, AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed in a recipe; "
+                                                "write each value out", event.start_mark)
+            if not isinstance(event, CollectionStartEvent):
+                return super().compose_node(parent, index)
+            self._depth += 1  # compose_node recurses once per level: stop before Python's recursion limit does
+            try:
+                if self._depth > MAX_DEPTH:
+                    raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise ConstructorError(None, None, "merge keys (<<) are not allowed in a recipe",
+                                           key_node.start_mark)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue  # SafeConstructor refuses unhashable keys itself
+                key = self.construct_object(key_node)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue
+                if first is not None:
+                    raise ConstructorError(None, None, f"duplicate key {key!r} (first on line {first})",
+                                           key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    _LOADER = RecipeLoader
+    return RecipeLoader
+
+
+_LOADER: type | None = None
+
+
+def _yaml_error_text(exc: BaseException) -> str:
+    """One line saying what is wrong and where (``problem (line L, column C)``)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem:
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{problem}{where}"
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def parse_yaml(text: str | bytes, where: str) -> Any:
+    """Plain data from recipe YAML text with ``RecipeLoader``; RecipeError (one line) for anything it refuses.
+
+    Values the safe constructors cannot build (a 5,000-digit integer, month 13 in a date)
+    are errors of the file too, not crashes.
+    """
+    import yaml
+
+    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text)
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where} is {size:,} bytes; a recipe may be at most {MAX_RECIPE_BYTES:,} bytes")
+    try:
+        return yaml.load(text, Loader=_recipe_loader())  # RecipeLoader is a yaml.SafeLoader
+    except (yaml.YAMLError, UnicodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise RecipeError(f"{where} is not valid YAML: {_yaml_error_text(exc)}") from None
+
+
+def _read_recipe_file(path: Path) -> bytes:
+    """The bytes of a regular recipe file of at most ``MAX_RECIPE_BYTES``, checked before reading."""
+    try:
+        # O_NONBLOCK: a FIFO put in the recipe's place must not block the open; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {str(path)!r} not found") from None
+    except OSError as exc:
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise RecipeError(f"recipe {str(path)!r} is not a regular file")
+        if info.st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {path} is {info.st_size:,} bytes; a recipe may be at most "
+                              f"{MAX_RECIPE_BYTES:,} bytes")
+        data = f.read(MAX_RECIPE_BYTES + 1)  # bounded: the file may grow after fstat
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is over {MAX_RECIPE_BYTES:,} bytes; a recipe may be at most "
+                          f"{MAX_RECIPE_BYTES:,} bytes")
+    return data
 
 
 def _check_keys(data: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
@@ -139,28 +263,24 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
-        """Read and validate a recipe YAML file (safe loader only)."""
-        import yaml
-
+        """Read and validate a recipe YAML file (``RecipeLoader``: a regular file of at most 1 MB, see above)."""
         path = Path(path)
         if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} not found")
+            raise RecipeError(f"recipe file {str(path)!r} not found" if not path.exists() else
+                              f"recipe {str(path)!r} is not a regular file")
+        data = _read_recipe_file(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        return cls.from_dict(data, source=str(path))
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"recipe {path} is not valid YAML: not UTF-8 text (byte {exc.start})") from None
+        return cls.from_dict(parse_yaml(text, f"recipe {path}"), source=str(path))
 
     @classmethod
     def from_yaml_text(cls, text: str) -> Recipe:
-        """Parse a recipe from YAML text (safe loader only)."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe is not valid YAML: {str(exc).splitlines()[0]}") from None
-        return cls.from_dict(data)
+        """Parse a recipe from YAML text (``RecipeLoader``, see above)."""
+        if not isinstance(text, str):
+            raise RecipeError(f"recipe text must be a string, got {type(text).__name__}")
+        return cls.from_dict(parse_yaml(text, "recipe"))
 
     # -- writing -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -191,11 +311,32 @@ def builtin_recipe_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "recipes"
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with slimkit (``resolve_recipe`` takes them without a path)."""
+    return sorted(p.stem for p in builtin_recipe_dir().glob("*.yaml"))
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` can only be a shipped recipe's name: no folder part, nothing that leaves the folder."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in ("/", "\\", "\0", ":")) \
+        and os.sep not in name and (os.altsep is None or os.altsep not in name)
+
+
 def resolve_recipe(name_or_path: str | os.PathLike) -> Recipe:
-    """A recipe from a YAML path, or from the name of a shipped sample (``int8-weight-only``)."""
+    """A recipe from a YAML path, or from the name of a shipped sample (``int8-weight-only``).
+
+    A name is looked up in the shipped folder only when it is a plain name: ``../x`` or
+    ``a/b`` is a path, never a way out of that folder.
+    """
     path = Path(name_or_path)
-    if not path.exists():
-        candidate = builtin_recipe_dir() / f"{name_or_path}.yaml"
-        if candidate.exists():
-            path = candidate
-    return Recipe.from_yaml(path)
+    if path.exists():
+        return Recipe.from_yaml(path)
+    name = os.fspath(name_or_path)
+    if isinstance(name, str) and _plain_name(name):
+        candidate = builtin_recipe_dir() / f"{name}.yaml"
+        if candidate.is_file():
+            return Recipe.from_yaml(candidate)
+        shipped = shipped_recipes()
+        raise RecipeError(f"recipe {name!r} not found: no such file, nor a shipped recipe{closest(name, shipped)}; "
+                          f"shipped: {', '.join(shipped)}")
+    raise RecipeError(f"recipe file {str(name_or_path)!r} not found")

@@ -41,7 +41,7 @@ def apply_step(model: nn.Module, config: Config, data: CalibrationData | None = 
     handler = handler_for(config)
     ctx = ctx or Context()
     if data is not None:
-        ctx.data = data
+        ctx.data = data if config.family == "distill" else as_calibration(model, data)
     checked = config.family != "distill" and ctx.stream is None  # training changes everything; a stream is on meta
     before = snapshot(model) if checked else None
     notes_before = len(ctx.notes)
@@ -52,6 +52,23 @@ def apply_step(model: nn.Module, config: Config, data: CalibrationData | None = 
     info = model_info(model)
     attach_info(model, steps=[*info.get("steps", []), config.to_dict()])
     return model
+
+
+def as_calibration(model: nn.Module, data: Any) -> CalibrationData:
+    """``data`` as CalibrationData: as is, a data spec (a path, ``PATH?field=...``, a mapping, a DataSpec)
+    read by the model's task, or any iterable of batches (a DataLoader; ``(inputs, labels)`` keeps the inputs)."""
+    from slimkit.tasks.sources import DataSpec
+
+    if isinstance(data, CalibrationData):
+        return data
+    if isinstance(data, (str, dict, DataSpec)) or hasattr(data, "__fspath__"):
+        return task_of(model).calibration(model, data)
+    try:
+        iter(data)
+    except TypeError:
+        raise ConfigError(f"data must be CalibrationData, a data spec (a path, 'file.jsonl?field=text') or an "
+                          f"iterable of batches such as a DataLoader, got {type(data).__name__}") from None
+    return CalibrationData.from_loader(data)
 
 
 def _check_coverage(model: nn.Module, config: Config, before: dict, ctx: Context, step_notes: list[str]) -> None:
@@ -78,7 +95,7 @@ def _check_coverage(model: nn.Module, config: Config, before: dict, ctx: Context
 
 def _check_runs(model: nn.Module, config: Config, data: Any) -> None:
     """One forward on two rows of the first calibration batch (or the task's example inputs); finite output."""
-    if data is not None and isinstance(data, CalibrationData) and len(data):
+    if isinstance(data, CalibrationData) and len(data):
         batch, _ = split_labels(next(iter(data)))
         batch = {k: v[:2] for k, v in batch.items()} if isinstance(batch, dict) else batch[:2]
     else:

@@ -106,8 +106,9 @@ def load_pretrained():
 
     with _offline():
         # No dtype argument (its name changed across transformers versions); .float() below fixes it.
-        model, info = AutoModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model, info = AutoModel.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+                                                trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     # A missing tensor would silently stay random-initialised: refuse instead.
     if info.get("missing_keys"):
         raise ModelLoadError(f"MiniLM weights in {folder} lack {sorted(info['missing_keys'])[:5]}")

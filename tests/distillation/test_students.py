@@ -212,9 +212,9 @@ def test_drop_layers_renumbers_structured_pruning_records():
     teacher = tiny_llama()
     record_attributes(teacher, "model.layers.1.self_attn", {"num_heads": 2})
     record_attributes(teacher, "model.layers.2.self_attn", {"num_heads": 3})
-    record_attributes(teacher, "model.layers.3.mlp", {"width": 5})
+    record_attributes(teacher, "model.layers.3.mlp", {"intermediate_size": 5})
     student = drop_layers(teacher, [1, 3])
-    assert structure_of(student) == {"model.layers.0.self_attn": {"num_heads": 2}, "model.layers.1.mlp": {"width": 5}}
+    assert structure_of(student) == {"model.layers.0.self_attn": {"num_heads": 2}, "model.layers.1.mlp": {"intermediate_size": 5}}
     assert "model.layers.2.self_attn" in structure_of(teacher)
 
 

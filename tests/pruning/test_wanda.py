@@ -22,7 +22,7 @@ from slimkit.pruning.wanda import (
     wanda_prune,
     wanda_scores,
 )
-from tests.llm_archs import ToyLM, tiny_causal_lm, token_batches, toy_data
+from tests.llm_archs import ToyLM, linear_copy, tiny_causal_lm, token_batches, toy_data
 
 torch.set_num_threads(1)
 
@@ -324,29 +324,13 @@ def test_sparsity_defaults_to_what_the_pattern_implies():
     assert Wanda(pattern="4:8").to_dict()["sparsity"] == 0.5
 
 
-def _with_linears(model):
-    """A copy of ``model`` whose transformers Conv1D layers are the nn.Linear they compute."""
-    import copy
-
-    from transformers.pytorch_utils import Conv1D
-
-    from slimkit.core.linear_like import as_linear
-
-    model = copy.deepcopy(model)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, Conv1D):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, as_linear(m))
-    return model
-
-
 def test_gpt2_conv1d_is_pruned_per_output_row_like_its_linear():
     from transformers.pytorch_utils import Conv1D
 
     from slimkit.core.linear_like import linear_weight
 
     gpt2 = tiny_causal_lm("gpt2")
-    linear = _with_linears(gpt2)
+    linear = linear_copy(gpt2)
     data = calib()
     for model in (gpt2, linear):
         ctx = run(model, Wanda(sparsity=0.5), data)

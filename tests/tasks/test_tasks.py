@@ -111,3 +111,18 @@ def test_generic_task_metric_must_return_numbers():
     task = GenericTask(example_inputs=torch.zeros(2, 3), eval_data=torch.zeros(4, 3), metric=lambda m, d: {"x": "y"})
     with pytest.raises(DataError, match="must return a dict of numbers"):
         task.measure_quality(net, EvalData("module", "d", inputs=torch.zeros(4, 3)))
+
+
+def test_verbs_take_a_data_spec_or_a_data_loader(tiny_lm_dir, tmp_path):
+    model = sk.load(tiny_lm_dir)
+    text = tmp_path / "code.txt"
+    text.write_text("\n".join(f"def f{i}(x): return x * {i}" for i in range(200)))
+    sk.quantize_(model, sk.GPTQ(bits=4, group_size=32), data=f"{text}?n=8&seq_len=32")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 8), torch.zeros(32)),
+                                         batch_size=8)
+    sk.quantize_(net, sk.StaticQuant(), data=loader)  # (inputs, labels) batches: the inputs calibrate
+    assert type(net[0]).__name__ == "QuantLinear" and net[0].act_mode == "static"
+    with pytest.raises(ConfigError, match="data must be CalibrationData, a data spec"):
+        sk.quantize_(nn.Sequential(nn.Linear(8, 8)), sk.StaticQuant(), data=3)
