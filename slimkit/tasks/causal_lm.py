@@ -68,8 +68,12 @@ def token_stream(texts: list[str], tokenizer: Any, max_tokens: int | None = None
     """The texts as one id stream (eos after each), tokenized ``chunk`` texts at a time until ``max_tokens``
     are in (the result is the same prefix as tokenizing everything), cut to ``max_tokens`` with ``truncate``."""
     parts, count = [], 0
+    # A token is rarely longer than 32 characters: cutting each text there bounds the tokenizer's work and
+    # memory (a 50 MB one-line file is otherwise tokenized whole) without changing the first max_tokens.
+    limit = None if max_tokens is None else max(4096, 32 * max_tokens)
     for i in range(0, len(texts), chunk):
-        parts.append(tokenize_texts(texts[i:i + chunk], tokenizer))
+        batch = texts[i:i + chunk] if limit is None else [t[:limit] for t in texts[i:i + chunk]]
+        parts.append(tokenize_texts(batch, tokenizer))
         count += len(parts[-1])
         if max_tokens is not None and count >= max_tokens:
             break

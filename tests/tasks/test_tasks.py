@@ -126,3 +126,14 @@ def test_verbs_take_a_data_spec_or_a_data_loader(tiny_lm_dir, tmp_path):
     assert type(net[0]).__name__ == "QuantLinear" and net[0].act_mode == "static"
     with pytest.raises(ConfigError, match="data must be CalibrationData, a data spec"):
         sk.quantize_(nn.Sequential(nn.Linear(8, 8)), sk.StaticQuant(), data=3)
+
+
+def test_a_huge_one_line_eval_text_is_tokenized_only_as_far_as_needed(tiny_lm_dir, tmp_path):
+    import time
+
+    model = sk.load(tiny_lm_dir)
+    big = tmp_path / "big.txt"
+    big.write_text("def f(x): return x + 1; " * 1_000_000)  # 24 MB on one line
+    start = time.perf_counter()
+    data = task_of(model).eval_data(model, str(big), max_tokens=2000)
+    assert len(data.token_ids) == 2000 and time.perf_counter() - start < 20
