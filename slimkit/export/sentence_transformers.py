@@ -12,8 +12,8 @@ as recorded. Then::
 
 Why a registered model type rather than a slimkit module class in ``modules.json``:
 sentence-transformers 6 imports a module ``type`` outside the ``sentence_transformers.*``
-namespace only with ``trust_remote_code=True`` (``util.misc.import_module_class``; since 6.0
-even for local folders and installed packages), and that flag would also let a folder's own
+namespace only when the caller trusts remote code (``util.misc.import_module_class``; since 6.0
+even for local folders and installed packages), and trusting it would also let a folder's own
 Python files run. The first module therefore stays sentence-transformers' own ``Transformer``,
 which loads its model through ``AutoConfig`` / ``AutoModel``; transformers' documented way to
 plug in locally installed model code is ``AutoConfig.register`` / ``AutoModel.register``, which
