@@ -577,12 +577,9 @@ class _Reader:
 
     def pick_fields(self, first: Mapping, name: str) -> tuple[str, bool, str | None]:
         """(text field, whether it holds chats, label field or None), chosen from the first record."""
-        existing = list(first)
         field = self.spec.field
         if field is not None:
-            if field not in first:
-                raise DataError(f"{name} has no field {field!r}{closest(field, map(str, existing))}; its records "
-                                f"have: {_field_list(first)}")
+            _require_field(first, field, name, "field")
         else:
             field = next((f for f in CHAT_FIELDS if isinstance(first.get(f), (list, tuple))), None)
             field = field or next((f for f in TEXT_FIELDS if isinstance(first.get(f), str)), None)
@@ -599,9 +596,7 @@ class _Reader:
                             "{'role', 'content'} messages; set chat_template: false or choose the messages field")
         label_field = self.spec.label_field
         if label_field is not None:
-            if label_field not in first:
-                raise DataError(f"{name} has no label field {label_field!r}{closest(label_field, map(str, existing))}"
-                                f"; its records have: {_field_list(first)}")
+            _require_field(first, label_field, name, "label field")
         else:
             label_field = next((f for f in LABEL_FIELDS if f in first and f != field), None)
         return field, is_chat, label_field
@@ -865,6 +860,13 @@ def _check_text_head(path: Path, name: str) -> None:
 def _chain(first: Any, rest: Iterator) -> Iterator:
     yield first
     yield from rest
+
+
+def _require_field(first: Mapping, field: str, name: str, what: str) -> None:
+    """DataError naming the fields that exist unless the first record of ``name`` has ``field``."""
+    if field not in first:
+        raise DataError(f"{name} has no {what} {field!r}{closest(field, map(str, first))}; its records have: "
+                        f"{_field_list(first)}")
 
 
 def _field_list(record: Mapping) -> str:
