@@ -115,3 +115,17 @@ def evaluate(model: nn.Module | str, baseline: nn.Module | str | None = None, da
     if baseline is None:
         return measure_model(model, eval_data, metrics=metrics)
     return compare(load(baseline), model, eval_data, metrics=metrics)
+
+
+def generate(model: nn.Module | str, prompt: Any, *, max_new_tokens: int = 64, sampling: Any = None,
+             kv_cache: str | None = None) -> Any:
+    """Generate text after ``prompt`` (a string or token ids) with a KV cache; returns a ``GenerationResult``.
+
+    ``model``: a causal LM (module, zoo name or folder). ``sampling``: a ``Sampling``
+    (greedy when None); ``kv_cache``: None, "int8" or "int4". The result holds the new
+    tokens, their text, and the prefill seconds and decode tokens/s measured while generating.
+    """
+    from slimkit.evaluation.generation import generate as run
+    from slimkit.tasks.generation import GREEDY
+
+    return run(load(model), prompt, max_new_tokens=max_new_tokens, sampling=sampling or GREEDY, kv_cache=kv_cache)

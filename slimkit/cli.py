@@ -1,4 +1,4 @@
-"""The ``slimkit`` command: compress, distill, eval, zoo, export.
+"""The ``slimkit`` command: compress, distill, eval, generate, zoo, export.
 
 A user's mistake (a SlimkitError, or a usage error: unknown command or option, missing
 argument) prints one line on stderr and exits with code 2, with no traceback and no partial
@@ -280,6 +280,43 @@ def eval_cmd(
         print(json.dumps(measurement.to_dict(), indent=2))
     else:
         ui.out.print(_measurement_table(measurement))
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="A causal LM: zoo name or model folder."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (default); > 0 samples."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample among the most likely tokens whose probability reaches p."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="Quantize the KV cache: int8 or int4."),
+    as_json: bool = typer.Option(False, "--json", help="Print tokens, text and speed as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the generated text."),
+) -> None:
+    """Generate text with a KV cache and print it with the measured prefill and decode speed."""
+    from slimkit.core.io import load
+    from slimkit.evaluation.generation import generate as run
+    from slimkit.tasks.generation import Sampling
+
+    ui = _Ui(quiet, as_json)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    with ui.step(f"loading {model}"):
+        m = load(model)
+    result = run(m, prompt, max_new_tokens=max_new_tokens, sampling=sampling, kv_cache=kv_cache)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    ui.out.print(prompt + (result.text or " ".join(map(str, result.new_ids[0].tolist()))), markup=False,
+                 highlight=False)
+    if not ui.quiet:
+        ui.err.print(f"prefill: {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms "
+                     f"({result.prefill_tokens_per_s:.1f} tokens/s); decode: {result.new_tokens} tokens, "
+                     f"{result.decode_tokens_per_s:.1f} tokens/s [{result.runtime}, {result.threads} threads]",
+                     highlight=False)
+        for note in result.notes:
+            ui.err.print(f"  note: {note}", highlight=False)
 
 
 def _measurement_table(m) -> Table:

@@ -25,6 +25,7 @@ import torch
 
 from slimkit.core.atomic import atomic_write_text
 from slimkit.core.errors import DataError, closest
+from slimkit.core.machine import cpu_isa, cpu_model
 from slimkit.core.measure import LatencyStats, load_average
 
 QUALITY_DIRECTIONS = {
@@ -72,6 +73,7 @@ class ModelMeasurement:
     layer_sparsity: dict[str, float] = dataclasses.field(default_factory=dict)
     layer_bits: dict[str, float] = dataclasses.field(default_factory=dict)  # bits per weight
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # str -> str | number
+    generation: dict[str, Any] | None = None  # causal LMs: evaluation.generation.GenerationStats.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; ``from_dict`` rebuilds an equal object."""
@@ -87,6 +89,7 @@ class ModelMeasurement:
             "layer_sparsity": dict(self.layer_sparsity),
             "layer_bits": dict(self.layer_bits),
             "details": dict(self.details),
+            "generation": None if self.generation is None else dict(self.generation),
         }
 
     @classmethod
@@ -114,6 +117,8 @@ def environment_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "isa": cpu_isa(),
         "load_average_1min": load_average(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -124,6 +129,10 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or den == 0:
         return None
     return num / den
+
+
+def _generation(m: ModelMeasurement, key: str) -> float | None:
+    return None if m.generation is None else m.generation.get(key)
 
 
 def _median(m: ModelMeasurement) -> float | None:
@@ -258,6 +267,16 @@ class CompressionReport:
             _ratio_row(self._latency_label(), _median(b), _median(c), "lower"),
             _ratio_row("Throughput (items/s)", _throughput(b), _throughput(c), "higher"),
         ]
+        if b.generation or c.generation:
+            g = c.generation or b.generation
+            setting = (f"batch 1, KV cache, {g['new_tokens']} new after a {g['prompt_tokens']}-token prompt, "
+                       f"threads={g['threads']}, {g['isa']}")
+            rows += [
+                _ratio_row(f"Decode tokens/s [{setting}]", _generation(b, "decode_tokens_per_s"),
+                           _generation(c, "decode_tokens_per_s"), "higher"),
+                _ratio_row("Memory while generating (MB) [tensors + peak RSS growth]", _generation(b, "memory_mb"),
+                           _generation(c, "memory_mb"), "lower"),
+            ]
         quantized = c.details.get("bits per weight (quantized layers)")
         if quantized is not None:
             rows.insert(3, _Row("Bits per weight (quantized layers)", _fmt(b.details.get(

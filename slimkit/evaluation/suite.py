@@ -28,6 +28,7 @@ from slimkit.core.measure import (
     model_latency,
     size_on_disk,
 )
+from slimkit.evaluation.generation import PROMPT_TOKENS, measure_generation
 from slimkit.evaluation.report import CompressionReport, ModelMeasurement, environment_info
 from slimkit.tasks import task_of
 from slimkit.tasks.base import EvalData
@@ -131,6 +132,10 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
             progress("latency", 0.0)
             m.latency = model_latency(model, inputs, warmup=3, runs=10, min_warmup_s=2.0,
                                       threads=torch.get_num_threads(), batch_size=batch, seq_len=seq)
+            if task.generates:  # an LM's speed is its generation: decode tokens/s with a KV cache
+                progress("generation", 0.0)
+                prompt = task.generation_prompt(model, data, PROMPT_TOKENS)
+                m.generation = measure_generation(model, prompt).to_dict()
     # The recipe names a quality figure; each task answers with its own (a recipe written for
     # an LM, run with --model digits-cnn, still reports accuracy).
     if set(metrics) & QUALITY_METRICS:
@@ -156,4 +161,21 @@ def compare(baseline: nn.Module, model: nn.Module, data: EvalData, metrics: tupl
     comp = measure_model(model, data, metrics, name=" + ".join(steps) or "compressed", saved_dir=saved_dir,
                          reference=reference, progress=lambda detail, f: progress(f"compressed {detail}", f))
     return CompressionReport(baseline=base, compressed=comp, steps=list(model_info(model).get("steps", [])),
-                             notes=list(notes or []), environment=environment_info())
+                             notes=list(notes or []) + generation_notes(base, comp), environment=environment_info())
+
+
+def generation_notes(base: ModelMeasurement, comp: ModelMeasurement) -> list[str]:
+    """Which path the compressed model's layers take, and, when decoding got no faster, the measured reason."""
+    g, b = comp.generation, base.generation
+    if not g:
+        return []
+    notes = []
+    if g.get("kernels"):
+        notes.append(f"kernels measured on {g['isa']} ({g['threads']} threads): " + "; ".join(g["kernels"]))
+    if b and b.get("decode_tokens_per_s") and g.get("decode_tokens_per_s"):
+        ratio = g["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+        if ratio < 1.0:
+            timings = "; ".join(g.get("layer_timings") or []) or "no layer has a kernel for its layout (see above)"
+            notes.append(f"no decode speed-up: {ratio:.2f}x the baseline's tokens/s; measured per layer shape at "
+                         f"one row: {timings}")
+    return notes

@@ -1,8 +1,8 @@
 """Quantized layers: QuantLinear, QuantConv2d and QuantEmbedding.
 
 All hold integer weight codes and float32 scales as buffers (so ``state_dict`` carries
-exactly what is stored on disk) and dequantize on the fly in ``forward``: simple and exact;
-the fast path is the ONNX export with real int8 kernels (``slimkit.export.onnx``).
+exactly what is stored on disk); the reference forward dequantizes on the fly (simple and
+exact), and the ONNX export carries real int8/int4 kernels (``slimkit.export.onnx``).
 
 Stored tensors (rows = out_features / out_channels / num_embeddings, cols = in_features /
 in_channels·kh·kw / embedding_dim):
@@ -20,6 +20,11 @@ QuantLinear and QuantConv2d can also quantize their *input* (``act_mode``):
   per-token activations: one outlier token no longer coarsens every other token's grid).
 The input is then fake-quantized (quantize, dequantize) before the float matmul, which is
 exactly what an int8 kernel computes up to float32 summation order.
+
+QuantLinear runs a real integer kernel (``slimkit.quantization.kernels``: torch's int8 and
+int4 weight-only kernels, ``torch._int_mm`` for W8A8) where one fits its layout and was
+measured to beat the dequantize path on this machine; ``reference_forward`` is the exact path
+those kernels are tested against.
 
 Every layer also answers ``.weight`` (and ``.bias``) like the float layer it replaced: a
 read-only property giving the dequantized weight in the original dtype, computed on each
@@ -44,6 +49,7 @@ from torch import nn
 
 from slimkit.core.linear_like import embedding_scale, linear_shape, linear_weight
 from slimkit.core.modules import SlimkitModule, register_module_type
+from slimkit.quantization.kernels import run_kernel
 from slimkit.quantization.primitives import (
     BITS,
     QuantizedWeight,
@@ -341,6 +347,15 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         return w.to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # An integer kernel where one was measured to win here (``kernels.run_kernel``), else the reference.
+        out = run_kernel(self, x)
+        return self.reference_forward(x) if out is None else out
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact path: quantize the input (if the layer does), dequantize the weight, ``F.linear``.
+
+        Every integer kernel is tested against this.
+        """
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(self.quantize_input(x), self.dense_weight(x.dtype), bias)
 

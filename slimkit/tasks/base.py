@@ -105,6 +105,8 @@ class Task:
     default_loss: ClassVar[str] = "kd"
     #: whether ``loss`` can be differentiated (an encoder has no objective of its own)
     has_loss: ClassVar[bool] = True
+    #: whether the model generates text token by token with a KV cache (``slimkit generate``)
+    generates: ClassVar[bool] = False
     losses: ClassVar[tuple[str, ...]] = ("kd", "cosine")
     #: built-in corpus used when neither the user nor the model names one
     default_corpus: ClassVar[str | None] = None
@@ -180,6 +182,10 @@ class Task:
             return {"input": torch.rand((batch, *shape), generator=gen)}
         raise UnsupportedError(f"slimkit does not know the input of {type(model).__name__} ({self.kind}): pass "
                                "example=<a tensor of the input's shape>, or attach a GenericTask(example_inputs=...)")
+
+    def generation_prompt(self, model: nn.Module, data: EvalData, tokens: int) -> torch.Tensor | None:
+        """A (1, ``tokens``) prompt for timing generation, or None for a model that does not generate."""
+        return None
 
     def latency_inputs(self, model: nn.Module, data: EvalData) -> tuple[Any, int, int | None]:
         """Fixed, seeded inputs for timing and FLOPs: (inputs, batch size, sequence length or None)."""

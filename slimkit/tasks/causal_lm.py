@@ -95,6 +95,7 @@ class CausalLMTask(Task):
     output_name = "logits"
     token_inputs = True
     uses_cache = True
+    generates = True
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
@@ -194,6 +195,14 @@ class CausalLMTask(Task):
     def example_inputs(self, model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random token ids (seeded) below the vocabulary size and an all-ones attention mask."""
         return token_example(model, batch, seq, seed)
+
+    def generation_prompt(self, model: nn.Module, data: EvalData, tokens: int) -> torch.Tensor | None:
+        """The first ``tokens`` tokens of the held-out stream (seeded random ids when it is shorter)."""
+        ids = data.token_ids
+        if ids is not None and ids.numel() >= tokens:
+            return ids[:tokens].reshape(1, -1).long()
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2))
+        return torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
 
     def latency_inputs(self, model: nn.Module, data: EvalData) -> tuple[Any, int, int | None]:
         """A 1 x 256 prefill of seeded random token ids."""

@@ -33,13 +33,15 @@ class Sampling:
     """How the next token is chosen: greedy when ``temperature == 0``, else sampled.
 
     ``top_k`` keeps the k most likely tokens (0: all), ``top_p`` the smallest set whose
-    probability reaches p (1.0: all); ``seed`` makes sampling repeatable.
+    probability reaches p (1.0: all); ``seed`` makes sampling repeatable; ``stop_at_eos=False``
+    always produces the number of tokens asked for (benchmarks).
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -56,6 +58,20 @@ class Sampling:
 
 
 GREEDY = Sampling()
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward keyword that takes a transformers KV cache: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a transformers forward returned (``cache`` in newer releases, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
