@@ -171,19 +171,21 @@ def quantize_kv(x: torch.Tensor, bits: int = 8, *, group_size: int | None = None
     head_dim = int(x.shape[-1])
     n_groups, gs = _check_layout(head_dim, bits, group_size, scale_dtype)
     xg = x.detach().float().reshape(*x.shape[:-1], n_groups, gs)  # (..., tokens, n_groups, gs)
+    # Few, whole-tensor ops: this runs on every new token of every layer while decoding.
     if bits == 8:
         scale = _round_outward(xg.abs().amax(dim=-1) / 127, scale_dtype, up=True)
         zero = None
         _check_finite(x, scale, zero, scale_dtype)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0, exact
+        scale = torch.where(scale > 0, scale, 1.0)  # an all-zero group: codes 0, exact
         q = quantize(xg, scale.float().unsqueeze(-1), None, 8, True)  # int8 in [-127, 127], never clipped
         codes = q.reshape(x.shape)
     else:
-        zero = _round_outward(xg.amin(dim=-1), scale_dtype, up=False)
+        lo, hi = torch.aminmax(xg, dim=-1)
+        zero = _round_outward(lo, scale_dtype, up=False)
         m = zero.float()
-        scale = _round_outward((xg.amax(dim=-1) - m) / 15, scale_dtype, up=True)
+        scale = _round_outward((hi - m) / 15, scale_dtype, up=True)
         _check_finite(x, scale, zero, scale_dtype)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
+        scale = torch.where(scale > 0, scale, 1.0)  # a constant group: every code 0
         q = quantize(xg - m.unsqueeze(-1), scale.float().unsqueeze(-1), None, 4, False)  # uint8 in [0, 15]
         codes = _pack4(q.reshape(x.shape))
     return QuantizedKV(codes.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous(),
@@ -206,15 +208,26 @@ def _unpack4(packed: torch.Tensor, head_dim: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], head_dim)
 
 
-def dequantize_kv(q: QuantizedKV, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (..., tokens, head_dim) values of ``q`` in ``dtype``: ``q·s`` (int8) or ``q·s + m`` (int4)."""
+def dequantize_kv(q: QuantizedKV, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (..., tokens, head_dim) values of ``q`` in ``dtype``: ``q·s`` (int8) or ``q·s + m`` (int4).
+
+    ``out``: a tensor of that shape (a slice of a larger one is fine) to write into instead of
+    allocating: the cache writes the past straight into the keys it returns to attention.
+    """
     codes = q.codes if q.bits == 8 else _unpack4(q.codes, q.head_dim)
-    n_groups = q.head_dim // q.group_size
-    grouped = codes.reshape(*codes.shape[:-1], n_groups, q.group_size)
+    grouped_shape = (*codes.shape[:-1], q.head_dim // q.group_size, q.group_size)
+    grouped = codes.reshape(grouped_shape)
+    if out is not None and out.dtype == torch.float32:
+        target = out.view(grouped_shape)
+        torch.mul(grouped, q.scale.float().unsqueeze(-1), out=target)  # int8/uint8 x float32 -> float32
+        if q.zero is not None:
+            target.add_(q.zero.float().unsqueeze(-1))
+        return out
     x = dequantize(grouped, q.scale.unsqueeze(-1))
     if q.zero is not None:
         x = x + q.zero.float().unsqueeze(-1)
-    return x.reshape(*codes.shape[:-1], q.head_dim).to(dtype)
+    x = x.reshape(*codes.shape[:-1], q.head_dim)
+    return x.to(dtype) if out is None else out.copy_(x)
 
 
 def kv_bits_per_element(bits: int, head_dim: int, group_size: int | None = None,
@@ -290,22 +303,34 @@ def _cache_classes() -> dict[str, type]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             self.cumulative_length += key_states.shape[-2]
-            past_k = [] if self._quantized_keys is None else [self._dequantize(self._quantized_keys)]
-            past_v = [] if self._quantized_values is None else [self._dequantize(self._quantized_values)]
-            keys_out = torch.cat([*past_k, self.keys, key_states], dim=-2)
-            values_out = torch.cat([*past_v, self.values, value_states], dim=-2)
+            keys_out = self._assemble(self._quantized_keys, self.keys, key_states)
+            values_out = self._assemble(self._quantized_values, self.values, value_states)
 
             # What leaves the residual window is quantized once and appended; the window keeps the rest.
-            window_k = torch.cat([self.keys, key_states], dim=-2)
-            window_v = torch.cat([self.values, value_states], dim=-2)
+            window_k, window_v = key_states, value_states
+            if self.keys.shape[-2]:
+                window_k = torch.cat([self.keys, key_states], dim=-2)
+                window_v = torch.cat([self.values, value_states], dim=-2)
             leaving = window_k.shape[-2] - self.residual
             if leaving > 0:
                 self._quantized_keys = self._store(self._quantized_keys, window_k[..., :leaving, :])
                 self._quantized_values = self._store(self._quantized_values, window_v[..., :leaving, :])
-                # clone: a slice would keep the whole window's storage alive
-                window_k, window_v = window_k[..., leaving:, :].clone(), window_v[..., leaving:, :].clone()
-            self.keys, self.values = window_k, window_v
+                window_k, window_v = window_k[..., leaving:, :], window_v[..., leaving:, :]
+            # clone: a slice (or the caller's tensor) would keep more storage alive than the window
+            self.keys, self.values = window_k.clone(), window_v.clone()
             return keys_out, values_out
+
+        def _assemble(self, quantized: QuantizedKV | None, window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            """[dequantized past | residual window | new] as one tensor, each part written in place once."""
+            n_q = 0 if quantized is None else quantized.tokens
+            n_w, n_new = window.shape[-2], new.shape[-2]
+            out = new.new_empty((*new.shape[:-2], n_q + n_w + n_new, new.shape[-1]))
+            if n_q:
+                dequantize_kv(quantized, out=out[..., :n_q, :])
+            if n_w:
+                out[..., n_q:n_q + n_w, :] = window
+            out[..., n_q + n_w:, :] = new
+            return out
 
         def _map_states(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
             """Apply ``fn`` to every stored tensor (quantized and residual) alike."""

@@ -150,6 +150,26 @@ def test_nbytes_from_shapes(bits, group_size, batch, heads, tokens):
     assert per_token * 8 == kc.kv_bits_per_element(bits, 32, group_size) * 32
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_a_slice(bits, dtype):
+    torch.manual_seed(2)
+    q = kc.quantize_kv(torch.randn(2, 3, 7, 32), bits, group_size=16)
+    out = torch.full((2, 3, 10, 32), 5.0, dtype=dtype)
+    kc.dequantize_kv(q, dtype, out=out[..., 2:9, :])
+    assert torch.equal(out[..., 2:9, :], q.dequantize(dtype))
+    assert bool((out[..., :2, :] == 5).all()) and bool((out[..., 9:, :] == 5).all())
+
+
+def test_half_precision_states_come_back_in_their_dtype():
+    layer = kc.QuantizedKVLayer(bits=8)
+    k = torch.randn(1, 2, 4, 32, dtype=torch.bfloat16)
+    layer.update(k, k)
+    keys, _ = layer.update(k[..., :1, :], k[..., :1, :])
+    assert keys.dtype == torch.bfloat16 and keys.shape == (1, 2, 5, 32)
+    assert torch.allclose(keys[..., :4, :].float(), k.float(), atol=0.05)
+
+
 def test_bits_per_element():
     assert kc.kv_bits_per_element(8, 32) == 8.5  # 8 + 16/32
     assert kc.kv_bits_per_element(4, 32) == 5.0  # 4 + 2·16/32
