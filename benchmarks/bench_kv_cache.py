@@ -163,8 +163,8 @@ def eval_windows(model: Any, settings: Settings, context: int) -> dict[str, tupl
     prose = token_stream([text], tokenizer_of(model), max_tokens=n)[:n]
     if prose.numel() < n:
         raise RuntimeError(f"pydoc topics gave {prose.numel()} tokens, {n} needed")
-    out["docs prose"] = (prose.view(-1, context), f"Python docs prose (pydoc_data.topics, sorted by topic, outside "
-                                                  f"every stdlib split), first {prose.numel():,} tokens")
+    out["docs prose"] = (prose.view(-1, context), (f"Python docs prose (pydoc_data.topics, sorted by topic, outside "
+                                                   f"every stdlib split), first {prose.numel():,} tokens"))
     return out
 
 
@@ -294,8 +294,8 @@ def render(rows: list[Row], info: dict[str, Any], env: dict[str, Any], seconds: 
     texts = list(info["data"])
     cfg = info["config"]
     return "\n".join([
-        "## G4 — KV-cache quantization (stdlib-coder at its 1024-token context: slimkit int8 / int4 beside the fp32 "
-        "cache and transformers' QuantizedCache)",
+        ("## G4 — KV-cache quantization (stdlib-coder at its 1024-token context: slimkit int8 / int4 beside the fp32 "
+         "cache and transformers' QuantizedCache)"),
         "",
         f"The whole run took {seconds:.0f} s. ISA: {_isa()}. " + harness.environment_line(env)
         + f"; optimum-quanto {harness._version('optimum-quanto')}, hqq {harness._version('hqq')}.",
@@ -352,7 +352,6 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     import slimkit as sk
-
     from slimkit.quantization.kv_cache import kv_cache_perplexity
 
     model = sk.load(MODEL).eval()
@@ -367,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"  {row.label}", flush=True)
         t = time.perf_counter()
-        harness.guard(row, "bytes", lambda row=row: measure_bytes(model, row, first, fp32_bytes))
+        harness.guard(row, "bytes", lambda row=row, ref=fp32_bytes: measure_bytes(model, row, first, ref))
         if row.family == "fp32":
             fp32_bytes = row.nbytes
         for name, (windows, _) in data.items():

@@ -22,8 +22,9 @@ groups depend on nothing but that token, so new tokens are quantized once, on ar
 appended; nothing is ever re-quantized, and no full-precision residual window is needed to
 collect a group along the sequence. A residual window of the most recent tokens in the
 model's dtype can still be asked for (``residual``), but it costs memory: at 1024 tokens
-and head_dim 32, each fp32 residual token of every 1024 adds 0.00072× to the int8 ratio
-(0.266× + 0.00072·r), so int8 meets a 0.27× budget only with ``residual ≤ 6``; the default is 0.
+and head_dim 32, each fp32 residual token adds (128 − 34) / (1024 · 128) ≈ 0.00072 to the
+int8 ratio (0.266 + 0.00072·r), so int8 meets a 0.27× budget only with ``residual ≤ 6``;
+the default is 0.
 
 The tokens of the current forward call are returned to attention as they came (exact),
 beside the dequantized past, as transformers' own quantized caches do: only what was
@@ -54,14 +55,23 @@ from torch import nn
 from slimkit.core.errors import ConfigError, DataError, UnsupportedError, closest
 from slimkit.quantization.primitives import dequantize, quantize, split_groups
 
-#: KV-cache specs ``make_kv_cache`` accepts; the first three mean "the model's own float cache".
+#: KV-cache specs ``make_kv_cache`` accepts; "none" and "fp32" (like None) mean the model's own float cache.
 SPECS = ("none", "fp32", "int8", "int4")
 KV_BITS = (8, 4)
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
 
+# Also public, built on first access (module __getattr__): QuantizedKVCache, QuantizedKVLayer.
 __all__ = [
-    "SPECS", "QuantizedKV", "quantize_kv", "dequantize_kv", "kv_bits_per_element", "kv_nbytes_per_token",
-    "make_kv_cache", "kv_cache_nbytes", "kv_cache_perplexity", "QuantizedKVCache", "QuantizedKVLayer",
+    "SPECS",
+    "QuantizedKV",
+    "dequantize_kv",
+    "kv_bits_per_element",
+    "kv_cache_nbytes",
+    "kv_cache_nll",
+    "kv_cache_perplexity",
+    "kv_nbytes_per_token",
+    "make_kv_cache",
+    "quantize_kv",
 ]
 
 
@@ -122,7 +132,9 @@ class QuantizedKV:
         """These tokens followed by ``other``'s (same layout), along the token axis."""
         if (other.bits, other.head_dim, other.group_size) != (self.bits, self.head_dim, self.group_size):
             raise ValueError("cannot append quantized states of a different layout")
-        cat = lambda a, b: torch.cat([a, b], dim=-2)  # noqa: E731
+        def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a, b], dim=-2)
+
         return QuantizedKV(cat(self.codes, other.codes), cat(self.scale, other.scale),
                            None if self.zero is None else cat(self.zero, other.zero),
                            self.bits, self.head_dim, self.group_size)
