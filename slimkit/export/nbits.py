@@ -39,6 +39,18 @@ Choices (each layer's choice is in ``OnnxExport.notes``):
   integer dot product: ~3.8× fp32 decode speed on a 120M Llama here, at a small error that
   ``int8_input_error_bound`` bounds exactly; level 0 or 1 computes in float32 (error at
   float precision). ``set_accuracy_level(path, level)`` changes it in a written file.
+- Per-channel 8-bit weight-only layers (``int8_per_channel=True``, the decoder-with-past
+  export only; ``export_onnx`` of other models keeps DequantizeLinear -> MatMul): block 128,
+  the one scale repeated over the blocks. ORT 1.32 turns DequantizeLinear -> MatMul into the
+  same MatMulNBits bits=8 node at session creation, at the level the session asks for
+  (``ort_session(exact=True)``: 1), so the node itself is no faster; writing it makes the
+  file's ``accuracy_level`` decide instead of a session option. ORT 1.32's 8-bit kernel has no
+  fast float path. Measured (one layer, M=1, 2 threads, AMD EPYC with AVX-512 VNNI, median
+  µs on a loaded 2-core machine): 1024×1024: fp32 MatMul 67, DequantizeLinear -> MatMul 1303
+  (exact session) / 28 (``exact=False``), MatMulNBits bits=8 level 0 1183, level 4 30;
+  2048×2048: fp32 406, DequantizeLinear -> MatMul 11377 / 112, MatMulNBits level 0 20015
+  (block 32: 11211), level 4 110. Level 4 errs by ~0.5% of max|y| on random data (inside
+  ``int8_input_error_bound``); levels 0/1 are exact but 20-50× slower than fp32.
 """
 
 from __future__ import annotations
@@ -108,16 +120,17 @@ def pack_zero_points(zero: torch.Tensor, bits: int) -> torch.Tensor:
     return pack(zero.to(torch.uint8), bits, symmetric=False)
 
 
-def nbits_unsupported(src) -> str | None:
+def nbits_unsupported(src, *, int8_per_channel: bool = False) -> str | None:
     """Why QuantLinear ``src`` is not exported as MatMulNBits (None when it is).
 
-    Only weight-only layers (``act_mode`` None) of 2/4-bit codes, or group-wise 8-bit ones
-    (per-channel 8-bit keeps the DequantizeLinear graph ORT fuses itself); the groups must
-    split into power-of-two blocks of at least 16 columns.
+    Only weight-only layers (``act_mode`` None) of 2/4-bit codes, or group-wise 8-bit ones;
+    per-channel 8-bit ones only with ``int8_per_channel`` (the KV-cache decoder export: see
+    the module docstring; otherwise they keep the DequantizeLinear graph ORT fuses itself).
+    The groups must split into power-of-two blocks of at least 16 columns.
     """
     if src.act_mode is not None:
         return "its input is quantized too (not weight-only)"
-    if src.bits not in NBITS or (src.bits == 8 and src.group_size is None):
+    if src.bits not in NBITS or (src.bits == 8 and src.group_size is None and not int8_per_channel):
         return f"{src.bits}-bit {'group-wise' if src.group_size else 'per-channel'} codes"
     if getattr(src, "g_idx", None) is not None:
         return _act_order_problem(src)
@@ -140,14 +153,15 @@ def _act_order_problem(src) -> str | None:
     return None
 
 
-def nbits_layout(src, act_order: str = "reorder") -> NBitsLayout:
+def nbits_layout(src, act_order: str = "reorder", *, int8_per_channel: bool = False) -> NBitsLayout:
     """MatMulNBits inputs holding exactly ``src``'s codes, scales and zero points.
 
-    ``src``: a QuantLinear for which ``nbits_unsupported`` is None. ``act_order`` (only read
-    when ``src`` has a ``g_idx``): "reorder" gathers input columns sorted by group (needs
-    groups of equal size; falls back to "g_idx" otherwise), "g_idx" writes the g_idx input.
+    ``src``: a QuantLinear for which ``nbits_unsupported(src, int8_per_channel=...)`` is None.
+    ``act_order`` (only read when ``src`` has a ``g_idx``): "reorder" gathers input columns
+    sorted by group (needs groups of equal size; falls back to "g_idx" otherwise), "g_idx"
+    writes the g_idx input.
     """
-    reason = nbits_unsupported(src)
+    reason = nbits_unsupported(src, int8_per_channel=int8_per_channel)
     if reason:
         raise SlimkitError(f"this QuantLinear cannot be written as MatMulNBits: {reason}")
     if act_order not in ("reorder", "g_idx"):
@@ -365,9 +379,10 @@ ACT_ORDER = "reorder"  # how act-order layers are written: "reorder" (Gather + f
 class NBitsLinear(torch.nn.Module):
     """Export-only twin of a weight-only QuantLinear: (smoothing Mul,) (act-order Gather,) MatMulNBits."""
 
-    def __init__(self, src, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, act_order: str | None = None) -> None:
+    def __init__(self, src, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, act_order: str | None = None, *,
+                 int8_per_channel: bool = False) -> None:
         super().__init__()
-        self.layout = nbits_layout(src, act_order or ACT_ORDER)
+        self.layout = nbits_layout(src, act_order or ACT_ORDER, int8_per_channel=int8_per_channel)
         self.accuracy_level = check_accuracy_level(accuracy_level)
         lay = self.layout
         for name in ("packed", "scales", "zero_points", "g_idx", "perm"):

@@ -56,21 +56,30 @@ def _require_ort():
 
 
 # -- running ------------------------------------------------------------------------------
-def _recorded_session_config(path: Path) -> dict[str, str]:
-    """The session options slimkit recorded in an exported file (none for other files)."""
+def recorded_metadata(path: str | os.PathLike, key: str) -> Any:
+    """The JSON value slimkit recorded under ``metadata_props[key]`` of an ONNX file (None when absent or unreadable)."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
-        return {}
+        return None
     for prop in model.metadata_props:
-        if prop.key == "slimkit.ort_session_config":
+        if prop.key == key:
             try:
-                return {str(k): str(v) for k, v in json.loads(prop.value).items()}
-            except (ValueError, AttributeError):
-                return {}
-    return {}
+                return json.loads(prop.value)
+            except ValueError:
+                return None
+    return None
+
+
+def _recorded_session_config(path: Path) -> dict[str, str]:
+    """The session options slimkit recorded in an exported file (none for other files)."""
+    recorded = recorded_metadata(path, "slimkit.ort_session_config")
+    try:
+        return {str(k): str(v) for k, v in recorded.items()} if recorded else {}
+    except AttributeError:
+        return {}
 
 
 SATURATION_FREE_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # 32-bit int8 dot products in one instruction
@@ -133,9 +142,51 @@ def ort_session(path: str | os.PathLike, threads: int = 2, *, exact: bool = True
         raise SlimkitError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
 
 
+PAST_PREFIX = "past_key_values."  # the decoder-with-past inputs: past_key_values.{i}.key / .value
+
+
+def _decoder_defaults(session: Any, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The inputs of a decoder-with-past graph that ``inputs`` leave out and have an obvious value.
+
+    Past keys/values left out: an empty cache (batch, kv_heads, 0, head_dim), so the call is a
+    prefill. ``position_ids`` left out: past_len, past_len + 1, ... per row, what a
+    transformers model uses when called without them.
+    """
+    ids = inputs.get("input_ids")
+    if ids is None:
+        return {}
+    ids = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+    if ids.ndim != 2:
+        return {}
+    batch, seq = ids.shape
+    filled: dict[str, np.ndarray] = {}
+    past_len = None
+    for meta in session.get_inputs():
+        if not meta.name.startswith(PAST_PREFIX):
+            continue
+        if meta.name in inputs:
+            past_len = int(np.shape(inputs[meta.name])[2])
+            continue
+        shape = meta.shape
+        if len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[3], int):
+            filled[meta.name] = np.zeros((batch, shape[1], 0, shape[3]), dtype=np.float32)
+    past_len = past_len or 0
+    if "position_ids" not in inputs and any(i.name == "position_ids" for i in session.get_inputs()):
+        filled["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
+    return filled
+
+
 def run_onnx(session: Any, inputs: Mapping[str, torch.Tensor | np.ndarray]) -> list[np.ndarray]:
-    """Run ``session`` on named inputs (tensors or arrays); returns every output as a numpy array."""
+    """Run ``session`` on named inputs (tensors or arrays); returns every output as a numpy array.
+
+    A decoder-with-past graph (``slimkit.export.onnx_decoder``) run without its past inputs
+    starts from an empty cache, and without ``position_ids`` counts positions from the past
+    length (as the PyTorch model does when called without them): ``input_ids`` and
+    ``attention_mask`` are then enough, as for the graph without a cache.
+    """
     expected = [i.name for i in session.get_inputs()]
+    if any(n not in inputs for n in expected):
+        inputs = {**inputs, **_decoder_defaults(session, inputs)}
     missing = [n for n in expected if n not in inputs]
     if missing:
         raise DataError(f"ONNX inputs missing: {', '.join(missing)} (the graph takes {', '.join(expected)})")
