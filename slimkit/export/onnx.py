@@ -10,7 +10,8 @@ Inputs and outputs come from the model's task (``slimkit.tasks``; batch and sequ
 
 | task | inputs | output |
 |---|---|---|
-| causal-lm | ``input_ids``, ``attention_mask`` (int64, all ones when exporting) | ``logits`` |
+| causal-lm (transformers) | the decoder-with-past graph (``slimkit.export.onnx_decoder``): ``input_ids``, ``attention_mask`` (past + new tokens), ``position_ids``, ``past_key_values.{i}.key/value`` | ``logits``, ``present.{i}.key/value`` |
+| causal-lm, ``past=False`` | ``input_ids``, ``attention_mask`` (int64, all ones when exporting) | ``logits`` |
 | encoder | ``input_ids``, ``attention_mask`` | ``last_hidden_state`` (``logits`` for a classification head) |
 | image-classifier | ``pixel_values`` (N, C, H, W) | ``logits`` |
 | classifier / module | ``input`` (the ``example`` tensor, else the declared input shape or a GenericTask's example) | ``logits`` |
@@ -46,7 +47,9 @@ Details:
 - Layers of any other type are exported as the float graph of their forward.
 
 Every layer's treatment is listed in ``OnnxExport.notes`` (and in the file's
-``metadata_props["slimkit.notes"]``).
+``metadata_props["slimkit.notes"]``). The decoder-with-past export writes per-channel 8-bit
+weight-only layers as MatMulNBits bits=8 too (why, with timings: ``slimkit.export.onnx_decoder``)
+and records that in ``metadata_props["slimkit.export_options"]`` for ``check_onnx``.
 
 Running the files (sessions, op counts, the session option int8 weights beyond ±63 need on
 some CPUs) lives in ``slimkit.export.ort``; its names are re-exported here.
@@ -110,6 +113,7 @@ from slimkit.export.ort import (  # noqa: F401  (re-exported: the public names o
     op_counts,
     ort_op_counts,
     ort_session,
+    recorded_metadata,
     run_onnx,
 )
 from slimkit.export.twins import INT16_OPSET, _dynamic_quant_linear_onnx, _swap_quantized, _uses_int16
@@ -124,6 +128,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a ma
 FLOAT_RTOL = 1e-4
 FLOAT_ATOL = 1e-6
 FLIPS_PER_LAYER = 3.0
+EXPORT_OPTIONS_KEY = "slimkit.export_options"  # metadata: choices check_onnx must know (JSON)
 NBITS_MARGIN = 1.0  # times the exact per-layer bound of MatMulNBits' int8 input rounding (see check_onnx)
 # Op types the CLI and notes count (the rest are still counted, just not shown by default).
 OPS_OF_INTEREST = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMul", "Gemm",
@@ -287,7 +292,7 @@ def _check_opset(opset: int | None, model: nn.Module) -> int:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = None, opset: int | None = None,
-                check: bool = False) -> OnnxExport:
+                check: bool = False, past: bool | None = None) -> OnnxExport:
     """Export ``model`` to the ONNX file ``path`` (atomically) and return an ``OnnxExport``.
 
     ``example``: the input of a model whose kind has no default (a tensor or tuple of
@@ -295,7 +300,53 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
     holds 16-bit weight codes. ``check=True`` also runs ``check_onnx`` on fresh inputs of
     another batch/sequence size and fills ``max_abs_diff`` (raising when out of tolerance).
     The model is exported in eval mode and left in the mode it was in.
+
+    ``past``: whether a transformers causal LM is written as the decoder-with-past graph
+    (``slimkit.export.onnx_decoder.export_decoder_onnx``: past key/value inputs, present
+    outputs, the file a generation loop such as ``OrtDecoder`` runs). None (default): yes for
+    a transformers causal LM; False: the graph without a cache (``input_ids``,
+    ``attention_mask`` -> ``logits``), as before. ``run_onnx`` and ``check_onnx`` feed the
+    decoder graph an empty cache when given only ``input_ids`` and ``attention_mask``.
     """
+    if past is None:
+        past = _decoder_eligible(model)
+    elif past and not _decoder_eligible(model):
+        raise UnsupportedError(f"past=True needs a transformers causal LM with a KV cache; "
+                               f"{type(model).__name__} is not one (export it with past=False)")
+    if past:
+        from slimkit.export.onnx_decoder import export_decoder_onnx
+
+        return export_decoder_onnx(model, path, opset=opset, check=check, example=example)
+    path, opset = _checked_target(model, path, opset)
+    task = task_of(model)
+    inputs = example_inputs(model, example)
+    was_training = model.training
+    export_model, notes, table = _export_copy(model, opset)
+    entry = _entry(export_model, task).eval()
+    output = _output_name(model, task)
+    token_inputs = isinstance(entry, _TokenEntry)
+    program = _run_exporter(model, entry, was_training, args=tuple() if token_inputs else tuple(inputs.values()),
+                            kwargs=inputs if token_inputs else None, input_names=list(inputs), output_names=[output],
+                            dynamic_shapes=_dynamic_shapes(inputs, token_inputs), opset=opset, table=table)
+    files = _save(program, path, notes, _session_config(model, notes))
+    result = OnnxExport(path=path, notes=tuple(notes), files=files)
+    if check:
+        diff = check_onnx(model, path, example_inputs(model, example, batch=3, seq=11, seed=1)
+                          if example is None else inputs)
+        result = replace(result, max_abs_diff=diff)
+    return result
+
+
+def _decoder_eligible(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers causal LM (a task that uses a KV cache): the with-past graph applies."""
+    from slimkit.core.io import is_transformers_model
+
+    task = task_of(model)
+    return bool(task.uses_cache and task.token_inputs and is_transformers_model(model))
+
+
+def _checked_target(model: nn.Module, path: str | os.PathLike, opset: int | None) -> tuple[Path, int]:
+    """Refuse layers with no ONNX form and a folder as ``path``; returns the path and the opset to use."""
     _require_onnx()
     for name, module in model.named_modules():
         reason = getattr(module, "onnx_unsupported", None)  # set by layer types with no exact ONNX form
@@ -304,11 +355,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
     path = Path(path)
     if path.exists() and path.is_dir():
         raise SlimkitError(f"{path} is a folder: give the .onnx file to write, e.g. {path / 'model.onnx'}")
-    task = task_of(model)
-    opset = _check_opset(opset, model)
-    inputs = example_inputs(model, example)
-    was_training = model.training
+    return path, _check_opset(opset, model)
+
+
+def _export_copy(model: nn.Module, opset: int, *, accuracy_level: int | None = None,
+                 int8_per_channel: bool = False) -> tuple[nn.Module, list[str], dict | None]:
+    """The model to trace (quantized layers swapped for export twins, eager attention), its notes, the
+    exporter's translation table for slimkit's custom ops (None when none is used).
+
+    ``accuracy_level``: that of every MatMulNBits node (None: ``nbits.DEFAULT_ACCURACY_LEVEL``).
+    ``int8_per_channel``: per-channel 8-bit weight-only layers become MatMulNBits bits=8 too
+    (instead of DequantizeLinear -> MatMul).
+    """
     export_model, notes, custom = _swap_quantized(model, opset)
+    if export_model is not model and (accuracy_level is not None or int8_per_channel):
+        custom = _nbits_overrides(model, export_model, notes, accuracy_level, int8_per_channel) or custom
     if hasattr(export_model, "set_attn_implementation") and not _quantized_attention(model):
         # Eager attention exports as plain MatMul/Add/Softmax; the SDPA path adds Where/IsNaN
         # masking ops that cost ~9% of MiniLM's ORT time. Same maths, on a copy.
@@ -318,17 +379,48 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
             export_model.set_attn_implementation("eager")
         except Exception:  # a model without an eager path keeps its own
             pass
-    entry = _entry(export_model, task).eval()
-    output = _output_name(model, task)
     table = {torch.ops.slimkit.dynamic_quant_linear.default: _dynamic_quant_linear_onnx,
              torch.ops.slimkit.matmul_nbits.default: matmul_nbits_onnx} if custom else None
-    token_inputs = isinstance(entry, _TokenEntry)
+    return export_model, notes, table
+
+
+def _nbits_overrides(model: nn.Module, export_model: nn.Module, notes: list[str], accuracy_level: int | None,
+                     int8_per_channel: bool) -> bool:
+    """Set the MatMulNBits twins' accuracy level and (``int8_per_channel``) swap per-channel 8-bit
+    weight-only twins for MatMulNBits ones, rewriting their notes; returns whether a MatMulNBits twin exists."""
+    from slimkit.core.targets import set_submodule
+    from slimkit.export.nbits import DEFAULT_ACCURACY_LEVEL, NBitsLinear, check_accuracy_level
+    from slimkit.export.twins import _ExportLinear
+
+    level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else check_accuracy_level(accuracy_level)
+    index = {note.split(": ", 1)[0]: i for i, note in enumerate(notes)}
+    any_nbits = False
+    for name, module in model.named_modules():
+        src = module.as_quant_linear() if isinstance(module, TiedQuantLinear) else module
+        if not isinstance(src, QuantLinear) or name not in index:
+            continue
+        twin = export_model.get_submodule(name)
+        if (int8_per_channel and isinstance(twin, _ExportLinear) and bypassed_forward(model, name) is None
+                and nbits_unsupported(src, int8_per_channel=True) is None):
+            twin = NBitsLinear(src, level, int8_per_channel=True)
+            set_submodule(export_model, name, twin)
+        if isinstance(twin, NBitsLinear):
+            twin.accuracy_level = level
+            label = notes[index[name]].split(": ", 2)[1]
+            notes[index[name]] = f"{name}: {label}: {twin.describe()}"
+            any_nbits = True
+    return any_nbits
+
+
+def _run_exporter(model: nn.Module, entry: nn.Module, was_training: bool, *, args: tuple, kwargs: dict | None,
+                  input_names: list[str], output_names: list[str], dynamic_shapes: Any, opset: int,
+                  table: dict | None) -> Any:
+    """``torch.onnx.export(dynamo=True)`` of ``entry``, quietly; exporter failures become UnsupportedError."""
     try:
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(
-                entry, tuple() if token_inputs else tuple(inputs.values()), kwargs=inputs if token_inputs else None,
-                dynamo=True, verbose=False, opset_version=opset, input_names=list(inputs), output_names=[output],
-                dynamic_shapes=_dynamic_shapes(inputs, token_inputs), custom_translation_table=table,
+            return torch.onnx.export(
+                entry, args, kwargs=kwargs, dynamo=True, verbose=False, opset_version=opset, input_names=input_names,
+                output_names=output_names, dynamic_shapes=dynamic_shapes, custom_translation_table=table,
             )
     except SlimkitError:
         raise
@@ -339,18 +431,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
         # torch.onnx.export can leave modules in train mode: restore the user's mode.
         entry.eval()
         model.train(was_training)
-    session_config = ORT_SESSION_CONFIG if _needs_exact_kernel(model) else {}
-    if session_config:
-        notes.append("on x86 CPUs without VNNI/AMX run with onnxruntime session option session.x64quantprecision=1 "
-                     "(slimkit.export.onnx.ort_session sets it there): int8 weights beyond ±63 saturate their "
-                     "uint8×int8 kernel; quantize with reduce_range=True to get exact results in any session")
-    files = _save(program, path, notes, session_config)
-    result = OnnxExport(path=path, notes=tuple(notes), files=files)
-    if check:
-        diff = check_onnx(model, path, example_inputs(model, example, batch=3, seq=11, seed=1)
-                          if example is None else inputs)
-        result = replace(result, max_abs_diff=diff)
-    return result
+
+
+def _session_config(model: nn.Module, notes: list[str]) -> dict[str, str]:
+    """The ORT session options the file must record (and the note saying why)."""
+    if not _needs_exact_kernel(model):
+        return {}
+    notes.append("on x86 CPUs without VNNI/AMX run with onnxruntime session option session.x64quantprecision=1 "
+                 "(slimkit.export.onnx.ort_session sets it there): int8 weights beyond ±63 saturate their "
+                 "uint8×int8 kernel; quantize with reduce_range=True to get exact results in any session")
+    return ORT_SESSION_CONFIG
 
 
 def _unshare_weight_qparams(graph: Any) -> int:
@@ -396,8 +486,12 @@ def _needs_exact_kernel(model: nn.Module) -> bool:
     return False
 
 
-def _save(program: Any, path: Path, notes: list[str], session_config: dict[str, str]) -> tuple[Path, ...]:
-    """Write ``program`` to ``path`` through a temporary folder beside it; returns the files written."""
+def _save(program: Any, path: Path, notes: list[str], session_config: dict[str, str],
+          metadata: Mapping[str, Any] | None = None) -> tuple[Path, ...]:
+    """Write ``program`` to ``path`` through a temporary folder beside it; returns the files written.
+
+    ``metadata``: more ``metadata_props`` entries (each value stored as JSON).
+    """
     model = program.model
     _unshare_weight_qparams(model.graph)
     for node in model.graph.all_nodes():
@@ -405,6 +499,8 @@ def _save(program: Any, path: Path, notes: list[str], session_config: dict[str, 
         node.metadata_props.clear()
     model.metadata_props["slimkit.notes"] = json.dumps(notes)
     model.metadata_props["slimkit.ort_session_config"] = json.dumps(session_config)
+    for key, value in (metadata or {}).items():
+        model.metadata_props[key] = json.dumps(value)
     size = sum(getattr(v.const_value, "nbytes", 0) or 0 for v in model.graph.initializers.values())
     external = size > EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -427,11 +523,12 @@ def _save(program: Any, path: Path, notes: list[str], session_config: dict[str, 
 
 # -- checking -----------------------------------------------------------------------------
 def _input_steps(model: nn.Module, entry: nn.Module, inputs: dict[str, torch.Tensor],
-                 nbits_level: int = 0) -> tuple[torch.Tensor, float]:
+                 nbits_level: int = 0, int8_per_channel: bool = False) -> tuple[torch.Tensor, float]:
     """The PyTorch output, and the flip allowance Σ FLIPS_PER_LAYER · s_x · max|W| over input-quantizing layers.
 
     ``nbits_level`` ≥ 2 (MatMulNBits nodes computing in int8/fp16/bf16): plus
-    ``NBITS_MARGIN`` times ``int8_input_error_bound`` of every layer exported as MatMulNBits.
+    ``NBITS_MARGIN`` times ``int8_input_error_bound`` of every layer exported as MatMulNBits
+    (``int8_per_channel``: per-channel 8-bit weight-only layers were, as the decoder export writes them).
     """
     layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d)) and m.act_mode is not None]
     allowance: list[float] = []
@@ -443,9 +540,9 @@ def _input_steps(model: nn.Module, entry: nn.Module, inputs: dict[str, torch.Ten
         # out_proj) is exported through dequantize ops, not MatMulNBits, so it adds no int8-input rounding.
         for name, m in model.named_modules():
             layer = m.as_quant_linear() if isinstance(m, TiedQuantLinear) else m
-            if (isinstance(layer, QuantLinear) and nbits_unsupported(layer) is None
+            if (isinstance(layer, QuantLinear) and nbits_unsupported(layer, int8_per_channel=int8_per_channel) is None
                     and bypassed_forward(model, name) is None):
-                layouts[id(m)] = nbits_layout(layer)
+                layouts[id(m)] = nbits_layout(layer, int8_per_channel=int8_per_channel)
 
     def nbits_hook(module, args):
         x = args[0].detach().float()
@@ -495,14 +592,20 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *,
     a plain module, or None for the kind's defaults at batch 3 / sequence 11 (so the dynamic
     axes are exercised). ``atol`` None: the rule in the module docstring (float: 1e-4 of the
     output's scale; quantized inputs: plus two code steps' worth per layer).
+
+    A decoder-with-past file (``slimkit.export.onnx_decoder``) is run twice: a prefill of
+    the whole sequence from an empty cache, and a prefill of all but the last two tokens
+    followed by a step over those two with the returned cache; the larger difference counts.
     """
     if inputs is None or not isinstance(inputs, Mapping):
         inputs = example_inputs(model, inputs, batch=3, seq=11, seed=1)
+    options = recorded_metadata(path, EXPORT_OPTIONS_KEY) or {}
     entry = _entry(model, task_of(model))
     was_training = model.training
     model.eval()
     try:
-        ref, allowance = _input_steps(model, entry, dict(inputs), file_accuracy_level(path))
+        ref, allowance = _input_steps(model, entry, dict(inputs), file_accuracy_level(path),
+                                      bool(options.get("int8_per_channel_nbits")))
     finally:
         model.train(was_training)
     session = ort_session(path, threads=2)
@@ -512,6 +615,9 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *,
     if got.shape != ref_np.shape:
         raise SlimkitError(f"ONNX output {name!r} has shape {got.shape}, PyTorch gives {ref_np.shape}")
     diff = float(np.abs(got.astype(np.float64) - ref_np.astype(np.float64)).max()) if got.size else 0.0
+    split = _split_with_past(session, dict(inputs))
+    if split is not None:
+        diff = max(diff, float(np.abs(split.astype(np.float64) - ref_np.astype(np.float64)).max()))
     if atol is None:
         atol = FLOAT_RTOL * float(np.abs(ref_np).max(initial=0.0)) + FLOAT_ATOL + allowance
     if not np.isfinite(diff) or diff > atol:
@@ -519,12 +625,29 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *,
     return diff
 
 
-def quantized_tolerance(model: nn.Module, inputs: Any = None, accuracy_level: int = 0) -> float:
+def _split_with_past(session: Any, inputs: dict[str, Any]) -> np.ndarray | None:
+    """A decoder-with-past session's logits for ``input_ids`` fed as a prefill of all but the last two
+    tokens, then one step over the last two with the returned cache (None for other graphs or short inputs)."""
+    names = [o.name for o in session.get_outputs()]
+    presents = [n for n in names if n.startswith("present.")]
+    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    if not presents or ids is None or mask is None or ids.shape[-1] < 3 or len(inputs) != 2:
+        return None
+    cut = ids.shape[-1] - 2
+    first = run_onnx(session, {"input_ids": ids[:, :cut], "attention_mask": mask[:, :cut]})
+    past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(names, first) if n in presents}
+    second = run_onnx(session, {"input_ids": ids[:, cut:], "attention_mask": mask, **past})
+    return np.concatenate([first[0], second[0]], axis=1)
+
+
+def quantized_tolerance(model: nn.Module, inputs: Any = None, accuracy_level: int = 0, *,
+                        int8_per_channel: bool = False) -> float:
     """The default ``check_onnx`` tolerance for ``model`` on ``inputs`` (see the module docstring).
 
     ``accuracy_level``: that of the file's MatMulNBits nodes (``nbits.file_accuracy_level``).
+    ``int8_per_channel``: per-channel 8-bit weight-only layers are MatMulNBits nodes too (decoder exports).
     """
     if inputs is None or not isinstance(inputs, Mapping):
         inputs = example_inputs(model, inputs, batch=3, seq=11, seed=1)
-    ref, allowance = _input_steps(model, _entry(model, task_of(model)), dict(inputs), accuracy_level)
+    ref, allowance = _input_steps(model, _entry(model, task_of(model)), dict(inputs), accuracy_level, int8_per_channel)
     return FLOAT_RTOL * float(ref.detach().abs().max()) + FLOAT_ATOL + allowance

@@ -104,8 +104,12 @@ def test_fp32_llama_matches_torch_at_other_shapes(tiny_llama, tmp_path):
     result = export_onnx(tiny_llama, tmp_path / "lm.onnx", check=True)
     assert result.max_abs_diff < 1e-4
     session = ort_session(result.path)
-    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
-    assert [o.name for o in session.get_outputs()] == ["logits"]
+    # A causal LM is written as the decoder-with-past graph (slimkit.export.onnx_decoder); run_onnx
+    # feeds it an empty cache when given only the ids and the mask.
+    past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "position_ids", *past]
+    assert [o.name for o in session.get_outputs()] == ["logits", *(n.replace("past_key_values", "present")
+                                                                   for n in past)]
     ids = torch.randint(0, 128, (1, 5))
     got = run_onnx(session, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
     ref = tiny_llama(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
