@@ -119,6 +119,7 @@ from slimkit.export.ort import (  # noqa: F401  (re-exported: the public names o
 from slimkit.export.twins import INT16_OPSET, _dynamic_quant_linear_onnx, _swap_quantized, _uses_int16
 from slimkit.quantization.attention import IMPLEMENTATION as ATTENTION_IMPLEMENTATION
 from slimkit.quantization.attention import QuantAttentionInputs
+from slimkit.quantization.kernels import kernel_policy
 from slimkit.quantization.modules import QuantConv2d, QuantLinear, TiedQuantLinear
 from slimkit.quantization.primitives import scale_zero_from_range
 
@@ -571,7 +572,9 @@ def _input_steps(model: nn.Module, entry: nn.Module, inputs: dict[str, torch.Ten
     handles += [m.register_forward_pre_hook(attention_hook) for m in model.modules()
                 if isinstance(m, QuantAttentionInputs)]
     try:
-        with torch.no_grad():
+        # The file holds the exact dequantized arithmetic: compare with QuantLinear's reference path,
+        # not an integer kernel it may pick on this machine (bf16 activations among them).
+        with torch.no_grad(), kernel_policy("reference"):
             out = _call(entry, inputs)
     finally:
         for h in handles:

@@ -280,6 +280,10 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, *,
                  f"{info.head_dim}; inputs input_ids, attention_mask (past + new tokens)"
                  f"{', position_ids' if info.position_ids else ''}, past_key_values.N.key/value; "
                  "outputs logits, present.N.key/value")
+    if accuracy_level < 2 and any("MatMulNBits bits=8" in n for n in notes):
+        notes.append(f"accuracy_level {accuracy_level}: ONNX Runtime 1.32 has no fast float kernel for 8-bit "
+                     "MatMulNBits on CPU (measured 20-50x slower than fp32 MatMul at one token); accuracy_level 4 "
+                     "runs them 2-4x faster than fp32")
     options = {"int8_per_channel_nbits": True, "accuracy_level": accuracy_level}
     files = _save(program, path, notes, _session_config(model, notes),
                   {DECODER_KEY: info.to_json(), EXPORT_OPTIONS_KEY: options})

@@ -173,6 +173,7 @@ def test_quantized_llama_is_matmulnbits_and_matches_its_dequantized_weights(conf
     assert op_counts(result.path)["MatMulNBits"] == 15
     assert sum(f"MatMulNBits bits={bits}" in n and "accuracy_level=0" in n for n in result.notes) == 15
     assert set(accuracy_levels(result.path).values()) == {0}
+    assert any("no fast float kernel for 8-bit" in n for n in result.notes) == (bits == 8)  # the slow-path warning
     reference = dequantized_copy(model)
     decoder = OrtDecoder(result.path)
     assert decoder.generate(PROMPT, NEW_TOKENS).new_ids[0].tolist() == torch_greedy(reference, PROMPT, NEW_TOKENS)
