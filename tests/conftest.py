@@ -1,9 +1,15 @@
 """Shared fixtures: tiny random-init models for plumbing tests (never for quality claims)."""
 
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# Tests compare quantized layers with exact maths: they run the dequantize reference unless a test
+# asks for the integer kernels (tests/quantization/test_kernels.py does, with kernel_policy), so a
+# result never depends on which kernel a probe picked on the machine running the tests.
+os.environ.setdefault("SLIMKIT_KERNELS", "reference")
 
 
 @pytest.fixture

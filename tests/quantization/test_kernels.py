@@ -14,8 +14,10 @@ from slimkit.quantization.primitives import dequantize_weight
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
+    """Each test starts with no measured plan, under the 'auto' policy users get (conftest sets 'reference')."""
     K.clear_probe_cache()
-    yield
+    with K.kernel_policy("auto"):
+        yield
     K.clear_probe_cache()
 
 
@@ -236,3 +238,19 @@ def test_isa_names_from_flags():
     assert cpu_isa(frozenset({"avx2", "fma"})) == "AVX2"
     assert cpu_isa(frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})) == "AVX-512 VNNI + BF16"
     assert cpu_isa(frozenset({"avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16"})) == "AMX + BF16"
+
+
+def test_auto_policy_end_to_end_stays_within_activation_rounding(tiny_llama):
+    """Whatever the probe picks on this machine, the model's logits stay those of the reference path."""
+    import slimkit as sk
+
+    sk.quantize_(tiny_llama, sk.RTN(bits=8))
+    ids = torch.arange(1, 33).reshape(1, -1)
+    with torch.no_grad():
+        with K.kernel_policy("reference"):
+            ref = tiny_llama(ids).logits
+        with K.kernel_policy("auto"):
+            plans = K.prepare_kernels(tiny_llama)
+            out = tiny_llama(ids).logits
+    assert len(plans) == 15 and all(p.timings_ms for p in plans.values())
+    assert _rel(out, ref) < 2e-2
