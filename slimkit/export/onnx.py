@@ -100,7 +100,14 @@ from torch import nn
 from slimkit.core.errors import ConfigError, DataError, SlimkitError, UnsupportedError
 from slimkit.core.linear_like import bypassed_forward
 from slimkit.tasks import Task, task_of
-from slimkit.export.nbits import file_accuracy_level, int8_input_error_bound, matmul_nbits_onnx, nbits_unsupported
+from slimkit.export.nbits import (
+    DEFAULT_ACCURACY_LEVEL,
+    check_accuracy_level,
+    file_accuracy_level,
+    int8_input_error_bound,
+    matmul_nbits_onnx,
+    nbits_unsupported,
+)
 from slimkit.export.ort import (  # noqa: F401  (re-exported: the public names of running a file)
     MISSING_MESSAGE,
     ORT_EXACT_CONFIG,
@@ -293,7 +300,7 @@ def _check_opset(opset: int | None, model: nn.Module) -> int:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = None, opset: int | None = None,
-                check: bool = False, past: bool | None = None) -> OnnxExport:
+                check: bool = False, past: bool | None = None, accuracy_level: int | None = None) -> OnnxExport:
     """Export ``model`` to the ONNX file ``path`` (atomically) and return an ``OnnxExport``.
 
     ``example``: the input of a model whose kind has no default (a tensor or tuple of
@@ -308,7 +315,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
     a transformers causal LM; False: the graph without a cache (``input_ids``,
     ``attention_mask`` -> ``logits``), as before. ``run_onnx`` and ``check_onnx`` feed the
     decoder graph an empty cache when given only ``input_ids`` and ``attention_mask``.
+
+    ``accuracy_level``: that of every MatMulNBits node (None: ``nbits.DEFAULT_ACCURACY_LEVEL``,
+    4; see ``slimkit.export.nbits``), written into the nodes and their notes.
     """
+    if accuracy_level is not None:
+        check_accuracy_level(accuracy_level)
     if past is None:
         past = _decoder_eligible(model)
     elif past and not _decoder_eligible(model):
@@ -317,12 +329,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, example: Any = Non
     if past:
         from slimkit.export.onnx_decoder import export_decoder_onnx
 
-        return export_decoder_onnx(model, path, opset=opset, check=check, example=example)
+        level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+        return export_decoder_onnx(model, path, accuracy_level=level, opset=opset, check=check, example=example)
     path, opset = _checked_target(model, path, opset)
     task = task_of(model)
     inputs = example_inputs(model, example)
     was_training = model.training
-    export_model, notes, table = _export_copy(model, opset)
+    export_model, notes, table = _export_copy(model, opset, accuracy_level=accuracy_level)
     entry = _entry(export_model, task).eval()
     output = _output_name(model, task)
     token_inputs = isinstance(entry, _TokenEntry)
@@ -390,7 +403,7 @@ def _nbits_overrides(model: nn.Module, export_model: nn.Module, notes: list[str]
     """Set the MatMulNBits twins' accuracy level and (``int8_per_channel``) swap per-channel 8-bit
     weight-only twins for MatMulNBits ones, rewriting their notes; returns whether a MatMulNBits twin exists."""
     from slimkit.core.targets import set_submodule
-    from slimkit.export.nbits import DEFAULT_ACCURACY_LEVEL, NBitsLinear, check_accuracy_level
+    from slimkit.export.nbits import NBitsLinear
     from slimkit.export.twins import _ExportLinear
 
     level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else check_accuracy_level(accuracy_level)

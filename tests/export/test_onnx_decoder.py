@@ -234,3 +234,16 @@ def test_generation_stops_at_the_recorded_eos(fp32_export, tmp_path):
     stop = tokens.index(tokens[3]) + 1
     assert decoder.generate(PROMPT, 6).new_ids[0].tolist() == tokens[:stop]
     assert decoder.generate(PROMPT, 6, eos_token_id=-1).new_ids[0].tolist() == tokens  # an explicit id wins
+
+
+def test_export_onnx_writes_the_accuracy_level_it_is_given(tmp_path):
+    """The level reaches the nodes and their notes on the graph without a cache too (the CLI's --accuracy-level)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantLinear.from_linear(nn.Linear(64, 32), 4, 32, True, act_mode=None)).eval()
+    x = torch.randn(2, 3, 64)
+    default = export_onnx(model, tmp_path / "d.onnx", example=x)
+    exact = export_onnx(model, tmp_path / "e.onnx", example=x, accuracy_level=0)
+    assert set(accuracy_levels(default.path).values()) == {4} and set(accuracy_levels(exact.path).values()) == {0}
+    assert "accuracy_level=0" in exact.notes[0] and "accuracy_level=4" in default.notes[0]
+    with pytest.raises(ConfigError, match="accuracy_level must be one of"):
+        export_onnx(model, tmp_path / "bad.onnx", example=x, accuracy_level=7)
