@@ -270,6 +270,18 @@ def test_layer_returns_dequantized_past_and_exact_new_tokens(residual):
     assert layer._quantized_keys.tokens == 15 - residual
 
 
+def test_keys_and_values_own_their_storage_and_may_differ_in_width():
+    layer = kc.QuantizedKVLayer(bits=4)
+    k, v = torch.randn(1, 2, 3, 32), torch.randn(1, 2, 3, 16)  # values narrower than keys (MLA-like models)
+    layer.update(k, v)
+    keys, values = layer.update(k[..., :1, :], v[..., :1, :])
+    assert keys.shape == (1, 2, 4, 32) and values.shape == (1, 2, 4, 16)
+    same = kc.QuantizedKVLayer(bits=8)
+    same.update(k, k.clone())
+    ptrs = [t.untyped_storage().data_ptr() for q in (same._quantized_keys, same._quantized_values) for t in q.tensors()]
+    assert len(set(ptrs)) == 4  # stacked for one quantize call, then stored apart (no shared, larger storage)
+
+
 def test_crop_and_batch_edits_are_exact():
     torch.manual_seed(1)
     k, v = torch.randn(3, 2, 12, 32), torch.randn(3, 2, 12, 32)
