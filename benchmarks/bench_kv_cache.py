@@ -332,9 +332,12 @@ def render(rows: list[Row], info: dict[str, Any], env: dict[str, Any], seconds: 
          "8.5 bits per element), int4 asymmetric packed two per byte with an fp16 scale and fp16 offset (4 + 32/32 "
          "= 5 bits; group 16: 6 bits). Tokens are quantized once, on arrival, and appended; attention reads the "
          "dequantized past and the current call's own tokens exact (as transformers' quantized caches do)."),
-        ("- decode tok/s includes dequantizing the whole past at every step (eager PyTorch; no fused "
-         "int8-attention kernel): the quantized caches buy memory, not speed, on this model whose cache is "
-         "small next to its weights."),
+        ("- decode tok/s: every quantized cache dequantizes the whole past at every step (eager PyTorch, no fused "
+         "quantized-attention kernel), and slimkit's also quantizes each new token as it arrives (a few dozen small "
+         "tensor ops per layer and step), where QuantizedCache quantizes once per 128 tokens (and then the whole past "
+         "again). On this model, whose fp32 cache is small next to its weights, the quantized caches buy memory, not "
+         "speed. This machine is shared: timings move with the other processes' CPU share stated above; compare "
+         "rows of one run only."),
         "",
     ]).rstrip("\n")
 
