@@ -113,7 +113,7 @@ def build_rows(s: Settings, work: Path) -> tuple[list[Row], dict[str, Any]]:
 
     def export_row(row: Row, m: torch.nn.Module, t0: float) -> None:
         row.path = work / f"{row.family}-{len(row.label)}.onnx"
-        export_onnx(m, row.path)
+        export_onnx(m, row.path, past=False)
         row.build = f"{time.perf_counter() - t0:.0f}"
 
     print("  exporting fp32", flush=True)

@@ -159,7 +159,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
 
     fp32_dir = Path(tempfile.mkdtemp(dir=work))
     t = time.perf_counter()
-    fp32_path = export_onnx(model, fp32_dir / "model.onnx").path
+    fp32_path = export_onnx(model, fp32_dir / "model.onnx", past=False).path
     fp32_export_s, fp32_size = time.perf_counter() - t, size_on_disk(fp32_dir)
 
     def torch_size(m: nn.Module) -> int:
@@ -178,7 +178,7 @@ def build_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
                                           lambda: sk.quantize_(copy.deepcopy(model), cfg, data=calib, ctx=ctx))
         quant_s, t = time.perf_counter() - t, time.perf_counter()
         folder = Path(tempfile.mkdtemp(dir=work))
-        export = harness.guard(row, "export_onnx", lambda: export_onnx(q, folder / "model.onnx"))
+        export = harness.guard(row, "export_onnx", lambda: export_onnx(q, folder / "model.onnx", past=False))
         export_s = time.perf_counter() - t
         lm = harness.guard(row, "ort_session", lambda: _OrtLM(export.path))
         if lm is not None:

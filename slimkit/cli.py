@@ -284,7 +284,7 @@ def eval_cmd(
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="A causal LM: zoo name or model folder."),
+    model: str = typer.Argument(..., help="A causal LM: zoo name, model folder, or a decoder-with-past .onnx file (run by ONNX Runtime)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (default); > 0 samples."),
@@ -302,9 +302,12 @@ def generate(
 
     ui = _Ui(quiet, as_json)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    with ui.step(f"loading {model}"):
-        m = load(model)
-    result = run(m, prompt, max_new_tokens=max_new_tokens, sampling=sampling, kv_cache=kv_cache)
+    if model.endswith(".onnx"):
+        result = _generate_onnx(ui, Path(model), prompt, max_new_tokens, sampling, kv_cache)
+    else:
+        with ui.step(f"loading {model}"):
+            m = load(model)
+        result = run(m, prompt, max_new_tokens=max_new_tokens, sampling=sampling, kv_cache=kv_cache)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -317,6 +320,40 @@ def generate(
                      highlight=False)
         for note in result.notes:
             ui.err.print(f"  note: {note}", highlight=False)
+
+
+def _generate_onnx(ui: _Ui, path: Path, prompt: str, max_new_tokens: int, sampling, kv_cache: Optional[str]):
+    """``slimkit generate FILE.onnx``: ONNX Runtime over a decoder-with-past graph; the tokenizer from its folder."""
+    from slimkit.core.errors import ConfigError, DataError
+    from slimkit.export.onnx_decoder import OrtDecoder
+
+    if kv_cache is not None:
+        raise ConfigError("--kv-cache applies to PyTorch models; an ONNX graph keeps the cache dtype it was exported with")
+    if not path.is_file():
+        raise DataError(f"{path} is not a file")
+    with ui.step(f"loading {path}"):
+        decoder = OrtDecoder(path)
+        tokenizer = _folder_tokenizer(path.parent)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError("the prompt gives no tokens")
+    import torch
+
+    result = decoder.generate(torch.tensor([ids]), max_new_tokens, sampling=sampling)
+    result.text = tokenizer.decode(result.new_ids[0].tolist())
+    return result
+
+
+def _folder_tokenizer(folder: Path):
+    """The tokenizer saved beside an exported ONNX file (its checkpoint folder); DataError naming the folder if none."""
+    from slimkit.core.errors import DataError
+
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise DataError(f"no tokenizer files in {folder}: export the ONNX file into the model's folder "
+                        "(slimkit export onnx DIR writes DIR/model.onnx) or copy its tokenizer files beside it")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def _measurement_table(m) -> Table:
@@ -382,13 +419,14 @@ def export_onnx_cmd(
     source: str = typer.Argument(..., help="Zoo name, slimkit checkpoint folder or Hugging Face folder."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="The .onnx file (default: SOURCE/model.onnx for a folder, ./NAME.onnx for a zoo model)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run ONNX Runtime beside PyTorch and report the max abs difference."),
-    accuracy_level: int = typer.Option(4, "--accuracy-level", help="MatMulNBits (int4/int2 weight-only layers) compute: 4 int8 inputs (fast CPU decode), 1 float32, 0 unset (float32 on CPU)."),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="MatMulNBits compute (int4/int2 weight-only layers, and int8 weight-only layers of causal LMs): 4 int8 inputs (fast CPU decode), 1 float32, 0 unset (float32 on CPU; 20-50x slower than fp32 for 8-bit weights in ORT 1.32)."),
+    past: Optional[bool] = typer.Option(None, "--past/--no-past", help="Causal LMs: a decoder-with-past graph with past_key_values inputs and present outputs (default), or the graph without a KV cache."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary."),
 ) -> None:
-    """Export a model to ONNX (int8 layers as QDQ graphs, int4/int2 weight-only as MatMulNBits) and check it against PyTorch."""
+    """Export a model to ONNX (int8 layers as QDQ graphs, int4/int2 weight-only as MatMulNBits; causal LMs with a KV cache) and check it against PyTorch."""
     from slimkit.core.io import load
-    from slimkit.export.nbits import DEFAULT_ACCURACY_LEVEL, check_accuracy_level, set_accuracy_level
+    from slimkit.export.nbits import check_accuracy_level
     from slimkit.export.onnx import OPS_OF_INTEREST, check_onnx, export_onnx, ort_op_counts
     from slimkit.zoo import ZOO
 
@@ -399,9 +437,7 @@ def export_onnx_cmd(
     if out is None:
         out = Path(f"{source}.onnx") if source in ZOO else Path(source) / "model.onnx"
     with ui.step(f"exporting to {out}"):
-        result = export_onnx(model, out)
-        if accuracy_level != DEFAULT_ACCURACY_LEVEL and "MatMulNBits" in result.op_counts():
-            set_accuracy_level(out, accuracy_level)
+        result = export_onnx(model, out, past=past, accuracy_level=accuracy_level)
     diff, kernels = None, None
     if check:
         with ui.step("checking with ONNX Runtime"):

@@ -166,3 +166,26 @@ def test_cli_generate_json_and_errors(tiny_lm_dir):
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
         errors = [line for line in bad.stderr.splitlines() if not line.startswith("done ")]
         assert len(errors) == 1 and errors[0].startswith("error:")
+
+
+def test_cli_exports_a_kv_cache_graph_and_generates_from_it(tiny_lm_dir, tmp_path):
+    """`slimkit export onnx` writes the decoder-with-past graph; `slimkit generate FILE.onnx` gives PyTorch's tokens."""
+    import shutil
+
+    from tests.test_cli import slimkit_cli
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_lm_dir, folder)
+    exported = slimkit_cli("export", "onnx", folder, "--json")
+    assert exported.returncode == 0, exported.stderr
+    names = json.loads(exported.stdout)["notes"]
+    assert any("decoder-with-past" in n for n in names)
+    onnx_run = slimkit_cli("generate", folder / "model.onnx", "--prompt", "def add(", "-n", "6", "--json")
+    torch_run = slimkit_cli("generate", folder, "--prompt", "def add(", "-n", "6", "--json")
+    assert onnx_run.returncode == 0 and torch_run.returncode == 0, onnx_run.stderr + torch_run.stderr
+    a, b = json.loads(onnx_run.stdout), json.loads(torch_run.stdout)
+    assert a["runtime"] == "onnxruntime" and a["new_ids"] == b["new_ids"]
+    no_tok = tmp_path / "lone.onnx"
+    shutil.copy(folder / "model.onnx", no_tok)
+    bad = slimkit_cli("generate", no_tok, "--prompt", "x")
+    assert bad.returncode == 2 and "no tokenizer files" in bad.stderr
