@@ -33,8 +33,8 @@ Columns:
   stdlib corpus excludes from every split, so the model never trained on it);
 - decode tokens/s: greedy, batch 1, 128 new tokens after a 128-token prompt (the first 128 eval tokens),
   ``slimkit.tasks.generation.decode_loop`` (decode steps timed apart from the prefill); one warm-up,
-  then the median of 3 runs interleaved over the rows; 2 threads. "same tokens": how many of the 128
-  greedy tokens equal the fp32 cache's.
+  then the median of 3 runs interleaved over the rows, and 1 / the median of all their one-token steps;
+  2 threads. "same tokens": how many of the 128 greedy tokens equal the fp32 cache's.
 
 A peer that cannot run is a row with the stage and the exception; a failed fp32 or slimkit row stops
 the run from writing BENCHMARKS.md.
@@ -90,6 +90,7 @@ class Row:
     peak_ratio: float | None = None
     ppl: dict[str, float] = field(default_factory=dict)
     decode_tps: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)  # every timed one-token decode step
     new_ids: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -208,9 +209,12 @@ def measure_decode(model: Any, rows: list[Row], prompt: torch.Tensor, settings: 
     """Decode tokens/s of every row: one warm-up each, then ``runs`` rounds over the rows (greedy, batch 1)."""
     from slimkit.tasks.generation import decode_loop
 
-    def run(row: Row) -> Any:
+    def run(row: Row, steps: list[float] | None = None) -> Any:
         def step(new_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+            start = time.perf_counter()
             cache, logits = _forward(model, new_ids, cache)
+            if steps is not None and new_ids.shape[1] == 1:  # decode steps only, not the prefill
+                steps.append(time.perf_counter() - start)
             return logits, cache
 
         with torch.no_grad():
@@ -224,7 +228,7 @@ def measure_decode(model: Any, rows: list[Row], prompt: torch.Tensor, settings: 
     with harness.OtherLoad() as load:
         for r in range(settings.runs):
             for row in live if r % 2 == 0 else list(reversed(live)):
-                result = harness.guard(row, "decode", lambda row=row: run(row))
+                result = harness.guard(row, "decode", lambda row=row: run(row, row.step_s))
                 if result is not None:
                     row.decode_tps.append(result.decode_tokens_per_s)
     return load.fraction
@@ -245,9 +249,10 @@ def table(rows: list[Row], texts: list[str]) -> harness.Table:
     heads = ["cache", "layout", "bytes at 1024 tokens", "× fp32", "peak × fp32 while decoding"]
     for t in texts:
         heads += [f"perplexity ({t})", "Δ vs fp32"]
-    heads += ["decode tok/s (median)", "× fp32", "same greedy tokens"]
+    heads += ["decode tok/s (median of runs)", "× fp32", "1 / median step", "× fp32", "same greedy tokens"]
     t = harness.Table(heads, align="ll" + "r" * (len(heads) - 2))
     fp32_tps = statistics.median(fp32.decode_tps) if fp32.decode_tps else None
+    fp32_step = 1 / statistics.median(fp32.step_s) if fp32.step_s else None
     for r in rows:
         if r.error and r.nbytes is None:
             t.add(r.label, r.layout, f"**could not run** — {r.error}", *([None] * (len(heads) - 3)))
@@ -264,8 +269,10 @@ def table(rows: list[Row], texts: list[str]) -> harness.Table:
         same = None
         if r.new_ids is not None and fp32.new_ids is not None:
             same = f"{int((r.new_ids == fp32.new_ids).sum())}/{len(fp32.new_ids)}"
+        by_step = 1 / statistics.median(r.step_s) if r.step_s else None
         cells += [None if tps is None else f"{tps:.1f}", None if tps is None or not fp32_tps else f"{tps / fp32_tps:.2f}×",
-                  same]
+                  None if by_step is None else f"{by_step:.1f}",
+                  None if by_step is None or not fp32_step else f"{by_step / fp32_step:.2f}×", same]
         t.add(*cells)
     return t
 
@@ -332,12 +339,13 @@ def render(rows: list[Row], info: dict[str, Any], env: dict[str, Any], seconds: 
          "8.5 bits per element), int4 asymmetric packed two per byte with an fp16 scale and fp16 offset (4 + 32/32 "
          "= 5 bits; group 16: 6 bits). Tokens are quantized once, on arrival, and appended; attention reads the "
          "dequantized past and the current call's own tokens exact (as transformers' quantized caches do)."),
-        ("- decode tok/s: every quantized cache dequantizes the whole past at every step (eager PyTorch, no fused "
-         "quantized-attention kernel), and slimkit's also quantizes each new token as it arrives (a few dozen small "
-         "tensor ops per layer and step), where QuantizedCache quantizes once per 128 tokens (and then the whole past "
-         "again). On this model, whose fp32 cache is small next to its weights, the quantized caches buy memory, not "
-         "speed. This machine is shared: timings move with the other processes' CPU share stated above; compare "
-         "rows of one run only."),
+        ("- decode tok/s: decode_loop's tokens/s of each run (127 one-token steps after the prefill), median of the "
+         "runs; 1 / median step: the median wall time of all those steps pooled, inverted, which a burst of other "
+         "processes moves less. Every quantized cache dequantizes the whole past at every step (eager PyTorch, no "
+         "fused quantized-attention kernel), and slimkit's also quantizes each new token as it arrives (a few dozen "
+         "small tensor ops per layer and step), where QuantizedCache quantizes once per 128 tokens (and then the "
+         "whole past again). This machine is shared: timings move with the other processes' CPU share stated above; "
+         "compare rows of one run only."),
         "",
     ]).rstrip("\n")
 
