@@ -176,10 +176,10 @@ def eval_windows(model: Any, settings: Settings, context: int) -> dict[str, tupl
 
 def _forward(model: Any, ids: torch.Tensor, cache: Any) -> Any:
     """One forward through ``cache``; returns the (possibly new) cache and the logits."""
-    from slimkit.quantization.kv_cache import _cache_kwarg, _returned_cache
+    from slimkit.tasks.generation import cache_keyword, returned_cache
 
-    out = model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache})
-    return _returned_cache(out), out.logits
+    out = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
+    return returned_cache(out), out.logits
 
 
 @torch.no_grad()

@@ -54,6 +54,7 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError, UnsupportedError, closest
 from slimkit.quantization.primitives import dequantize, quantize, split_groups
+from slimkit.tasks.generation import cache_keyword, returned_cache
 
 #: KV-cache specs ``make_kv_cache`` accepts; "none" and "fp32" (like None) mean the model's own float cache.
 SPECS = ("none", "fp32", "int8", "int4")
@@ -532,17 +533,6 @@ def kv_cache_nbytes(cache: Any) -> int:
     return total
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """The forward argument that takes the cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _returned_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
 CacheSpec = str | None | Callable[[], Any]
 
 
@@ -569,13 +559,13 @@ def kv_cache_nll(model: nn.Module, token_ids: torch.Tensor, spec: CacheSpec = No
     try:
         device = next(model.parameters()).device
         ids = token_ids.to(device=device, dtype=torch.long)
-        cache, kwarg = _fresh_cache(spec, model), _cache_kwarg(model)
+        cache, kwarg = _fresh_cache(spec, model), cache_keyword(model)
         n = ids.shape[1]
         total = 0.0
         for start in range(0, n - 1, chunk):  # the last token is only a target
             stop = min(start + chunk, n - 1)
             out = model(input_ids=ids[:, start:stop], use_cache=True, **{kwarg: cache})
-            cache = _returned_cache(out)
+            cache = returned_cache(out)
             logits = out.logits.float()
             targets = ids[:, start + 1:stop + 1]
             total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
