@@ -17,11 +17,17 @@ KV cache at batch 1 (128 new greedy tokens after a 128-token prompt; tokens/s ov
 steps after the first), prefill latency at batch 1 × 256 (the step over the prompt up to the first
 token's logits), peak RSS while generating (VmHWM reset after loading, quantizing and warm-up), and
 the memory-bandwidth bound: measured copy bandwidth (read + write bytes of a 1 GiB numpy copy, the
-better of 1 and 2 threads) ÷ bytes of weights one decode step reads (every weight but the embedding
-table; KV-cache reads left out). Every row runs in its own process (clean peak RSS, no compile or
-allocator state carried over); rows of a model run one after another, so ratios to fp32 eager are
-taken in the same run but not interleaved — the fp32 eager row is run again at the end of each model
-(full runs) to show the drift.
+best of 1 and 2 threads, at the start and at the end of the run) ÷ bytes of weights one decode step
+reads (every weight but the embedding table; KV-cache reads left out). Every row runs in its own
+process (clean peak RSS, no compile or allocator state carried over; ORT rows quantize and export in
+one more); rows of a model run one after another, so ratios to fp32 eager are taken in the same run
+but not interleaved — the fp32 eager row runs again at the end of each model (full runs) and the
+ratios divide by the faster of its two runs. Timed decode runs per row: as many as fit 40 s (1–3;
+a row too slow for one run of 128 tokens in 80 s times fewer tokens and says so).
+
+Setup that is not measured: model folders and GGUF files are written once and reused by later runs
+(keyed by the config and the safetensors' size and mtime); within a run, each slimkit quantized
+kind is made once per model (``sk.save``) and loaded by the other rows that need it (``sk.load``).
 
 Rows (ids for ``--rows``; shell-style patterns, comma separated):
 - ``eager-fp32`` (the baseline), ``eager-int8`` (``sk.RTN(bits=8)``), ``eager-int4`` (``sk.RTN(bits=4,
