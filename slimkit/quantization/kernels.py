@@ -10,21 +10,30 @@ kernel here is tested against). PyTorch ships real integer kernels for some layo
 - ``int_mm``: ``torch._int_mm`` — W8A8: int8 activations quantized at run time (per token,
   per tensor, or with the layer's static scale) times int8 weights, int32 accumulation.
 
-Whether a kernel is faster depends on the ISA, the shape and the number of rows: measured
-here (AMD EPYC, AVX-512 VNNI + BF16, 2 threads, 4096×4096), ``int8pack`` at one row takes
-0.12× the fp32 ``F.linear`` time with bf16 activations but 2.5× with fp32 activations, and
-on an AVX2 CPU without VNNI the torch ops lose to fp32 at every shape. So nothing is
-assumed: the first time a layer of a given layout runs (or ``prepare_kernels`` is called),
-each fitting kernel is timed against the reference on this machine at one row (decode) and
-at ``PREFILL_ROWS`` rows (prefill), its output is checked against the reference, and the
-fastest path per regime is kept (a kernel must beat the reference by ``MIN_GAIN``). The
-timings are cached per layout, ISA and thread count for the life of the process.
+- ``blocked``: not an integer kernel but a faster exact path for many rows: the weight is
+  dequantized a block of output rows at a time (4-bit codes through a 256-entry table, scale
+  and zero in one fused multiply-add) and multiplied while the block is still in cache. Its
+  output is the reference's in fp32; it exists because dequantizing the whole weight on
+  every call costs 2–7× an fp32 prefill for int4.
 
-Activations in bf16 are offered only where the CPU computes bf16 in hardware
-(AVX512_BF16 / AMX); they round each input to 8 significant bits, a change the
+Whether a path is faster depends on the ISA, the shape and the number of rows. Measured on
+an AMD EPYC with AVX-512 VNNI + BF16 (2 threads, 4096×4096), ``int8pack`` at one row takes
+0.12× the fp32 ``F.linear`` time with bf16 activations but 2.5× with fp32 activations; on
+an AMD EPYC with AVX2 only, bf16 activations give 0.24× (int8pack) and 0.36× (int4pack) at
+one row, fp32 activations 4.7× and 4.9×, and at 256 rows every integer kernel loses to
+fp32 (≥ 1.9×) while ``blocked`` comes within 1.0–1.3×. So nothing is assumed: the first
+time a layer of a given layout runs (or ``prepare_kernels`` is called), each fitting path
+is timed against the reference on this machine at one row (decode) and at
+``PREFILL_ROWS`` rows (prefill), its output is checked against the reference, and the
+fastest path per regime is kept (it must beat the reference by ``MIN_GAIN``). The timings
+are cached per layout, ISA and thread count for the life of the process.
+
+Integer kernels are offered with bf16 activations on every CPU (first where the CPU
+computes bf16 in hardware, AVX512_BF16 / AMX) and with fp32 activations: bf16 rounds each
+input to 8 significant bits, which the agreement check bounds (2% relative) and the
 report's measured quality includes. ``SLIMKIT_KERNELS`` (or ``set_kernel_policy``):
-``auto`` (default, measured), ``reference`` (never a kernel), ``force`` (any fitting
-kernel with fp32 activations, unmeasured: for tests on machines where kernels lose).
+``auto`` (default, measured), ``reference`` (never a kernel), ``force`` (the first fitting
+integer kernel with fp32 activations, unmeasured: for tests on machines where kernels lose).
 """
 
 from __future__ import annotations
@@ -131,7 +140,7 @@ def int_mm_output(acc: torch.Tensor, x_zero: torch.Tensor | None, w_row_sums: to
 class KernelSpec:
     """One way to run a layer: the kernel and the dtype its activations are cast to."""
 
-    name: str  # "int8pack", "int4pack", "int_mm"
+    name: str  # "int8pack", "int4pack", "int_mm", "blocked"
     act_dtype: torch.dtype = torch.float32
 
     @property
@@ -139,6 +148,8 @@ class KernelSpec:
         """E.g. 'int8pack (bf16 activations)'."""
         if self.name == "int_mm":
             return "int_mm (int8 activations)"
+        if self.name == "blocked":
+            return "dequantize-blocked (fp32)"
         return f"{self.name} ({'bf16' if self.act_dtype == torch.bfloat16 else 'fp32'} activations)"
 
 
@@ -148,10 +159,19 @@ def _has_op(name: str) -> bool:
 
 
 def candidates(layer: Any) -> list[KernelSpec]:
-    """The kernels whose layout fits ``layer`` (a QuantLinear) and that this torch has, bf16 first where native."""
-    if layer.g_idx is not None or layer.bits not in (4, 8) or layer.qweight.device.type != "cpu":
+    """The paths whose layout fits ``layer`` (a QuantLinear) and that this torch has: integer kernels
+    (bf16 activations first where the CPU computes bf16 natively), then ``blocked``."""
+    if layer.g_idx is not None or layer.qweight.device.type != "cpu":
         return []
-    acts = ([torch.bfloat16] if has_native_bf16() else []) + [torch.float32]
+    return integer_kernels(layer) + ([KernelSpec("blocked")] if blocked_fits(layer) else [])
+
+
+def integer_kernels(layer: Any) -> list[KernelSpec]:
+    """The integer kernels (int8pack, int4pack, int_mm) that fit ``layer`` in this torch."""
+    if layer.bits not in (4, 8):
+        return []
+    native = has_native_bf16()
+    acts = [torch.bfloat16, torch.float32] if native else [torch.float32, torch.bfloat16]
     if layer.act_mode is not None:
         fits = (layer.bits == 8 and layer.symmetric and layer.group_size is None and layer.act_bits == 8
                 and _has_op("_int_mm"))
@@ -163,6 +183,53 @@ def candidates(layer: Any) -> list[KernelSpec]:
             and _has_op("_convert_weight_to_int4pack_for_cpu")):
         return [KernelSpec("int4pack", a) for a in acts]
     return []
+
+
+def blocked_fits(layer: Any) -> bool:
+    """Whether the blocked dequantize path takes this layout: codes of 8 bits and up one per byte,
+    or 2/4-bit codes packed whole into bytes (the table maps one byte to its codes)."""
+    return layer.bits >= 8 or (layer.bits in (2, 4) and layer.in_features % (8 // layer.bits) == 0)
+
+
+BLOCK_BYTES = 2**21  # fp32 bytes of one dequantized block (2 MiB: stays in L2/L3 while multiplied)
+
+
+def byte_table(bits: int, symmetric: bool) -> torch.Tensor:
+    """(256, 8 // bits) float32: the codes one packed byte holds, lowest bits first (``pack``'s order),
+    signed codes shifted back by 2^(bits-1) as ``unpack`` does."""
+    per_byte = 8 // bits
+    byte = torch.arange(256)
+    codes = torch.stack([(byte >> (bits * i)) & (2**bits - 1) for i in range(per_byte)], dim=-1)
+    return (codes - (2 ** (bits - 1) if symmetric else 0)).float()
+
+
+class _Blocked:
+    """``F.linear(quantize_input(x), W)`` with W dequantized ``rows`` output rows at a time into cache."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.group = layer.group_size or layer.in_features
+        self.table = None if layer.bits >= 8 else byte_table(layer.bits, layer.symmetric)
+        self.scale = layer.scale.float().unsqueeze(-1)  # (out, groups, 1)
+        # (q - z)·s = q·s + (−z·s): one fused multiply-add per element
+        self.offset = None if layer.zero is None else (-(layer.zero.float()) * layer.scale.float()).unsqueeze(-1)
+        self.rows = max(16, min(layer.out_features, BLOCK_BYTES // (4 * layer.in_features)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layer, cols = self.layer, self.layer.in_features
+        x = layer.quantize_input(x.float())
+        out = torch.empty(x.shape[0], layer.out_features, dtype=torch.float32)
+        for start in range(0, layer.out_features, self.rows):
+            rows = slice(start, start + self.rows)
+            q = layer.qweight[rows]
+            codes = q.float() if self.table is None else F.embedding(q.to(torch.int32), self.table)
+            codes = codes.reshape(q.shape[0], -1, self.group)
+            if self.offset is None:
+                w = codes.mul_(self.scale[rows])
+            else:
+                w = torch.addcmul(self.offset[rows], codes, self.scale[rows])
+            torch.matmul(x, w.reshape(-1, cols).t(), out=out[:, rows])
+        return out
 
 
 class _Prepared:
@@ -180,6 +247,8 @@ class _Prepared:
                 int4pack_codes(layer.codes(), layer.symmetric).contiguous(), 1)
             self.group_size = layer.group_size
             self.scales_zeros = int4pack_scales_and_zeros(layer.scale, layer.zero).to(act)
+        elif spec.name == "blocked":
+            self.blocked = _Blocked(layer)
         else:  # int_mm
             self.codes_t = layer.qweight.t()  # (in, out) view: _int_mm takes it as it is
             self.row_sums = layer.qweight.to(torch.int32).sum(dim=1)
@@ -193,6 +262,8 @@ class _Prepared:
         if name == "int4pack":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.spec.act_dtype), self.packed,
                                                               self.group_size, self.scales_zeros)
+        if name == "blocked":
+            return self.blocked(x)
         return self._int_mm(x)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -315,6 +386,9 @@ def _measure(layer: Any, specs: list[KernelSpec]) -> LayerPlan:
             setattr(plan, regime, best)
     if plan.decode is None and plan.prefill is None:
         plan.reason = f"no kernel beat it on {cpu_isa()}"
+    no_integer = _no_fit_reason(layer)
+    if no_integer:
+        plan.reason = "; ".join(r for r in (plan.reason, no_integer) if r)
     return plan
 
 
@@ -326,7 +400,8 @@ def plan_layer(layer: Any) -> LayerPlan:
         reason = "policy 'reference'" if policy == "reference" else _no_fit_reason(layer)
         return LayerPlan(None, None, reason=reason)
     if policy == "force":
-        forced = next((s for s in specs if s.act_dtype == torch.float32), specs[0])
+        ints = [s for s in specs if s.name != "blocked"] or specs
+        forced = next((s for s in ints if s.act_dtype == torch.float32), ints[0])
         return LayerPlan(forced, forced, reason="forced")
     key = _signature(layer)
     if key not in _probe_cache:
@@ -335,17 +410,21 @@ def plan_layer(layer: Any) -> LayerPlan:
 
 
 def _no_fit_reason(layer: Any) -> str:
+    """Why no path but the reference fits ``layer``, or why no integer kernel does ("" when one does)."""
     if layer.g_idx is not None:
         return "act-order columns fit no kernel"
     if layer.qweight.device.type != "cpu":
         return "the kernels are CPU kernels"
+    if integer_kernels(layer):
+        return ""
+    ops = ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_int_mm")
+    if not any(_has_op(op) for op in ops):
+        return f"this torch ({torch.__version__}) has no integer kernels"
     if layer.bits not in (4, 8):
-        return f"no {layer.bits}-bit kernel"
+        return f"no {layer.bits}-bit integer kernel"
     if layer.bits == 4:
         return f"group size {layer.group_size} and shape {layer.out_features}x{layer.in_features} fit no int4 kernel"
-    if not any(_has_op(op) for op in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_int_mm")):
-        return f"this torch ({torch.__version__}) has no integer kernels"
-    return "this layout fits no kernel in this torch"
+    return "this layout fits no integer kernel in this torch"
 
 
 def _bound(layer: Any) -> _Bound:

@@ -45,7 +45,7 @@ def test_every_fitting_kernel_matches_float64(bits, group_size, symmetric):
     x = torch.randn(5, 256)
     ref = _f64_reference(layer, x)
     specs = K.candidates(layer)
-    assert {s.name for s in specs} == {"int8pack" if bits == 8 else "int4pack"}
+    assert {s.name for s in specs} == {"int8pack" if bits == 8 else "int4pack", "blocked"}
     for spec in specs:
         y = K._Prepared(spec, layer)(x) + layer.bias
         # fp32 activations: summation order only; bf16 activations: 8 significant bits of each input
@@ -79,7 +79,7 @@ def test_int_mm_equals_fake_quant_reference(mode, symmetric):
     if mode == "static":
         layer.set_input_qparams(torch.tensor(0.02), torch.tensor(0 if symmetric else 131))
     x = torch.randn(24, 64) * 1.5
-    assert K.candidates(layer) == [K.KernelSpec("int_mm")]
+    assert K.integer_kernels(layer) == [K.KernelSpec("int_mm")]
     with torch.no_grad():
         ref = layer.reference_forward(x)
         y = K._Prepared(K.KernelSpec("int_mm"), layer)(x) + layer.bias
@@ -120,7 +120,60 @@ def test_int8_rows_shift_keeps_code_minus_zero():
 ])
 def test_candidates_respect_each_kernels_layout(kwargs, fits):
     kwargs = {"out_f": 32, "in_f": 128, **kwargs}
-    assert bool(K.candidates(_layer(**kwargs))) == fits
+    layer = _layer(**kwargs)
+    assert bool(K.integer_kernels(layer)) == fits
+    # the blocked path takes every layout whose codes fill whole bytes
+    assert (K.KernelSpec("blocked") in K.candidates(layer)) == (kwargs["bits"] != 3)
+
+
+def test_integer_kernels_offer_both_activation_dtypes_native_bf16_first(monkeypatch):
+    layer = _layer(bits=8)
+    for native, first in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(K, "has_native_bf16", lambda flags=None, n=native: n)
+        acts = [s.act_dtype for s in K.integer_kernels(layer)]
+        assert acts[0] == first and set(acts) == {torch.bfloat16, torch.float32}
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 4]), symmetric=st.booleans(), seed=st.integers(0, 10_000))
+def test_byte_table_decodes_what_pack_wrote(bits, symmetric, seed):
+    from slimkit.quantization.primitives import pack, qrange, unpack
+
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = qrange(bits, symmetric)
+    codes = torch.randint(lo, hi + 1, (3, 16), generator=g)
+    packed = pack(codes, bits, symmetric=symmetric)
+    decoded = K.byte_table(bits, symmetric)[packed.long()].reshape(3, 16)
+    assert torch.equal(decoded.long(), codes)
+    assert torch.equal(decoded.long(), unpack(packed, bits, 16, symmetric=symmetric).long())
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"bits": 8}, {"bits": 8, "symmetric": False, "group_size": 32}, {"bits": 4, "group_size": 32},
+    {"bits": 4, "group_size": 64, "symmetric": False}, {"bits": 2, "group_size": 16, "symmetric": False},
+    {"bits": 4, "group_size": None, "bias": False},
+])
+def test_blocked_path_equals_float64_across_several_blocks(monkeypatch, kwargs):
+    monkeypatch.setattr(K, "BLOCK_BYTES", 16 * 4 * 128)  # 16 rows a block: 48 rows take three blocks
+    layer = _layer(out_f=48, in_f=128, **kwargs)
+    x = torch.randn(7, 128)
+    y = K._Prepared(K.KernelSpec("blocked"), layer)(x)
+    if layer.bias is not None:
+        y = y + layer.bias
+    assert _rel(y, _f64_reference(layer, x)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic_token"])
+def test_blocked_path_quantizes_the_input_as_the_reference_does(mode):
+    torch.manual_seed(3)
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 32), bits=8, act_mode=mode,
+                                    input_multiplier=torch.rand(64) + 0.5)
+    if mode == "static":
+        layer.set_input_qparams(torch.tensor(0.02), torch.tensor(131))
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        y = K._Prepared(K.KernelSpec("blocked"), layer)(x) + layer.bias
+        assert torch.allclose(y, layer.reference_forward(x), atol=1e-5)
 
 
 def test_act_order_layers_take_no_kernel_and_say_why():
@@ -171,7 +224,8 @@ def test_gradients_flow_through_the_reference_path():
 
 def _fake_timings(monkeypatch, table):
     """Make the probe see fixed times: ``table`` maps a path label ('reference', 'fp32 F.linear', a kernel) to ms."""
-    monkeypatch.setattr(K, "_time_path", lambda label, fn: table[label])
+    # paths the table does not name are slow: never the winner
+    monkeypatch.setattr(K, "_time_path", lambda label, fn: table.get(label, 1e9))
 
 
 def test_auto_takes_a_kernel_only_where_it_was_measured_to_win(monkeypatch):
@@ -202,10 +256,10 @@ def test_torch_without_the_kernels_falls_back_and_says_so(monkeypatch):
     monkeypatch.setattr(K, "_has_op", lambda name: False)
     layer = _layer(bits=8)
     plan = K.plan_layer(layer)
-    assert plan.decode is None and "torch" in plan.reason
+    assert plan.decode in (None, K.KernelSpec("blocked")) and "no integer kernels" in plan.reason
     x = torch.randn(2, 128)
     with torch.no_grad():
-        assert torch.equal(layer(x), layer.reference_forward(x))
+        assert torch.allclose(layer(x), layer.reference_forward(x), atol=1e-5)
 
 
 def test_plans_are_cached_per_layout(monkeypatch):
