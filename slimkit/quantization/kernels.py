@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ from slimkit.core.machine import cpu_isa, has_native_bf16
 from slimkit.quantization.primitives import quantize, scale_zero_from_range
 
 POLICIES = ("auto", "reference", "force")
-PREFILL_ROWS = 64  # rows of the prefill probe (a prompt chunk); decode is probed at one row
+PREFILL_ROWS = 256  # rows of the prefill probe (the reports' 1×256 prefill); decode is probed at one row
+SCREEN_ROWS = 64  # prefill paths are first timed once here; those within SCREEN_SLACK of the best go on to 256
+SCREEN_SLACK = 2.0
 SMALL_ROWS = 16  # inputs with at most this many rows take the decode-regime choice
 MIN_GAIN = 0.9  # a kernel must take at most this fraction of the reference's time
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes aten's CPU int4 kernel takes
@@ -203,6 +206,19 @@ def byte_table(bits: int, symmetric: bool) -> torch.Tensor:
     return (codes - (2 ** (bits - 1) if symmetric else 0)).float()
 
 
+_workspace = threading.local()  # per thread: blocks of one layer at a time
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused flat buffer of at least ``numel`` elements. Fresh multi-MB tensors cost page faults on
+    every call (glibc maps them anew), which measured as most of a small layer's dequantize time."""
+    buf = getattr(_workspace, name, None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_workspace, name, buf)
+    return buf[:numel]
+
+
 class _Blocked:
     """``F.linear(quantize_input(x), W)`` with W dequantized ``rows`` output rows at a time into cache."""
 
@@ -222,13 +238,21 @@ class _Blocked:
         for start in range(0, layer.out_features, self.rows):
             rows = slice(start, start + self.rows)
             q = layer.qweight[rows]
-            codes = q.float() if self.table is None else F.embedding(q.to(torch.int32), self.table)
-            codes = codes.reshape(q.shape[0], -1, self.group)
-            if self.offset is None:
-                w = codes.mul_(self.scale[rows])
+            n = q.shape[0]
+            codes = _scratch("codes", n * cols, torch.float32)
+            if self.table is None:
+                codes.view(q.shape).copy_(q)
             else:
-                w = torch.addcmul(self.offset[rows], codes, self.scale[rows])
-            torch.matmul(x, w.reshape(-1, cols).t(), out=out[:, rows])
+                index = _scratch("index", q.numel(), torch.int32)
+                index.view(q.shape).copy_(q)
+                torch.index_select(self.table, 0, index, out=codes.view(q.numel(), -1))
+            grouped = codes.view(n, -1, self.group)
+            if self.offset is None:
+                w = grouped.mul_(self.scale[rows])
+            else:
+                w = torch.addcmul(self.offset[rows], grouped, self.scale[rows],
+                                  out=_scratch("weight", n * cols, torch.float32).view(grouped.shape))
+            torch.matmul(x, w.view(n, cols).t(), out=out[:, rows])
         return out
 
 
@@ -364,24 +388,38 @@ def _agrees(y: torch.Tensor, ref: torch.Tensor, act_dtype: torch.dtype) -> bool:
 
 
 def _measure(layer: Any, specs: list[KernelSpec]) -> LayerPlan:
-    """Time the reference and every fitting kernel at 1 and PREFILL_ROWS rows; keep the fastest per regime."""
+    """Time the reference and every fitting path at 1 and PREFILL_ROWS rows; keep the fastest per regime.
+
+    Prefill paths are screened by one run at SCREEN_ROWS first (an fp32-activation integer
+    kernel can take seconds at 256 rows); the reference is always timed in full.
+    """
     gen = torch.Generator().manual_seed(0)
     plan = LayerPlan(None, None, shape=(layer.out_features, layer.in_features))
     prepared = {s: _Prepared(s, layer) for s in specs}
-    for regime, rows in (("decode", 1), ("prefill", PREFILL_ROWS)):
+    dense = layer.dense_weight()  # the float layer's cost, for the report's "why" (not kept)
+    agreeing = dict(prepared)
+    for regime, rows in (("decode", 1), ("screen", SCREEN_ROWS), ("prefill", PREFILL_ROWS)):
         x = torch.randn(rows, layer.in_features, generator=gen)
         with torch.no_grad():
+            if regime == "screen":
+                once = {s: _run_once_ms(s.label, lambda k=k: k(x)) for s, k in agreeing.items()}
+                once["reference"] = _run_once_ms("reference", lambda: layer.reference_forward(x))
+                best = min(once.values())
+                agreeing = {s: k for s, k in agreeing.items() if once[s] <= SCREEN_SLACK * best}
+                plan.timings_ms[f"{rows} rows, one run"] = {
+                    ("reference" if s == "reference" else s.label): ms for s, ms in once.items()}
+                continue
             ref = layer.reference_forward(x)
             bias = 0 if layer.bias is None else layer.bias.detach().float()
-            times = {"reference": _time_path("reference", lambda: layer.reference_forward(x))}
-            # What the float layer cost (not a choice: the weight is not kept dense) for the report's "why".
-            dense = layer.dense_weight()
-            times["fp32 F.linear"] = _time_path("fp32 F.linear", lambda: F.linear(x, dense))
-            for spec, kernel in prepared.items():
+            times = {"reference": _time_path("reference", lambda: layer.reference_forward(x)),
+                     "fp32 F.linear": _time_path("fp32 F.linear", lambda: F.linear(x, dense))}
+            for spec, kernel in list(agreeing.items()):
                 if _agrees(kernel(x) + bias, ref, spec.act_dtype):
                     times[spec.label] = _time_path(spec.label, lambda k=kernel: k(x))
+                else:
+                    del agreeing[spec]  # a wrong path is never timed again, never taken
         plan.timings_ms[f"{rows} row{'s' if rows > 1 else ''}"] = times
-        best = min(prepared, key=lambda s: times.get(s.label, float("inf")), default=None)
+        best = min(agreeing, key=lambda s: times.get(s.label, float("inf")), default=None)
         if best is not None and times.get(best.label, float("inf")) <= MIN_GAIN * times["reference"]:
             setattr(plan, regime, best)
     if plan.decode is None and plan.prefill is None:
@@ -390,6 +428,14 @@ def _measure(layer: Any, specs: list[KernelSpec]) -> LayerPlan:
     if no_integer:
         plan.reason = "; ".join(r for r in (plan.reason, no_integer) if r)
     return plan
+
+
+def _run_once_ms(label: str, fn: Callable[[], Any]) -> float:
+    """One timed run after one warm-up (a screen, not a measurement to report; ``label`` names the path)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def plan_layer(layer: Any) -> LayerPlan:

@@ -226,6 +226,7 @@ def _fake_timings(monkeypatch, table):
     """Make the probe see fixed times: ``table`` maps a path label ('reference', 'fp32 F.linear', a kernel) to ms."""
     # paths the table does not name are slow: never the winner
     monkeypatch.setattr(K, "_time_path", lambda label, fn: table.get(label, 1e9))
+    monkeypatch.setattr(K, "_run_once_ms", lambda label, fn: table.get(label, 1e9))
 
 
 def test_auto_takes_a_kernel_only_where_it_was_measured_to_win(monkeypatch):
@@ -260,6 +261,21 @@ def test_torch_without_the_kernels_falls_back_and_says_so(monkeypatch):
     x = torch.randn(2, 128)
     with torch.no_grad():
         assert torch.allclose(layer(x), layer.reference_forward(x), atol=1e-5)
+
+
+def test_prefill_screen_drops_paths_far_behind_and_never_times_them_at_full_size(monkeypatch):
+    monkeypatch.setattr(K, "has_native_bf16", lambda flags=None: False)
+    fp32_kernel, bf16_kernel = K.KernelSpec("int8pack").label, K.KernelSpec("int8pack", torch.bfloat16).label
+    timed = []
+    table = {"reference": 1.0, "fp32 F.linear": 0.5, fp32_kernel: 5.0, bf16_kernel: 0.3, "dequantize-blocked (fp32)": 0.55}
+    monkeypatch.setattr(K, "_run_once_ms", lambda label, fn: table[label])
+    monkeypatch.setattr(K, "_time_path", lambda label, fn: timed.append(label) or table[label])
+    plan = K.plan_layer(_layer(bits=8))
+    assert plan.decode == K.KernelSpec("int8pack", torch.bfloat16) == plan.prefill
+    full = plan.timings_ms[f"{K.PREFILL_ROWS} rows"]
+    assert fp32_kernel not in full and bf16_kernel in full and "dequantize-blocked (fp32)" in full
+    assert timed.count(fp32_kernel) == 1  # decode only: screened out before the 256-row run
+    assert plan.timings_ms[f"{K.SCREEN_ROWS} rows, one run"][fp32_kernel] == 5.0
 
 
 def test_plans_are_cached_per_layout(monkeypatch):
