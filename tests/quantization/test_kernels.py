@@ -136,16 +136,20 @@ def test_integer_kernels_offer_both_activation_dtypes_native_bf16_first(monkeypa
 
 @settings(max_examples=30, deadline=None)
 @given(bits=st.sampled_from([2, 4]), symmetric=st.booleans(), seed=st.integers(0, 10_000))
-def test_byte_table_decodes_what_pack_wrote(bits, symmetric, seed):
+def test_unpack_bytes_into_decodes_what_pack_wrote(bits, symmetric, seed):
     from slimkit.quantization.primitives import pack, qrange, unpack
 
     g = torch.Generator().manual_seed(seed)
     lo, hi = qrange(bits, symmetric)
     codes = torch.randint(lo, hi + 1, (3, 16), generator=g)
     packed = pack(codes, bits, symmetric=symmetric)
-    decoded = K.byte_table(bits, symmetric)[packed.long()].reshape(3, 16)
-    assert torch.equal(decoded.long(), codes)
-    assert torch.equal(decoded.long(), unpack(packed, bits, 16, symmetric=symmetric).long())
+    shift = 2 ** (bits - 1) if symmetric else 0  # stored codes: signed ones shifted up
+    out = torch.full((3, 16), -99.0)
+    K.unpack_bytes_into(packed, out, bits, torch.empty_like(packed))
+    assert torch.equal(out.long() - shift, codes)
+    K.unpack_bytes_into(packed, out, bits, torch.empty_like(packed), shift=shift)  # shifted back in uint8
+    assert torch.equal(out.long(), codes)
+    assert torch.equal(out.long(), unpack(packed, bits, 16, symmetric=symmetric).long())
 
 
 @pytest.mark.parametrize("kwargs", [
