@@ -24,6 +24,10 @@ Details (see ALGORITHMS.md):
   are widened to whole groups so those weights are always up to date;
 - act-order: columns are processed by descending H_ii; groups are runs of ``group_size``
   *processed* columns, and ``g_idx`` (in original column order) gives each column's group.
+- sparsity (``keep_zeros``): the exact zeros of W (an earlier pruning step) stay zeros. When
+  column i is reached, its pruned rows get the code of 0 whatever the OBS updates wrote there,
+  so their whole value is the error e that flows on to the later, kept weights (SparseGPT's
+  masked update); a group's range is taken over its kept weights only (0 is always inside).
 
 ``apply_gptq`` walks the decoder blocks with ``core.blockwise.run_blockwise`` and, with
 ``true_sequential``, quantizes a block's input groups in execution order (q/k/v, o,
@@ -106,22 +110,25 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    keep_zeros: bool = True,
 ) -> GPTQResult:
     """GPTQ-quantize one (out, in) weight given the (in, in) Hessian of its inputs.
 
     ``group_size`` None: one scale per output row (found on the original weights);
     otherwise a scale per ``group_size`` columns, found from the updated weights when
     the group starts. ``block_size`` changes speed only, not the result. float64 ``W``
-    and ``H`` compute in float64 (for tests), anything else in float32.
+    and ``H`` compute in float64 (for tests), anything else in float32. ``keep_zeros``:
+    W's exact zeros are pruned positions and come out as exact zeros (a dense W has none,
+    so this changes nothing there).
     """
     factor = factor_hessian(H, damp=damp, act_order=act_order)
     return gptq_quantize_factored(W, factor, bits=bits, group_size=group_size, symmetric=symmetric,
-                                  block_size=block_size)
+                                  block_size=block_size, keep_zeros=keep_zeros)
 
 
 def gptq_quantize_factored(
     W: torch.Tensor, factor: HessianFactor, *, bits: int, group_size: int | None, symmetric: bool,
-    block_size: int = 128,
+    block_size: int = 128, keep_zeros: bool = True,
 ) -> GPTQResult:
     """``gptq_quantize`` with H already factored, so layers sharing an input share one factorization."""
     if W.dim() != 2 or W.shape[1] != factor.U.shape[0]:
@@ -139,12 +146,17 @@ def gptq_quantize_factored(
     U = factor.U
     dt = U.dtype
     w = W.detach().to(device=U.device, dtype=dt).clone()
+    pruned = (w == 0) if keep_zeros else None
+    if pruned is not None and not bool(pruned.any()):
+        pruned = None  # dense: the plain algorithm, bit for bit
     w[:, factor.dead] = 0.0
     if factor.perm is not None:
         w = w[:, factor.perm]
+        pruned = None if pruned is None else pruned[:, factor.perm]
     # Transposed working copy: column i of W is the contiguous row i of Wt.
     Wt = w.T.contiguous()  # (cols, rows)
-    del w
+    Pt = None if pruned is None else pruned.T.contiguous()  # (cols, rows): True where W was pruned
+    del w, pruned
     Qt = torch.empty(cols, rows, dtype=code_dtype(symmetric, bits), device=U.device)  # codes, processing order
     scales = torch.empty(n_groups, rows, dtype=torch.float32, device=U.device)
     zeros = torch.empty(n_groups, rows, dtype=torch.int32, device=U.device)
@@ -165,11 +177,15 @@ def gptq_quantize_factored(
             if c % gs == 0:
                 if group_size is not None:
                     g = W1[i:i + gs]
+                    if Pt is not None:  # the range of the kept weights (pruned ones become 0, inside it)
+                        g = g.masked_fill(Pt[c:c + gs], 0.0)
                     s, z = scale_zero_from_range(g.amin(0), g.amax(0), bits, symmetric)
                     scales[c // gs], zeros[c // gs] = s, z
                 s_col, z_col = scales[c // gs].to(dt), zeros[c // gs].to(dt)
             col = W1[i]
             q = torch.clamp(torch.round(col / s_col) + z_col, qmin, qmax)
+            if Pt is not None:
+                q = torch.where(Pt[c], z_col, q)  # a pruned weight stays 0: all of it is error
             Qt[c] = q
             e = (col - (q - z_col) * s_col) / U1[i, i]
             E1[i] = e
@@ -211,7 +227,9 @@ class GPTQ(Config):
     damp: dampening fraction of mean(diag H), in (0, 1]. block_size: columns per lazy
     update (speed only). true_sequential: quantize q/k/v, then o, then gate/up, then down,
     each measured through the already-quantized layers. include / ignore: module name
-    patterns. lm_head and embeddings are outside the blocks and stay float.
+    patterns. lm_head and embeddings are outside the blocks and stay float. keep_zeros:
+    the exact zeros of an earlier pruning step stay exact zeros (the OBS update never
+    leaves a value in a pruned position); false quantizes them like any weight.
     """
 
     family: ClassVar[str] = "quantize"
@@ -224,6 +242,7 @@ class GPTQ(Config):
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    keep_zeros: bool = True
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
 
@@ -236,7 +255,7 @@ class GPTQ(Config):
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 8):
             self.fail("group_size",
                       f"must be None (per output channel) or a positive multiple of 8 such as 32, 64 or 128, got {gs!r}")
-        for name in ("symmetric", "act_order", "true_sequential"):
+        for name in ("symmetric", "act_order", "true_sequential", "keep_zeros"):
             if not isinstance(getattr(self, name), bool):
                 self.fail(name, f"must be true or false, got {getattr(self, name)!r}")
         d = self.damp
@@ -295,7 +314,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
 
     warn_if_few_samples(data, ctx, "GPTQ")
 
-    stats = {"layers": 0, "params": 0, "rtn": 0}
+    stats = {"layers": 0, "params": 0, "rtn": 0, "sparse": 0, "zeros": 0}
     notes: list[str] = []
 
     def process(b: BlockInputs) -> None:
@@ -351,8 +370,14 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
                          f"(escalated from {config.damp:g}) to be positive definite")
         for r in live:
             linear = modules[r]
-            result = gptq_quantize_factored(linear_weight(linear).detach(), factor, bits=config.bits, group_size=gs,
-                                            symmetric=config.symmetric, block_size=config.block_size)
+            w = linear_weight(linear).detach()
+            zeros = int((w == 0).sum())
+            if zeros * 10 >= w.numel():  # a pruned layer (a dense one has next to no exact zeros)
+                stats["sparse"] += 1
+                stats["zeros"] += zeros if config.keep_zeros else 0
+            result = gptq_quantize_factored(w, factor, bits=config.bits, group_size=gs, symmetric=config.symmetric,
+                                            block_size=config.block_size, keep_zeros=config.keep_zeros)
+            del w
             done[r] = QuantLinear.from_linear(linear, weight=result.weight)
             _swap(block, r, _stand_in(linear, done[r], ctx))
             stats["layers"] += 1
@@ -371,6 +396,10 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
         shown = ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else "")
         scope += f" (selected but outside the blocks: {shown}; use RTN for them)"
     ctx.note(scope)
+    if stats["sparse"]:
+        ctx.note(f"GPTQ: {stats['sparse']} layer(s) were ≥ 10% exact zeros (an earlier pruning step); "
+                 + (f"their {stats['zeros']:,} zeros stay exact zeros (keep_zeros)" if config.keep_zeros else
+                    "keep_zeros=false: their zeros were quantized like any weight, so the sparsity is lost"))
     seconds = time.perf_counter() - start
     params = stats["params"]  # weights GPTQ quantized (RTN fallbacks not counted)
     per_m = seconds / (params / 1e6) if params else 0.0

@@ -458,3 +458,101 @@ def test_streamed_checkpoint_equals_in_memory(tmp_path):
         run(model, cfg, data)
     ids = token_batches(2, 16, seed=5)
     assert torch.equal(logits(slimkit.load(tmp_path / "out"), ids), logits(model, ids))
+
+
+# --- sparsity-aware GPTQ (issue: compression that composes) -------------------------------------------
+
+
+def reference_masked_gptq(W, H, pruned, *, bits, group_size, symmetric, act_order=False, damp=0.01):
+    """``reference_gptq`` where pruned positions are forced to code 0's value when their column is reached
+    (so all of what the OBS updates left there is error) and group ranges ignore them."""
+    W = W.double().clone()
+    H = H.double().clone()
+    rows, cols = W.shape
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols)
+    W, H, P = W[:, perm], H[perm][:, perm], pruned[:, perm]
+    H = H + damp * torch.diag(H).mean() * torch.eye(cols, dtype=torch.float64)
+    Hinv = torch.linalg.inv(H)
+    qmin, qmax = qrange(bits, symmetric)
+    gs = group_size or cols
+    codes = torch.zeros(rows, cols, dtype=torch.float64)
+    for i in range(cols):
+        if i % gs == 0:
+            kept = W[:, i:i + gs].masked_fill(P[:, i:i + gs], 0.0)
+            s, z = scale_zero_from_range(kept.min(1).values, kept.max(1).values, bits, symmetric)
+            s, z = s.double(), z.double()
+        w = W[:, i].clone()
+        q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+        q = torch.where(P[:, i], z, q)
+        codes[:, i] = q
+        err = w - (q - z) * s
+        d = Hinv[i, i]
+        W[:, i + 1:] -= torch.outer(err / d, Hinv[i, i + 1:])
+        Hinv = Hinv - torch.outer(Hinv[:, i], Hinv[i, :]) / d
+    return codes[:, torch.argsort(perm)]
+
+
+def _half_pruned(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    pruned = torch.rand(rows, cols, generator=g) < 0.5
+    return W.masked_fill(pruned, 0.0), pruned
+
+
+@pytest.mark.parametrize("bits,gs,sym,act,bs", [(4, 16, True, False, 128), (4, 16, False, False, 8),
+                                                (4, None, True, True, 4), (8, 32, False, True, 16)])
+def test_keep_zeros_gptq_equals_masked_obs_reference(bits, gs, sym, act, bs):
+    W, pruned = _half_pruned(16, 64, seed=bits + bs)
+    H = hessian_of(correlated_inputs(256, 64, seed=5))
+    res = gptq_quantize(W, H, bits=bits, group_size=gs, symmetric=sym, block_size=bs, act_order=act)
+    codes = reference_masked_gptq(W, H, pruned, bits=bits, group_size=gs, symmetric=sym, act_order=act)
+    assert torch.equal(res.weight.q.double(), codes)
+    deq = dequantize_weight(res.weight.q, res.weight.scale, res.weight.zero, gs, res.weight.g_idx)
+    assert torch.equal(deq == 0, pruned | (deq == 0))  # every pruned weight dequantizes to exactly 0
+    assert bool((deq[pruned] == 0).all())
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), sym=st.booleans())
+def test_keep_zeros_keeps_every_zero_and_beats_zeroed_rtn(seed, sym):
+    W, pruned = _half_pruned(12, 32, seed)
+    x = correlated_inputs(128, 32, seed=seed)
+    H = hessian_of(x)
+    res = gptq_quantize(W, H, bits=4, group_size=16, symmetric=sym)
+    deq = dequantize_weight(res.weight.q, res.weight.scale, res.weight.zero, 16)
+    assert bool((deq[pruned] == 0).all())
+    # RTN on the sparse weight keeps zeros too (0 is always on the grid); GPTQ's output error is not worse
+    rtn = quantize_weight(W, 4, group_size=16, symmetric=sym)
+    rtn_deq = dequantize_weight(rtn.q, rtn.scale, rtn.zero, 16)
+    assert bool((rtn_deq[pruned] == 0).all())
+    err = lambda w: float(((W - w) @ x.T).pow(2).sum())  # noqa: E731
+    assert err(deq) <= err(rtn_deq) * (1 + 1e-9)
+    # without keep_zeros the OBS updates fill the pruned positions back in
+    dense = gptq_quantize(W, H, bits=4, group_size=16, symmetric=sym, keep_zeros=False)
+    dense_deq = dequantize_weight(dense.weight.q, dense.weight.scale, dense.weight.zero, 16)
+    assert int((dense_deq[pruned] != 0).sum()) > 0
+
+
+def test_dense_weight_is_bit_identical_with_and_without_keep_zeros():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    H = hessian_of(correlated_inputs(256, 64))
+    a = gptq_quantize(W, H, bits=4, group_size=16, symmetric=True)
+    b = gptq_quantize(W, H, bits=4, group_size=16, symmetric=True, keep_zeros=False)
+    assert torch.equal(a.weight.q, b.weight.q) and torch.equal(a.weight.scale, b.weight.scale)
+
+
+def test_wanda_then_gptq_keeps_exactly_half_zeros_in_every_layer():
+    model = tiny_causal_lm("llama")
+    data = calib()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slimkit.prune_(model, slimkit.Wanda(sparsity=0.5), data=data)
+        slimkit.strip(model)
+        ctx = run(model, GPTQ(bits=4, group_size=16), data)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert layers
+    for name, m in layers.items():
+        w = m.dense_weight()
+        assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-9), name
+    assert any("stay exact zeros" in n for n in ctx.notes)
