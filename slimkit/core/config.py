@@ -29,6 +29,9 @@ class Config:
     needs_data: ClassVar[bool] = False  # True when the handler needs CalibrationData (GPTQ, Wanda, ...)
     leaves_zeros: ClassVar[bool] = False  # True when the technique leaves pruned weights in place as zeros
     qat_base: ClassVar[bool] = False  # True when QAT can train for this config's result (RTN, StaticQuant)
+    # True when the step turns float weights into integer codes (QuantLinear & co.): a later step that
+    # edits float weights (pruning, factorization) cannot follow it.
+    packs_weights: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

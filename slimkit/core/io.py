@@ -167,7 +167,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) ->
             quiet_transformers()
             model.config.save_pretrained(tmp)
         # Tied tensors are written once (their aliases recorded), sparse ones compactly.
-        save_state_dict(checkpoint_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_state_dict(checkpoint_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"},
+                        code_layouts=code_layouts(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -219,6 +220,17 @@ def _write_sentence_transformers(folder: Path, model: nn.Module, st: dict | None
     if st.get("config_sentence_transformers") is not None:
         (folder / "config_sentence_transformers.json").write_text(json.dumps(st["config_sentence_transformers"],
                                                                              indent=2))
+
+
+def code_layouts(model: nn.Module) -> dict:
+    """``{state dict name: CodeLayout}`` of the integer code tensors whose layers say how to store them
+    sparsely (``sparse_code_layouts()``: a pruned, then quantized layer)."""
+    found = {}
+    for name, module in model.named_modules():
+        layouts = getattr(module, "sparse_code_layouts", None)
+        if callable(layouts):
+            found.update({f"{name}.{k}" if name else k: v for k, v in layouts().items()})
+    return found
 
 
 def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,6 +26,13 @@ under the first name; the others are listed under ``slimkit.aliases`` (JSON:
 ``{alias: stored_name}``). Files from ``safetensors.torch.save_model`` (which records an
 alias as a plain metadata entry ``alias -> stored_name``) are read the same way.
 
+Sparse integer codes (a pruned, then quantized layer): a code tensor whose layer gives its
+``CodeLayout`` (bits per code, and the stored code of a zero weight, e.g. 8 for symmetric
+4-bit) is written, when smaller, as ``<name>.__bitmask`` (1 bit per *code*, 1 = not the zero
+code) and ``<name>.__codes`` (the other codes, packed ``bits`` at a time, lowest bits first),
+recorded under ``slimkit.sparse_codes`` (``{name: {shape, dtype, bits, fill}}``). A 50%-sparse
+int4 weight then takes 1 + 2 bits per weight instead of 4, before its scales.
+
 ``stored_layout(path)`` gives, from the header alone (no tensor data read), the dtype and
 shape of every tensor ``load_state_dict`` would return, compact pairs resolved and checked
 against each other, so a loader can compare them with the model it expects before it
@@ -45,7 +52,10 @@ import torch
 
 BITMASK_SUFFIX = ".__bitmask"
 VALUES_SUFFIX = ".__values"
+CODES_SUFFIX = ".__codes"
 SPARSE_KEY = "slimkit.sparse"
+SPARSE_CODES_KEY = "slimkit.sparse_codes"
+CODE_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
 ALIASES_KEY = "slimkit.aliases"
 COMPACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MIN_1D_ELEMENTS = 1024
@@ -109,6 +119,75 @@ def unpack_sparse(bitmask: torch.Tensor, values: torch.Tensor, shape: tuple[int,
     return out.reshape(shape)
 
 
+@dataclass(frozen=True)
+class CodeLayout:
+    """How a tensor holds integer codes: ``bits`` per code (2, 4 or 8; below 8 several per byte, lowest
+    bits first) and ``fill``, the stored code of a zero weight."""
+
+    bits: int
+    fill: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8) or not 0 <= self.fill < 2**self.bits:
+            raise ValueError(f"a code layout needs bits 2, 4 or 8 and a fill code below 2^bits, got {self}")
+
+
+def code_stream(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes a 1-byte integer tensor holds, as a 1-D uint8 stream (each byte's lowest bits first)."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if bits == 8:
+        return raw
+    mask = 2**bits - 1
+    return torch.stack([(raw >> (bits * i)) & mask for i in range(8 // bits)], dim=1).reshape(-1)
+
+
+def pack_code_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``code_stream``: uint8 bytes holding ``codes`` (zero-padded to whole bytes)."""
+    codes = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return codes.clone()
+    per = 8 // bits
+    padded = torch.zeros(math.ceil(codes.numel() / per) * per, dtype=torch.uint8)
+    padded[:codes.numel()] = codes
+    grouped = padded.view(-1, per)
+    out = torch.zeros(grouped.shape[0], dtype=torch.uint8)
+    for i in range(per):
+        out |= grouped[:, i] << (bits * i)
+    return out
+
+
+def pack_sparse_codes(t: torch.Tensor, layout: CodeLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bitmask, packed codes)``: one bit per code (1 = not ``layout.fill``) and the other codes packed."""
+    stream = code_stream(t, layout.bits)
+    kept = stream != layout.fill
+    return pack_bits(kept), pack_code_stream(stream[kept], layout.bits)
+
+
+def unpack_sparse_codes(bitmask: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...] | list[int],
+                        dtype: torch.dtype, layout: CodeLayout) -> torch.Tensor:
+    """The code tensor ``pack_sparse_codes`` packed; ValueError when the parts do not fit together."""
+    shape = tuple(int(s) for s in shape)
+    n_codes = math.prod(shape) * (8 // layout.bits)
+    kept = unpack_bits(bitmask, n_codes)
+    count = int(kept.sum())
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(count * layout.bits / 8):
+        raise ValueError(f"the bitmask marks {count} codes, which take {math.ceil(count * layout.bits / 8)} bytes, "
+                         f"but {packed.numel()} are stored")
+    stream = torch.full((n_codes,), layout.fill, dtype=torch.uint8)
+    stream[kept] = code_stream(packed, layout.bits)[:count]
+    return pack_code_stream(stream, layout.bits).view(dtype).reshape(shape)
+
+
+def should_compact_codes(t: torch.Tensor, layout: CodeLayout) -> bool:
+    """Whether the code tensor ``t`` is smaller as bitmask + packed codes (it needs enough zero codes)."""
+    if t.dtype not in CODE_DTYPES.values() or t.numel() == 0 or t.device.type == "meta":
+        return False
+    stream = code_stream(t, layout.bits)
+    kept = int((stream != layout.fill).sum())
+    compact = math.ceil(stream.numel() / 8) + math.ceil(kept * layout.bits / 8)
+    return compact + _PAIR_HEADER_BYTES < t.numel()
+
+
 def compact_nbytes(numel: int, nonzeros: int, itemsize: int) -> int:
     """Payload bytes of the compact form: the bitmask plus the non-zero values."""
     return math.ceil(numel / 8) + nonzeros * itemsize
@@ -147,14 +226,27 @@ def dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return unique, aliases
 
 
-def encode_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and string metadata to write for ``state``: tied tensors once, sparse ones compact."""
+def encode_state_dict(state: dict[str, torch.Tensor], code_layouts: dict[str, CodeLayout] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata to write for ``state``: tied tensors once, sparse ones compact
+    (float tensors by value, code tensors named in ``code_layouts`` by code)."""
     unique, aliases = dedupe_shared(state)
     tensors: dict[str, torch.Tensor] = {}
     sparse: dict[str, dict[str, Any]] = {}
+    sparse_codes: dict[str, dict[str, Any]] = {}
+    code_layouts = code_layouts or {}
     for name, t in unique.items():
         t = t.detach()
-        if should_compact(t):
+        layout = code_layouts.get(name)
+        if layout is not None and should_compact_codes(t, layout):
+            for suffix in (BITMASK_SUFFIX, CODES_SUFFIX):
+                if name + suffix in unique:
+                    raise ValueError(f"cannot store {name!r} compactly: the state dict already has {name + suffix!r}")
+            bitmask, codes = pack_sparse_codes(t.cpu(), layout)
+            tensors[name + BITMASK_SUFFIX], tensors[name + CODES_SUFFIX] = bitmask, codes
+            sparse_codes[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                                  "bits": layout.bits, "fill": layout.fill}
+        elif should_compact(t):
             for suffix in (BITMASK_SUFFIX, VALUES_SUFFIX):
                 if name + suffix in unique:
                     raise ValueError(f"cannot store {name!r} compactly: the state dict already has {name + suffix!r}")
@@ -167,9 +259,36 @@ def encode_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     metadata = {}
     if sparse:
         metadata[SPARSE_KEY] = json.dumps(sparse, separators=(",", ":"))
+    if sparse_codes:
+        metadata[SPARSE_CODES_KEY] = json.dumps(sparse_codes, separators=(",", ":"))
     if aliases:
         metadata[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
     return tensors, metadata
+
+
+def _parse_code_metadata(metadata: dict[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype, CodeLayout]]:
+    """The sparse-code records of a file's metadata: ``{name: (shape, dtype, layout)}``; ValueError when malformed."""
+    try:
+        records = json.loads(metadata.get(SPARSE_CODES_KEY, "{}"))
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"the {SPARSE_CODES_KEY} metadata is not valid JSON ({exc})") from None
+    if not isinstance(records, dict) or not all(isinstance(v, dict) for v in records.values()):
+        raise ValueError(f"the {SPARSE_CODES_KEY} metadata must map tensor names to {{shape, dtype, bits, fill}}")
+    parsed = {}
+    for name, info in records.items():
+        shape = info.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise ValueError(f"sparse codes {name!r}: its shape {shape!r} is not a list of non-negative integers")
+        dtype = CODE_DTYPES.get(str(info.get("dtype")))
+        if dtype is None:
+            raise ValueError(f"sparse codes {name!r}: dtype {info.get('dtype')!r} is not int8 or uint8")
+        try:
+            layout = CodeLayout(int(info.get("bits")), int(info.get("fill")))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sparse codes {name!r}: {exc}") from None
+        parsed[name] = (tuple(shape), dtype, layout)
+    return parsed
 
 
 def _parse_metadata(metadata: dict[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -237,8 +356,22 @@ def resolve_layout(entries: dict[str, tuple[str, list[int]]], metadata: dict[str
             raise ValueError(f"compact tensor {name!r}: values must be 1-D {dtype} with at most {n} entries, "
                              f"the file has {values.dtype} of shape {values.shape}")
         stored[name] = StoredTensor(dtype, shape)
+    for name, (shape, dtype, layout) in _parse_code_metadata(metadata).items():
+        bitmask, codes = stored.pop(name + BITMASK_SUFFIX, None), stored.pop(name + CODES_SUFFIX, None)
+        if bitmask is None or codes is None:
+            missing = name + (BITMASK_SUFFIX if bitmask is None else CODES_SUFFIX)
+            raise ValueError(f"sparse codes {name!r}: {missing!r} is missing from the file")
+        if name in stored:
+            raise ValueError(f"tensor {name!r} is stored both densely and compactly")
+        n_codes = math.prod(shape) * (8 // layout.bits)
+        if bitmask.dtype != torch.uint8 or bitmask.shape != (math.ceil(n_codes / 8),):
+            raise ValueError(f"sparse codes {name!r}: a bitmask of {n_codes} bits must be uint8 of shape "
+                             f"({math.ceil(n_codes / 8)},), the file has {bitmask.dtype} of shape {bitmask.shape}")
+        if codes.dtype != torch.uint8 or len(codes.shape) != 1 or codes.shape[0] > math.prod(shape):
+            raise ValueError(f"sparse codes {name!r}: codes must be 1-D uint8 of at most {math.prod(shape)} bytes")
+        stored[name] = StoredTensor(dtype, shape)
     for key, value in metadata.items():  # save_model's plain alias entries (see decode_tensors)
-        if key not in (SPARSE_KEY, ALIASES_KEY, "format") and value in stored and key not in stored:
+        if key not in (SPARSE_KEY, SPARSE_CODES_KEY, ALIASES_KEY, "format") and value in stored and key not in stored:
             aliases.setdefault(key, value)
     return stored, aliases
 
@@ -286,20 +419,31 @@ def decode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
             tensors[name] = unpack_sparse(bitmask, values, info["shape"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"compact tensor {name!r}: {exc}") from None
+    for name, (shape, dtype, layout) in _parse_code_metadata(metadata).items():
+        try:
+            bitmask = tensors.pop(name + BITMASK_SUFFIX)
+            codes = tensors.pop(name + CODES_SUFFIX)
+        except KeyError as exc:
+            raise ValueError(f"sparse codes {name!r}: {exc.args[0]!r} is missing from the file") from None
+        try:
+            tensors[name] = unpack_sparse_codes(bitmask, codes, shape, dtype, layout)
+        except ValueError as exc:
+            raise ValueError(f"sparse codes {name!r}: {exc}") from None
     # safetensors.torch.save_model records each dropped tied name as metadata[alias] = kept.
     for key, value in metadata.items():
-        if key not in (SPARSE_KEY, ALIASES_KEY, "format") and value in tensors and key not in tensors:
+        if key not in (SPARSE_KEY, SPARSE_CODES_KEY, ALIASES_KEY, "format") and value in tensors and key not in tensors:
             aliases.setdefault(key, value)
     return tensors, aliases
 
 
 # -- files -------------------------------------------------------------------------------
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike,
-                    metadata: dict[str, str] | None = None) -> None:
-    """Write ``state`` to the safetensors file ``path``: tied tensors once, sparse float tensors compact."""
+                    metadata: dict[str, str] | None = None, code_layouts: dict[str, CodeLayout] | None = None) -> None:
+    """Write ``state`` to the safetensors file ``path``: tied tensors once, sparse float tensors compact,
+    sparse code tensors (named in ``code_layouts``) as bitmask + packed codes."""
     from safetensors.torch import save_file
 
-    tensors, extra = encode_state_dict(state)
+    tensors, extra = encode_state_dict(state, code_layouts)
     save_file(tensors, str(path), metadata={**(metadata or {}), **extra})
 
 

@@ -302,6 +302,7 @@ class AWQ(Config):
     """
 
     family: ClassVar[str] = "quantize"
+    packs_weights: ClassVar[bool] = True
     needs_data: ClassVar[bool] = True
 
     bits: int = 4

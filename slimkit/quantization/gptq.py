@@ -233,6 +233,7 @@ class GPTQ(Config):
     """
 
     family: ClassVar[str] = "quantize"
+    packs_weights: ClassVar[bool] = True
     needs_data: ClassVar[bool] = True
 
     bits: int = 4

@@ -181,6 +181,7 @@ class LLMInt8(Config):
     """
 
     family: ClassVar[str] = "quantize"
+    packs_weights: ClassVar[bool] = True
 
     threshold: float = DEFAULT_THRESHOLD
     include: tuple[str, ...] = ()

@@ -49,6 +49,7 @@ from torch import nn
 
 from slimkit.core.linear_like import embedding_scale, linear_shape, linear_weight
 from slimkit.core.modules import SlimkitModule, register_module_type
+from slimkit.core.sparse_storage import CodeLayout
 from slimkit.quantization.kernels import run_kernel
 from slimkit.quantization.primitives import (
     BITS,
@@ -151,6 +152,13 @@ class _QuantWeightMixin:
     def codes(self) -> torch.Tensor:
         """The unpacked (rows, cols) integer codes of the whole weight."""
         return self._codes(self.qweight, self._cols)
+
+    def sparse_code_layouts(self) -> dict[str, Any]:
+        """``{"qweight": CodeLayout}`` when zero weights have one stored code (symmetric codes: 0, stored as
+        2^(b-1) below 8 bits), so a checkpoint can store a pruned layer's codes as bitmask + the others."""
+        if not self.symmetric or self.bits not in (2, 4, 8):
+            return {}  # a zero point per group: no single code means 0
+        return {"qweight": CodeLayout(self.bits, 0 if self.bits in UNPACKED_BITS else 2 ** (self.bits - 1))}
 
     def weight_bits_per_element(self) -> float:
         """Measured storage bits per weight element: bytes of qweight, scale, zero (and g_idx) × 8 / (rows·cols)."""

@@ -103,6 +103,7 @@ class DynamicQuant(Config):
     """
 
     family: ClassVar[str] = "quantize"
+    packs_weights: ClassVar[bool] = True
 
     bits: int | dict = 8
     act_bits: int = 8
@@ -167,6 +168,7 @@ class StaticQuant(Config):
     """
 
     family: ClassVar[str] = "quantize"
+    packs_weights: ClassVar[bool] = True
     qat_base: ClassVar[bool] = True  # QAT can train for its result (weights and static inputs)
     needs_data: ClassVar[bool] = True
 

@@ -89,6 +89,7 @@ class QAT(Config):
     """
 
     family: ClassVar[str] = "quantize"
+    packs_weights: ClassVar[bool] = True
 
     base: Any = None
     step: str = "prepare"

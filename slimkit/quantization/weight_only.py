@@ -65,6 +65,7 @@ class RTN(Config):
     """
 
     family: ClassVar[str] = "quantize"
+    packs_weights: ClassVar[bool] = True
     qat_base: ClassVar[bool] = True  # QAT can train for its result (weights only)
 
     bits: int | dict = 8

@@ -9,7 +9,9 @@ from torch import nn
 from slimkit.core.calibration import CalibrationData
 from slimkit.core.registry import Context
 from slimkit.recipe.schema import Recipe
-from slimkit.recipe.steps import apply_step
+from slimkit.core.errors import RecipeError
+from slimkit.core.io import model_info
+from slimkit.recipe.steps import apply_step, order_problem
 from slimkit.tasks import task_of
 
 
@@ -21,6 +23,18 @@ def calibration_from_spec(model: nn.Module, spec: Any = None) -> CalibrationData
 def needs_data(recipe: Recipe) -> bool:
     """Whether any step of ``recipe`` needs calibration data."""
     return any(step.needs_data for step in recipe.steps)
+
+
+def check_order(model: nn.Module, recipe: Recipe) -> None:
+    """Refuse, before any step runs, a recipe whose order cannot be honoured (``steps.order_problem``),
+    counting the steps the model already went through."""
+    done: list = [step.get("type") for step in model_info(model).get("steps", [])]
+    for stage in recipe.stages:
+        for step in stage.steps:
+            problem = order_problem(done, step)
+            if problem:
+                raise RecipeError(f"stage {stage.name!r}: {problem}")
+            done.append(step)
 
 
 def run_recipe(model: nn.Module, recipe: Recipe, data: CalibrationData | None = None,
@@ -35,6 +49,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, data: CalibrationData | None = 
     """
     import copy
 
+    check_order(model, recipe)
     ctx = ctx or Context()
     ctx.allow_partial = ctx.allow_partial or recipe.allow_partial
     if data is None and needs_data(recipe):

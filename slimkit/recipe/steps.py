@@ -10,6 +10,16 @@ to succeed silently:
 - after the step the model runs one forward on two rows of the first calibration batch, or
   its task's example inputs, and must return finite values (``BrokenModelError`` otherwise),
   so a step that breaks the model fails there, never after an artifact was saved.
+
+It also carries one step's state into the next, so techniques compose without manual steps:
+
+- a step that edits float weights (pruning, factorization) after one that packed them into
+  integer codes is refused before anything runs, naming both steps and the order that works
+  (``order_problem``, also checked on a whole recipe before its first step);
+- pruning masks (``Magnitude(keep_masks=True)``) are baked into the weights before a step
+  that replaces layers (quantization, factorization), with a note;
+- a step that fills in the zeros an earlier pruning step left says so in a note, with the
+  layer's sparsity before and after (GPTQ keeps them by default; SVD cannot).
 """
 
 from __future__ import annotations
@@ -24,11 +34,14 @@ from slimkit.core.config import Config
 from slimkit.core.coverage import coverage, snapshot
 from slimkit.core.errors import BrokenModelError, ConfigError, NothingCompressedError, SlimkitError
 from slimkit.core.io import attach_info, model_info
-from slimkit.core.registry import Context, handler_for
+from slimkit.core.linear_like import LinearLike
+from slimkit.core.masks import masked_modules, strip
+from slimkit.core.registry import Context, config_types, handler_for
 from slimkit.tasks import task_of
 from slimkit.tasks.base import first_tensor, split_labels
 
 MIN_COVERAGE = 0.1  # a step must change at least this share of the weights it was asked to cover
+SPARSE_LAYER = 0.1  # a layer with at least this share of exact zeros was pruned (a dense one has next to none)
 NOTE_COVERAGE = 0.5  # below this share the report says what was left alone
 _CHANGED_IN_PLACE = " (the model was changed in place: reload it before trying another step)"
 
@@ -40,18 +53,91 @@ def apply_step(model: nn.Module, config: Config, data: CalibrationData | None = 
         raise ConfigError(f"expected a slimkit config (e.g. slimkit.RTN(bits=8)), got {type(config).__name__}")
     handler = handler_for(config)
     ctx = ctx or Context()
+    problem = order_problem([step.get("type") for step in model_info(model).get("steps", [])], config)
+    if problem:
+        raise ConfigError(problem)
     if data is not None:
         ctx.data = data if config.family == "distill" else as_calibration(model, data)
     checked = config.family != "distill" and ctx.stream is None  # training changes everything; a stream is on meta
+    replaces_layers = config.family in ("quantize", "factorize")
+    if replaces_layers and ctx.stream is None and masked_modules(model):
+        count = len(masked_modules(model))
+        strip(model)
+        ctx.note(f"{type(config).__name__}: baked the pruning masks of {count} layer(s) into their weights first "
+                 "(their zeros stay zeros)")
+    sparse_before = sparse_layers(model) if replaces_layers and checked else {}
     before = snapshot(model) if checked else None
     notes_before = len(ctx.notes)
     handler(model, config, ctx)
     if checked:  # before the step is recorded: a refused step is not part of the model's history
         _check_coverage(model, config, before, ctx, ctx.notes[notes_before:])
         _check_runs(model, config, ctx.data)
+        _note_lost_sparsity(model, config, sparse_before, ctx)
     info = model_info(model)
     attach_info(model, steps=[*info.get("steps", []), config.to_dict()])
     return model
+
+
+def order_problem(earlier: list[Any], config: Config) -> str | None:
+    """Why ``config`` cannot follow the steps ``earlier`` (config classes, instances or recorded type
+    names), or None: editing float weights (pruning, factorization) after they were packed into codes."""
+    if config.family not in ("prune", "factorize"):
+        return None
+    types = config_types()
+    for step in earlier:
+        cls = types.get(step) if isinstance(step, str) else (step if isinstance(step, type) else type(step))
+        if cls is not None and getattr(cls, "packs_weights", False):
+            name, packer = type(config).__name__, cls.__name__
+            return (f"{name} cannot run after {packer}: {packer} packed the float weights into integer codes, and "
+                    f"{name} edits float weights. Put {name} before {packer} (prune or factorize first, then "
+                    "quantize: the quantizer keeps the zeros)")
+    return None
+
+
+def sparse_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (exact zeros, weights)}`` of the Linear-like layers that are at least SPARSE_LAYER zeros."""
+    found = {}
+    for name, module in model.named_modules():
+        weight = _logical_weight(module)
+        if weight is None or weight.device.type == "meta" or not weight.numel():
+            continue
+        zeros = int((weight == 0).sum())
+        if zeros >= SPARSE_LAYER * weight.numel():
+            found[name] = (zeros, weight.numel())
+    return found
+
+
+def _logical_weight(module: nn.Module) -> torch.Tensor | None:
+    """The float weight a layer applies (dequantized for a quantized one), or None for other modules."""
+    with torch.no_grad():
+        if hasattr(module, "dense_weight") and hasattr(module, "qweight"):
+            return module.dense_weight()
+        if isinstance(module, LinearLike) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            return module.weight.detach()
+    return None
+
+
+def _note_lost_sparsity(model: nn.Module, config: Config, before: dict[str, tuple[int, int]], ctx: Context) -> None:
+    """A note when the step left fewer exact zeros in layers an earlier step had pruned."""
+    if not before:
+        return
+    modules = dict(model.named_modules())
+    lost = []
+    for name, (zeros, numel) in before.items():
+        weight = _logical_weight(modules[name]) if name in modules else None
+        if weight is None or weight.numel() != numel:
+            lost.append((name, zeros / numel, None))  # replaced by something else (e.g. low-rank factors)
+            continue
+        now = int((weight == 0).sum())
+        if now < zeros:
+            lost.append((name, zeros / numel, now / numel))
+    if lost:
+        name, was, now = lost[0]
+        example = f"{name}: {100 * was:.1f}% zeros before, " + ("no longer one dense weight" if now is None
+                                                                 else f"{100 * now:.1f}% after")
+        ctx.note(f"{type(config).__name__} did not keep the zeros of {len(lost)} of the {len(before)} layer(s) an "
+                 f"earlier step pruned ({example}); prune after it, or use a quantizer that keeps zeros "
+                 "(GPTQ keep_zeros, RTN, AWQ)")
 
 
 def as_calibration(model: nn.Module, data: Any) -> CalibrationData:

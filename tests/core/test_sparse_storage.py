@@ -168,17 +168,19 @@ def test_tied_embeddings_survive(tmp_path, prune_head):
     assert torch.equal(_logits(reloaded, ids), before)
 
 
-def test_quantized_codes_are_not_compacted(tmp_path):
+def test_mostly_zero_int8_codes_are_stored_by_code_and_dense_ones_as_they_are(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     with torch.no_grad():
-        model[0].weight[:, :48] = 0  # int8 codes will be mostly zero: still stored as they are
+        model[0].weight[:, :48] = 0  # 75% of layer 0's int8 codes are 0
     sk.quantize_(model, sk.RTN(bits=8))
     state = model.state_dict()
     sk.save(model, tmp_path / "ck")
     with safe_open(str(tmp_path / "ck" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert keys == set(state)
+        codes = f.get_tensor("0.qweight" + CODES_SUFFIX)
+    assert keys == (set(state) - {"0.qweight"}) | {"0.qweight.__bitmask", "0.qweight" + CODES_SUFFIX}
+    assert codes.numel() == int((state["0.qweight"] != 0).sum())  # one byte per kept int8 code
     reloaded = sk.load(tmp_path / "ck", skeleton=nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)))
     x = torch.randn(3, 64)
     assert torch.equal(reloaded(x), model(x))
@@ -208,3 +210,89 @@ def test_corrupt_compact_pair_is_named(tmp_path):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ModelLoadError, match=r"model.safetensors is corrupt .*'features.0.weight'.*values"):
         sk.load(tmp_path / "ck")
+
+
+# --- sparse integer codes (pruned, then quantized layers) ----------------------------------------
+
+from slimkit.core.sparse_storage import (  # noqa: E402
+    CODES_SUFFIX,
+    SPARSE_CODES_KEY,
+    CodeLayout,
+    code_stream,
+    pack_code_stream,
+    pack_sparse_codes,
+    stored_layout,
+    unpack_sparse_codes,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), rows=st.integers(1, 6), cols=st.integers(1, 9), density=st.floats(0, 1),
+       seed=st.integers(0, 10_000))
+def test_sparse_codes_round_trip_exactly(bits, rows, cols, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    fill = 2 ** (bits - 1) if bits < 8 else 0
+    codes = torch.randint(0, 2**bits, (rows, cols * (8 // bits)), generator=g)
+    codes[torch.rand(codes.shape, generator=g) > density] = fill
+    packed = pack_code_stream(codes.reshape(-1), bits).view(rows, cols)  # the layer's bytes
+    dtype = torch.int8 if bits == 8 else torch.uint8
+    t = packed.view(dtype)
+    layout = CodeLayout(bits, fill)
+    assert torch.equal(code_stream(t, bits), codes.reshape(-1).to(torch.uint8))
+    bitmask, kept = pack_sparse_codes(t, layout)
+    assert bitmask.numel() == math.ceil(codes.numel() / 8)
+    assert kept.numel() == math.ceil(int((codes != fill).sum()) * bits / 8)
+    back = unpack_sparse_codes(bitmask, kept, t.shape, dtype, layout)
+    assert back.dtype == dtype and torch.equal(back, t)
+
+
+def test_pruned_gptq_layer_is_stored_as_bitmask_plus_codes_and_reloads_exactly(tmp_path):
+    from slimkit.quantization.modules import QuantLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64, bias=False)
+    with torch.no_grad():
+        lin.weight[torch.rand(lin.weight.shape) < 0.5] = 0.0
+    model = nn.Sequential(QuantLinear.from_linear(lin, bits=4, group_size=128, symmetric=True))
+    path = tmp_path / "m.safetensors"
+    from slimkit.core.io import code_layouts
+
+    layouts = code_layouts(model)
+    assert layouts == {"0.qweight": CodeLayout(4, 8)}
+    save_state_dict(model.state_dict(), path, code_layouts=layouts)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        record = json.loads(f.metadata()[SPARSE_CODES_KEY])
+    assert {"0.qweight" + CODES_SUFFIX, "0.qweight.__bitmask"} <= keys and "0.qweight" not in keys
+    assert record["0.qweight"] == {"shape": [64, 128], "dtype": "uint8", "bits": 4, "fill": 8}
+    stored, _, nbytes = stored_layout(path)
+    assert stored["0.qweight"].shape == (64, 128) and stored["0.qweight"].dtype == torch.uint8
+    zeros = int((model[0].dense_weight() == 0).sum())
+    # 1 bit per weight + 4 bits per kept weight + fp32 scales (2 groups a row)
+    expected = math.ceil(64 * 256 / 8) + math.ceil((64 * 256 - zeros) * 4 / 8) + 64 * 2 * 4
+    assert nbytes == expected
+    assert nbytes * 8 / (64 * 256) < 3.3  # vs 4.25 dense
+    state, _ = load_state_dict(path)
+    assert torch.equal(state["0.qweight"], model[0].qweight)
+
+
+def test_asymmetric_codes_stay_dense():
+    from slimkit.quantization.modules import QuantLinear
+
+    layer = QuantLinear.from_linear(nn.Linear(64, 16), bits=4, group_size=32, symmetric=False)
+    assert layer.sparse_code_layouts() == {}
+
+
+def test_corrupt_sparse_code_records_are_named(tmp_path):
+    t = torch.full((64, 64), 0x88, dtype=torch.uint8)
+    t[0, 0] = 0x12
+    tensors, meta = encode_state_dict({"w": t}, {"w": CodeLayout(4, 8)})
+    assert SPARSE_CODES_KEY in meta and "w" not in tensors
+    bad = dict(tensors)
+    bad["w" + CODES_SUFFIX] = torch.zeros(3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="sparse codes 'w'"):
+        decode_tensors(bad, meta)
+    with pytest.raises(ValueError, match="sparse codes 'w'"):
+        decode_tensors(tensors, {SPARSE_CODES_KEY: json.dumps({"w": {"shape": [64, 64], "dtype": "int8", "bits": 3,
+                                                                     "fill": 8}})})
+    assert torch.equal(decode_tensors(tensors, meta)[0]["w"], t)
