@@ -150,6 +150,7 @@ class GenerationStats:
     isa: str
     kernels: list[str] = dataclasses.field(default_factory=list)  # "N layers: path" lines
     layer_timings: list[str] = dataclasses.field(default_factory=list)  # per shape: decode path vs fp32, measured
+    prefill_timings: list[str] = dataclasses.field(default_factory=list)  # the same at the probe's prefill rows
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -253,4 +254,5 @@ def measure_generation(model: nn.Module, prompt: torch.Tensor, *, new_tokens: in
     return GenerationStats(prefill_ms=statistics.median(prefill_times) * 1e3,
                            decode_tokens_per_s=statistics.median(rates), prompt_tokens=int(prompt.shape[1]),
                            new_tokens=new_tokens, memory_mb=memory, threads=torch.get_num_threads(), isa=cpu_isa(),
-                           kernels=kernels, layer_timings=decode_timings(plans))
+                           kernels=kernels, layer_timings=decode_timings(plans),
+                           prefill_timings=decode_timings(plans, "prefill"))

@@ -165,7 +165,8 @@ def compare(baseline: nn.Module, model: nn.Module, data: EvalData, metrics: tupl
 
 
 def generation_notes(base: ModelMeasurement, comp: ModelMeasurement) -> list[str]:
-    """Which path the compressed model's layers take, and, when decoding got no faster, the measured reason."""
+    """Which path the compressed model's layers take, and, when decoding or the 1×N prefill got no faster,
+    the measured reason (each layer shape's chosen path beside the fp32 layer it replaced)."""
     g, b = comp.generation, base.generation
     if not g:
         return []
@@ -178,4 +179,9 @@ def generation_notes(base: ModelMeasurement, comp: ModelMeasurement) -> list[str
             timings = "; ".join(g.get("layer_timings") or []) or "no layer has a kernel for its layout (see above)"
             notes.append(f"no decode speed-up: {ratio:.2f}x the baseline's tokens/s; measured per layer shape at "
                          f"one row: {timings}")
+    if base.latency and comp.latency and comp.latency.median_ms > base.latency.median_ms and g.get("prefill_timings"):
+        ratio = comp.latency.median_ms / base.latency.median_ms
+        notes.append(f"prefill (the latency row) is {ratio:.2f}x the baseline's: at that many rows no integer kernel "
+                     "beats dequantizing the weight on this CPU, and the float layer it replaced no longer exists; "
+                     "measured per layer shape: " + "; ".join(g["prefill_timings"]))
     return notes

@@ -532,14 +532,17 @@ def prepare_kernels(model: torch.nn.Module) -> dict[str, LayerPlan]:
     return plans
 
 
-def decode_timings(plans: dict[str, LayerPlan]) -> list[str]:
-    """One line per measured layer shape: the decode path's time at one row beside fp32 ``F.linear``'s."""
+def decode_timings(plans: dict[str, LayerPlan], regime: str = "decode") -> list[str]:
+    """One line per measured layer shape: the chosen path's time beside fp32 ``F.linear``'s, at one row
+    (``regime`` "decode") or at PREFILL_ROWS rows ("prefill")."""
+    rows = "1 row" if regime == "decode" else f"{PREFILL_ROWS} rows"
     lines: dict[tuple, str] = {}
     for plan in plans.values():
-        times = plan.timings_ms.get("1 row")
+        times = plan.timings_ms.get(rows)
         if not times or plan.shape in lines:
             continue
-        path = "reference" if plan.decode is None else plan.decode.label
+        spec = getattr(plan, regime)
+        path = "reference" if spec is None else spec.label
         lines[plan.shape] = (f"{plan.shape[0]}x{plan.shape[1]}: {path} {times[path] * 1e3:.1f} us vs fp32 F.linear "
                              f"{times['fp32 F.linear'] * 1e3:.1f} us")
     return list(lines.values())

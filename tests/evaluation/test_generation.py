@@ -189,3 +189,27 @@ def test_cli_exports_a_kv_cache_graph_and_generates_from_it(tiny_lm_dir, tmp_pat
     shutil.copy(folder / "model.onnx", no_tok)
     bad = slimkit_cli("generate", no_tok, "--prompt", "x")
     assert bad.returncode == 2 and "no tokenizer files" in bad.stderr
+
+
+def _measured(latency_ms: float, tok_s: float, prefill_timings=()) -> object:
+    from slimkit.core.measure import LatencyStats
+    from slimkit.evaluation.report import ModelMeasurement
+
+    gen = {"decode_tokens_per_s": tok_s, "kernels": ["3 layers: int8pack (bf16 activations)"], "isa": "AVX2",
+           "threads": 2, "layer_timings": ["64x64: int8pack (bf16 activations) 9.0 us vs fp32 F.linear 5.0 us"],
+           "prefill_timings": list(prefill_timings)}
+    lat = LatencyStats.from_samples([latency_ms] * 3, warmup=1, threads=2, batch_size=1, seq_len=256)
+    return ModelMeasurement(name="m", kind="causal-lm", size_bytes=1, params_total=1, params_nonzero=1,
+                            latency=lat, generation=gen)
+
+
+def test_report_says_why_when_decode_or_prefill_got_slower():
+    from slimkit.evaluation.suite import generation_notes
+
+    line = "64x64: reference 30.0 us vs fp32 F.linear 20.0 us"
+    notes = generation_notes(_measured(10.0, 100.0), _measured(12.0, 80.0, [line]))
+    assert any(n.startswith("kernels measured on AVX2") for n in notes)
+    assert any("no decode speed-up: 0.80x" in n and "9.0 us vs fp32" in n for n in notes)
+    assert any("prefill (the latency row) is 1.20x" in n and line in n for n in notes)
+    faster = generation_notes(_measured(10.0, 100.0), _measured(9.0, 120.0, [line]))
+    assert not any("no decode speed-up" in n or "prefill (the latency row)" in n for n in faster)
