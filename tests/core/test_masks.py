@@ -177,15 +177,16 @@ def test_save_masked_model_reload_equal(tmp_path):
     assert torch.equal(sk.load(tmp_path / "ck", skeleton=masked_skeleton)(x), out)
 
 
-def test_quantizing_a_masked_layer_says_to_strip_first():
+def test_quantizing_a_masked_model_bakes_the_masks_in_first_and_says_so():
     import slimkit as sk
     from slimkit.core.registry import Context
 
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
     sk.prune_(model, sk.Magnitude(sparsity=0.5))
-    with pytest.raises(sk.SlimkitError, match=r"RTN changed 0 of the 512 weights.*call slimkit.strip\(model\) first"):
-        sk.quantize_(model, sk.RTN(bits=8))  # every layer is masked: nothing quantized is an error
-    sk.strip(model)
-    sk.quantize_(model, sk.RTN(bits=8))  # once stripped, the layers quantize and keep their zeros
+    assert masked_modules(model)
+    ctx = Context()
+    sk.quantize_(model, sk.RTN(bits=8), ctx=ctx)  # no manual strip needed any more
+    assert any("baked the pruning masks of 2 layer(s)" in n for n in ctx.notes)
+    assert not masked_modules(model)
     assert type(model[0]).__name__ == "QuantLinear"
     assert float((model[0].dense_weight() == 0).float().mean()) >= 0.5
