@@ -226,10 +226,12 @@ def test_tied_masked_and_already_factorized_layers_are_left_alone():
     assert any("mid: it is pruned with torch.nn.utils.prune" in n for n in ctx.notes)
     masked, ctx = MLP(), Context()
     with torch.no_grad():
-        masked.fc1.weight[:, :3] = 0
+        masked.fc1.weight[:, :8] = 0  # a quarter of its weights: a pruned layer
     sk.attach_masks_from_zeros(masked, include=["fc1"])
-    sk.factorize_(masked, SVD(rank=4, ignore=["tiny"]), ctx=ctx)
-    assert any("fc1: its weight is parametrized" in n for n in ctx.notes) and isinstance(masked.fc2, FactorizedLinear)
+    sk.factorize_(masked, SVD(rank=4, ignore=["tiny"]), ctx=ctx)  # masks are baked in first, and it says so
+    assert any("baked the pruning masks of 1 layer(s)" in n for n in ctx.notes)
+    assert isinstance(masked.fc1, FactorizedLinear) and isinstance(masked.fc2, FactorizedLinear)
+    assert any("did not keep the zeros of 1 of the 1 layer(s)" in n for n in ctx.notes)
     twice = sk.factorize_(MLP(), SVD(rank=8, ignore=["tiny"]))
     with pytest.raises(sk.SlimkitError, match="SVD changed 0 of the"):  # nothing left to factorize: an error
         sk.factorize_(twice, SVD(rank=4, ignore=["tiny"]))

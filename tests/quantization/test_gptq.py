@@ -514,23 +514,31 @@ def test_keep_zeros_gptq_equals_masked_obs_reference(bits, gs, sym, act, bs):
 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), sym=st.booleans())
-def test_keep_zeros_keeps_every_zero_and_beats_zeroed_rtn(seed, sym):
+def test_keep_zeros_keeps_every_zero_and_keep_zeros_false_fills_them_in(seed, sym):
     W, pruned = _half_pruned(12, 32, seed)
-    x = correlated_inputs(128, 32, seed=seed)
-    H = hessian_of(x)
+    H = hessian_of(correlated_inputs(128, 32, seed=seed))
     res = gptq_quantize(W, H, bits=4, group_size=16, symmetric=sym)
     deq = dequantize_weight(res.weight.q, res.weight.scale, res.weight.zero, 16)
     assert bool((deq[pruned] == 0).all())
-    # RTN on the sparse weight keeps zeros too (0 is always on the grid); GPTQ's output error is not worse
-    rtn = quantize_weight(W, 4, group_size=16, symmetric=sym)
-    rtn_deq = dequantize_weight(rtn.q, rtn.scale, rtn.zero, 16)
-    assert bool((rtn_deq[pruned] == 0).all())
-    err = lambda w: float(((W - w) @ x.T).pow(2).sum())  # noqa: E731
-    assert err(deq) <= err(rtn_deq) * (1 + 1e-9)
-    # without keep_zeros the OBS updates fill the pruned positions back in
+    rtn = quantize_weight(W, 4, group_size=16, symmetric=sym)  # 0 is on RTN's grid: its zeros stay too
+    assert bool((dequantize_weight(rtn.q, rtn.scale, rtn.zero, 16)[pruned] == 0).all())
     dense = gptq_quantize(W, H, bits=4, group_size=16, symmetric=sym, keep_zeros=False)
     dense_deq = dequantize_weight(dense.weight.q, dense.weight.scale, dense.weight.zero, 16)
-    assert int((dense_deq[pruned] != 0).sum()) > 0
+    assert int((dense_deq[pruned] != 0).sum()) > 0  # the OBS updates fill pruned positions back in
+
+
+def test_keep_zeros_gptq_has_less_output_error_than_rtn_over_many_layers():
+    """Greedy, so not a theorem per layer: summed over 20 seeded layers, masked GPTQ's output error is
+    well below RTN's on the same sparse weights (measured: about 0.5×)."""
+    ours = rtn_total = 0.0
+    for seed in range(20):
+        W, _ = _half_pruned(24, 64, seed)
+        x = correlated_inputs(256, 64, seed=seed)
+        res = gptq_quantize(W, hessian_of(x), bits=4, group_size=16, symmetric=bool(seed % 2))
+        rtn = quantize_weight(W, 4, group_size=16, symmetric=bool(seed % 2))
+        ours += output_error(W, res.weight, x)
+        rtn_total += output_error(W, rtn, x)
+    assert ours < 0.8 * rtn_total
 
 
 def test_dense_weight_is_bit_identical_with_and_without_keep_zeros():
