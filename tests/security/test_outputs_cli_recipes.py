@@ -225,8 +225,11 @@ def test_signal_mid_compress_leaves_no_temporary_and_the_previous_output(tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     previous = _fake_compress_output(out)
+    # A job started in the background (``cmd &``) inherits SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition whatever the test runner had.
     p = subprocess.Popen([sys.executable, "-m", "slimkit.cli", "compress", "--model", "digits-cnn", "--recipe",
-                          str(recipe), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          str(recipe), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     # Signalled once the model is saved in the temporary folder: the measuring that follows takes seconds.
     while not list(tmp_path.glob(".out.tmp-*/model")) and p.poll() is None:
