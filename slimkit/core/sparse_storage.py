@@ -321,6 +321,21 @@ class StoredTensor:
     shape: tuple[int, ...]
 
 
+def _pop_pair(stored: dict[str, StoredTensor], name: str, suffix: str, what: str, n_bits: int) -> StoredTensor:
+    """Remove ``name``'s bitmask and ``name + suffix`` entries from ``stored``; check both exist, that ``name`` is
+    not also stored densely, and that the bitmask holds ``n_bits`` bits; return the ``suffix`` entry."""
+    bitmask, other = stored.pop(name + BITMASK_SUFFIX, None), stored.pop(name + suffix, None)
+    if bitmask is None or other is None:
+        missing = name + (BITMASK_SUFFIX if bitmask is None else suffix)
+        raise ValueError(f"{what} {name!r}: {missing!r} is missing from the file")
+    if name in stored:
+        raise ValueError(f"tensor {name!r} is stored both densely and compactly")
+    if bitmask.dtype != torch.uint8 or bitmask.shape != (math.ceil(n_bits / 8),):
+        raise ValueError(f"{what} {name!r}: a bitmask of {n_bits} bits must be uint8 of shape "
+                         f"({math.ceil(n_bits / 8)},), the file has {bitmask.dtype} of shape {bitmask.shape}")
+    return other
+
+
 def resolve_layout(entries: dict[str, tuple[str, list[int]]], metadata: dict[str, str] | None
                    ) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     """What ``decode_tensors`` returns for a file whose header lists ``entries`` (name -> (dtype name, shape)).
@@ -340,33 +355,16 @@ def resolve_layout(entries: dict[str, tuple[str, list[int]]], metadata: dict[str
             raise ValueError(f"tensor {name!r} has dtype {dtype_name}, which slimkit does not load")
         stored[name] = StoredTensor(dtype, tuple(int(d) for d in shape))
     for name, info in sparse.items():
-        bitmask, values = stored.pop(name + BITMASK_SUFFIX, None), stored.pop(name + VALUES_SUFFIX, None)
-        if bitmask is None or values is None:
-            missing = name + (BITMASK_SUFFIX if bitmask is None else VALUES_SUFFIX)
-            raise ValueError(f"compact tensor {name!r}: {missing!r} is missing from the file")
-        if name in stored:
-            raise ValueError(f"tensor {name!r} is stored both densely and compactly")
         shape = tuple(info["shape"])
         n = math.prod(shape)
-        if bitmask.dtype != torch.uint8 or bitmask.shape != (math.ceil(n / 8),):
-            raise ValueError(f"compact tensor {name!r}: a bitmask of {n} bits must be uint8 of shape "
-                             f"({math.ceil(n / 8)},), the file has {bitmask.dtype} of shape {bitmask.shape}")
+        values = _pop_pair(stored, name, VALUES_SUFFIX, "compact tensor", n)
         dtype = _DTYPE_NAMES[info["dtype"]]
         if values.dtype != dtype or len(values.shape) != 1 or values.shape[0] > n:
             raise ValueError(f"compact tensor {name!r}: values must be 1-D {dtype} with at most {n} entries, "
                              f"the file has {values.dtype} of shape {values.shape}")
         stored[name] = StoredTensor(dtype, shape)
     for name, (shape, dtype, layout) in _parse_code_metadata(metadata).items():
-        bitmask, codes = stored.pop(name + BITMASK_SUFFIX, None), stored.pop(name + CODES_SUFFIX, None)
-        if bitmask is None or codes is None:
-            missing = name + (BITMASK_SUFFIX if bitmask is None else CODES_SUFFIX)
-            raise ValueError(f"sparse codes {name!r}: {missing!r} is missing from the file")
-        if name in stored:
-            raise ValueError(f"tensor {name!r} is stored both densely and compactly")
-        n_codes = math.prod(shape) * (8 // layout.bits)
-        if bitmask.dtype != torch.uint8 or bitmask.shape != (math.ceil(n_codes / 8),):
-            raise ValueError(f"sparse codes {name!r}: a bitmask of {n_codes} bits must be uint8 of shape "
-                             f"({math.ceil(n_codes / 8)},), the file has {bitmask.dtype} of shape {bitmask.shape}")
+        codes = _pop_pair(stored, name, CODES_SUFFIX, "sparse codes", math.prod(shape) * (8 // layout.bits))
         if codes.dtype != torch.uint8 or len(codes.shape) != 1 or codes.shape[0] > math.prod(shape):
             raise ValueError(f"sparse codes {name!r}: codes must be 1-D uint8 of at most {math.prod(shape)} bytes")
         stored[name] = StoredTensor(dtype, shape)
