@@ -63,7 +63,7 @@ from slimkit.core.calibration import (
     find_blocks,
 )
 from slimkit.core.config import Config
-from slimkit.core.errors import DataError
+from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.linear_like import (
     LinearLike,
     in_features,
@@ -74,6 +74,7 @@ from slimkit.core.linear_like import (
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import select_modules, set_submodule
 from slimkit.quantization.modules import QuantLinear
+from slimkit.quantization.grids import GRIDS, BlockGrid, grid_for_columns
 from slimkit.quantization.primitives import QuantizedWeight, quantize_weight
 from slimkit.quantization.range_search import clip_factors, mse_clip_scales
 
@@ -100,15 +101,23 @@ def awq_scale(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return (s / (s.max() * s.min()).sqrt()).float()
 
 
+def rtn_on(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+           grid: BlockGrid | None = None) -> QuantizedWeight:
+    """Round-to-nearest codes of ``w``: on the GGUF ``grid`` when given, else slimkit's min/max grid."""
+    if grid is not None:
+        return grid.quantize(w)
+    return quantize_weight(w, bits, group_size=group_size, symmetric=symmetric)
+
+
 def scaled_output_error(weights: Sequence[torch.Tensor], gram: torch.Tensor, scale: torch.Tensor, bits: int,
-                        group_size: int | None, symmetric: bool) -> float:
+                        group_size: int | None, symmetric: bool, grid: BlockGrid | None = None) -> float:
     """``Σ_layers tr(D G Dᵀ)``, D = RTN(W·diag(s))·diag(s)⁻¹ − W: the output error summed over the tokens of ``G = XᵀX``."""
     total = 0.0
     g = gram.float()
     s = scale.float()
     for w in weights:
         w = w.detach().float()
-        deq = quantize_weight(w * s, bits, group_size=group_size, symmetric=symmetric).dequantize()
+        deq = rtn_on(w * s, bits, group_size, symmetric, grid).dequantize()
         d = deq / s - w  # (out, in)
         total += float(((d @ g) * d).sum(dtype=torch.float64))
     return total
@@ -140,7 +149,7 @@ def _grid_search(x_mean_abs: torch.Tensor, n_grid: int, loss_of) -> ScaleSearch:
 
 
 def search_scale(weights: Sequence[torch.Tensor], gram: torch.Tensor, x_mean_abs: torch.Tensor, *, bits: int,
-                 group_size: int | None, symmetric: bool, n_grid: int = 20) -> ScaleSearch:
+                 group_size: int | None, symmetric: bool, n_grid: int = 20, grid: BlockGrid | None = None) -> ScaleSearch:
     """AWQ's grid search on the Linear outputs: α in ``linspace(0, 1, n_grid)`` minimizing ``scaled_output_error``.
 
     ``weights``: the (out, in) weights of the Linear layers sharing one input; ``gram``
@@ -148,7 +157,7 @@ def search_scale(weights: Sequence[torch.Tensor], gram: torch.Tensor, x_mean_abs
     the smaller α (α = 0, plain RTN, wins when nothing helps).
     """
     return _grid_search(x_mean_abs, n_grid,
-                        lambda s: scaled_output_error(weights, gram, s, bits, group_size, symmetric))
+                        lambda s: scaled_output_error(weights, gram, s, bits, group_size, symmetric, grid))
 
 
 def group_parent(block: nn.Module, names: Sequence[str]) -> str:
@@ -203,7 +212,8 @@ def record_parent(block: nn.Module, calls: Sequence[CapturedCall], parent: str) 
 
 @torch.no_grad()
 def parent_output_error(parent: nn.Module, members: Sequence[nn.Module], records: Sequence[ParentRecord],
-                        scale: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> float:
+                        scale: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                        grid: BlockGrid | None = None) -> float:
     """``Σ_calls ‖parent(x) − float output‖²`` with each member's weight W replaced by ``Q(W·diag(s))·diag(s)⁻¹``.
 
     Equal to running the parent with the members' input divided by ``scale`` and their
@@ -216,7 +226,7 @@ def parent_output_error(parent: nn.Module, members: Sequence[nn.Module], records
     try:
         for m, w in zip(members, saved):
             sd = s.to(w.device)
-            deq = quantize_weight(w.float() * sd, bits, group_size=group_size, symmetric=symmetric).dequantize()
+            deq = rtn_on(w.float() * sd, bits, group_size, symmetric, grid).dequantize()
             set_linear_weight(m, deq / sd)
         total = 0.0
         for r in records:
@@ -230,7 +240,7 @@ def parent_output_error(parent: nn.Module, members: Sequence[nn.Module], records
 
 def search_scale_parent(parent: nn.Module, members: Sequence[nn.Module], records: Sequence[ParentRecord],
                         x_mean_abs: torch.Tensor, *, bits: int, group_size: int | None, symmetric: bool,
-                        n_grid: int = 20) -> ScaleSearch:
+                        n_grid: int = 20, grid: BlockGrid | None = None) -> ScaleSearch:
     """AWQ's grid search on the parent module's output (``parent_output_error``), α in ``linspace(0, 1, n_grid)``.
 
     ``members``: the group's Linear layers inside ``parent`` that get quantized; ``records``:
@@ -238,7 +248,7 @@ def search_scale_parent(parent: nn.Module, members: Sequence[nn.Module], records
     input mean |x| per channel. Ties keep the smaller α.
     """
     return _grid_search(x_mean_abs, n_grid,
-                        lambda s: parent_output_error(parent, members, records, s, bits, group_size, symmetric))
+                        lambda s: parent_output_error(parent, members, records, s, bits, group_size, symmetric, grid))
 
 
 def clip_searched(name: str) -> bool:
@@ -299,6 +309,10 @@ class AWQ(Config):
     from every calibration token). max_tokens: tokens (an even subsample) that enter the
     search statistics per layer. include / ignore: module name patterns.
     Linear layers outside the decoder blocks (lm_head) stay float, with a note.
+    grid: a GGUF block grid (q8_0, q5_0, q4_0, q4_1, q4_k, q6_k; ``quantization.grids``) used
+    in the search and for the codes, so ``slimkit export gguf`` copies them; it sets the
+    bits, group size and symmetry (those fields are then not used); rows that do not split
+    into its blocks get llama.cpp's fallback type.
     """
 
     family: ClassVar[str] = "quantize"
@@ -313,11 +327,14 @@ class AWQ(Config):
     clip: bool = True
     method: str = "rtn"
     max_tokens: int = 4096
+    grid: str | None = None
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Check every field; the message names the field and the values allowed."""
+        if self.grid is not None and self.grid not in GRIDS:
+            self.fail("grid", f"must be one of {', '.join(GRIDS)} (a GGUF block type) or None, got {self.grid!r}")
         if isinstance(self.bits, bool) or self.bits not in AWQ_BITS:
             self.fail("bits", f"must be one of {', '.join(map(str, AWQ_BITS))}, got {self.bits!r}")
         gs = self.group_size
@@ -349,7 +366,12 @@ def _skip_reason(module: nn.Module, config: AWQ) -> str | None:
     if problem:
         return problem
     cols = in_features(module)
-    if config.group_size is not None and cols % config.group_size:
+    if config.grid is not None:
+        try:
+            grid_for_columns(config.grid, cols)
+        except ConfigError as exc:
+            return str(exc)
+    elif config.group_size is not None and cols % config.group_size:
         return f"in_features {cols} is not divisible by group_size {config.group_size}"
     return None
 
@@ -362,10 +384,13 @@ def _check_finite(name: str, module: nn.Module) -> None:
 def _quantize(weight: torch.Tensor, stats: InputStats | None, config: AWQ, clip: bool) -> QuantizedWeight:
     """Codes of the (already scaled) ``weight``: clip search on the output error (if ``clip``), then RTN or GPTQ."""
     bits, gs, sym = config.bits, config.group_size, config.symmetric
+    grid = _grid(config, weight.shape[1])
+    if grid is not None:  # the clip search below measures slimkit's grid of the same bits and groups
+        bits, gs, sym = grid.bits, grid.group_size, grid.symmetric
     if stats is None:  # no calibration tokens: plain RTN
-        return quantize_weight(weight, bits, group_size=gs, symmetric=sym)
+        return rtn_on(weight, bits, gs, sym, grid)
     w = weight.detach().float()
-    if config.method == "rtn":
+    if config.method == "rtn" and grid is None:
         if clip:
             return mse_clip_scales(w, bits, gs, sym, gram=stats.gram)
         return quantize_weight(w, bits, group_size=gs, symmetric=sym)
@@ -384,8 +409,15 @@ def _quantize(weight: torch.Tensor, stats: InputStats | None, config: AWQ, clip:
             hi = torch.maximum(-lo, hi)
             lo = -hi
         w = torch.minimum(torch.maximum(g, lo * c), hi * c).reshape(rows, cols)
+    if config.method == "rtn":  # on a grid: the clipped weights rounded by the grid's own rule
+        return grid.quantize(w)
     hessian = 2.0 * stats.gram / max(stats.sampled, 1)
-    return gptq_quantize(w, hessian, bits=bits, group_size=gs, symmetric=sym).weight
+    return gptq_quantize(w, hessian, bits=bits, group_size=gs, symmetric=sym, grid=grid).weight
+
+
+def _grid(config: AWQ, cols: int) -> BlockGrid | None:
+    """The GGUF grid a layer of ``cols`` inputs is quantized onto under ``config`` (None: slimkit's own grid)."""
+    return None if config.grid is None else grid_for_columns(config.grid, cols)
 
 
 def _short(names: Sequence[str]) -> str:
@@ -447,6 +479,7 @@ def scale_block(block: nn.Module, calls: Sequence[CapturedCall], targets: dict[s
             result.unscaled.setdefault("no producer to fold the scale into", []).extend(prefix + n for n in members)
             continue
         found = None
+        layer_grid = _grid(config, in_features(targets[members[0]]))
         parent = group_parent(block, g.names) if config.objective == "parent" else None
         if parent is not None and parent not in g.names:  # a Linear parent: the Gram form is exact
             records = record_parent(block, parent_calls, parent)
@@ -454,10 +487,11 @@ def scale_block(block: nn.Module, calls: Sequence[CapturedCall], targets: dict[s
                 found = search_scale_parent(block.get_submodule(parent) if parent else block,
                                             [targets[n] for n in members], records, st.mean_abs, bits=config.bits,
                                             group_size=config.group_size, symmetric=config.symmetric,
-                                            n_grid=config.n_grid)
+                                            n_grid=config.n_grid, grid=layer_grid)
         if found is None:
             found = search_scale([linear_weight(targets[n]) for n in members], st.gram, st.mean_abs, bits=config.bits,
-                                 group_size=config.group_size, symmetric=config.symmetric, n_grid=config.n_grid)
+                                 group_size=config.group_size, symmetric=config.symmetric, n_grid=config.n_grid,
+                                 grid=layer_grid)
         if found.alpha > 0:
             if not fold_input_scale(block, g, found.scale, calls[0]):
                 why = f"folding into {g.producer} changed the block output"
@@ -539,7 +573,10 @@ def apply_awq(model: nn.Module, config: AWQ, ctx: Context) -> None:
     scheme = "symmetric" if config.symmetric else "asymmetric"
     granularity = "per output channel" if config.group_size is None else f"group size {config.group_size}"
     per_m = elapsed / max(counts["params"] / 1e6, 1e-9)
-    ctx.note(f"AWQ: quantized {counts['layers']} Linear layer(s) in {n_blocks} block(s) to int{config.bits} "
+    if config.grid is not None:
+        scheme, granularity = f"GGUF {config.grid} grid", "llama.cpp's blocks (q4_k -> q5_0, q6_k -> q8_0 where rows do not split)"
+    ctx.note(f"AWQ: quantized {counts['layers']} Linear layer(s) in {n_blocks} block(s) to "
+             f"{config.grid if config.grid is not None else f'int{config.bits}'} "
              f"({scheme}, {granularity}, {config.objective} objective, "
              f"clip {'on (not q/k)' if config.clip else 'off'}, {config.method}); "
              f"best α per group: {summary or 'none searched'}; {elapsed:.1f} s ({per_m:.2f} s per million parameters)")

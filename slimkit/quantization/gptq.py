@@ -69,6 +69,7 @@ from slimkit.core.linear_like import (
 from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
 from slimkit.core.targets import select_modules, set_submodule
+from slimkit.quantization.grids import GRIDS, BlockGrid, grid_for_columns
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import (
     BITS,
@@ -111,6 +112,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     keep_zeros: bool = True,
+    grid: BlockGrid | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize one (out, in) weight given the (in, in) Hessian of its inputs.
 
@@ -119,27 +121,40 @@ def gptq_quantize(
     the group starts. ``block_size`` changes speed only, not the result. float64 ``W``
     and ``H`` compute in float64 (for tests), anything else in float32. ``keep_zeros``:
     W's exact zeros are pruned positions and come out as exact zeros (a dense W has none,
-    so this changes nothing there).
+    so this changes nothing there). ``grid``: a GGUF block grid replacing bits/group_size/symmetric.
     """
     factor = factor_hessian(H, damp=damp, act_order=act_order)
     return gptq_quantize_factored(W, factor, bits=bits, group_size=group_size, symmetric=symmetric,
-                                  block_size=block_size, keep_zeros=keep_zeros)
+                                  block_size=block_size, keep_zeros=keep_zeros, grid=grid)
 
 
 def gptq_quantize_factored(
     W: torch.Tensor, factor: HessianFactor, *, bits: int, group_size: int | None, symmetric: bool,
-    block_size: int = 128, keep_zeros: bool = True,
+    block_size: int = 128, keep_zeros: bool = True, grid: BlockGrid | None = None,
 ) -> GPTQResult:
-    """``gptq_quantize`` with H already factored, so layers sharing an input share one factorization."""
+    """``gptq_quantize`` with H already factored, so layers sharing an input share one factorization.
+
+    ``grid`` (a GGUF block grid, ``quantization.grids``) replaces bits/group_size/symmetric:
+    the parameters of each run of ``grid.span`` columns are chosen by the grid's rule from the
+    updated weights when the run starts, and codes are rounded against them.
+    """
+    if grid is not None:
+        if factor.perm is not None:
+            raise ConfigError(f"act-order cannot be used with the {grid.name} grid: GGUF blocks are runs of consecutive columns")
+        bits, group_size, symmetric = grid.bits, grid.group_size, grid.symmetric
+        if W.shape[1] % grid.span:
+            raise ConfigError(f"{W.shape[1]} input columns do not split into {grid.name} blocks of {grid.span}")
     if W.dim() != 2 or W.shape[1] != factor.U.shape[0]:
         raise ValueError(f"weight of shape {tuple(W.shape)} does not match a Hessian of size {factor.U.shape[0]}")
     if not bool(torch.isfinite(W).all()):
         raise DataError("weight contains NaN or inf; quantization needs finite values")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    qmin, qmax = qrange(bits, symmetric)
+    qmin, qmax = (grid.qmin, grid.qmax) if grid is not None else qrange(bits, symmetric)
+    float_zero = grid is not None and grid.float_zero
     rows, cols = W.shape
     gs = cols if group_size is None else group_size
+    span = gs if grid is None else grid.span  # columns whose parameters are chosen together
     if gs <= 0 or cols % gs:
         raise ConfigError(f"group_size {group_size} does not divide the {cols} input columns")
     n_groups = cols // gs
@@ -159,12 +174,12 @@ def gptq_quantize_factored(
     del w, pruned
     Qt = torch.empty(cols, rows, dtype=code_dtype(symmetric, bits), device=U.device)  # codes, processing order
     scales = torch.empty(n_groups, rows, dtype=torch.float32, device=U.device)
-    zeros = torch.empty(n_groups, rows, dtype=torch.int32, device=U.device)
+    zeros = torch.zeros(n_groups, rows, dtype=torch.float32 if float_zero else torch.int32, device=U.device)
     if group_size is None:
         s, z = scale_zero_from_range(Wt.amin(0), Wt.amax(0), bits, symmetric)
         scales[0], zeros[0] = s, z
-    # Widen blocks to whole groups: a group's scale needs its columns fully updated.
-    bs = block_size if group_size is None else max(1, block_size // gs) * gs
+    # Widen blocks to whole parameter runs: a group's scale needs its columns fully updated.
+    bs = block_size if group_size is None else max(1, block_size // span) * span
     total = torch.zeros((), dtype=torch.float64, device=U.device)
     s_col = z_col = None
     for i1 in range(0, cols, bs):
@@ -174,18 +189,28 @@ def gptq_quantize_factored(
         E1 = torch.empty_like(W1)  # scaled errors e of the block's columns
         for i in range(i2 - i1):
             c = i1 + i
-            if c % gs == 0:
-                if group_size is not None:
-                    g = W1[i:i + gs]
-                    if Pt is not None:  # the range of the kept weights (pruned ones become 0, inside it)
-                        g = g.masked_fill(Pt[c:c + gs], 0.0)
+            if c % span == 0 and group_size is not None:
+                g = W1[i:i + span]
+                if Pt is not None:  # the range of the kept weights (pruned ones become 0, inside it)
+                    g = g.masked_fill(Pt[c:c + span], 0.0)
+                if grid is None:
                     s, z = scale_zero_from_range(g.amin(0), g.amax(0), bits, symmetric)
                     scales[c // gs], zeros[c // gs] = s, z
+                else:
+                    s, z = grid.params(g.T)  # (rows, span // gs) each
+                    scales[c // gs:(c + span) // gs] = s.T
+                    if z is not None:
+                        zeros[c // gs:(c + span) // gs] = z.T
+            if c % gs == 0:
                 s_col, z_col = scales[c // gs].to(dt), zeros[c // gs].to(dt)
+                zero_code = torch.round(z_col).clamp(qmin, qmax) if float_zero else z_col
             col = W1[i]
-            q = torch.clamp(torch.round(col / s_col) + z_col, qmin, qmax)
+            if float_zero:  # a fractional zero point: round after adding it
+                q = torch.clamp(torch.round(col / s_col + z_col), qmin, qmax)
+            else:
+                q = torch.clamp(torch.round(col / s_col) + z_col, qmin, qmax)
             if Pt is not None:
-                q = torch.where(Pt[c], z_col, q)  # a pruned weight stays 0: all of it is error
+                q = torch.where(Pt[c], zero_code, q)  # a pruned weight gets the code of 0 (exactly 0 unless float_zero)
             Qt[c] = q
             e = (col - (q - z_col) * s_col) / U1[i, i]
             E1[i] = e
@@ -204,7 +229,7 @@ def gptq_quantize_factored(
     weight = QuantizedWeight(
         q=codes.contiguous(),
         scale=scales.T.contiguous(),
-        zero=None if symmetric else zeros.T.to(torch.uint8).contiguous(),
+        zero=None if symmetric else zeros.T.contiguous() if float_zero else zeros.T.to(torch.uint8).contiguous(),
         bits=bits,
         group_size=group_size,
         symmetric=symmetric,
@@ -230,6 +255,10 @@ class GPTQ(Config):
     patterns. lm_head and embeddings are outside the blocks and stay float. keep_zeros:
     the exact zeros of an earlier pruning step stay exact zeros (the OBS update never
     leaves a value in a pruned position); false quantizes them like any weight.
+    grid: a GGUF block grid (q8_0, q5_0, q4_0, q4_1, q4_k, q6_k; ``quantization.grids``) to
+    quantize onto, so ``slimkit export gguf`` copies the codes as they are; it sets the bits,
+    group size and symmetry (the three fields above are then not used). A layer whose rows
+    do not split into the grid's blocks gets llama.cpp's fallback type (q4_k -> q5_0, q6_k -> q8_0).
     """
 
     family: ClassVar[str] = "quantize"
@@ -244,11 +273,18 @@ class GPTQ(Config):
     block_size: int = 128
     true_sequential: bool = True
     keep_zeros: bool = True
+    grid: str | None = None
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Check every field's type and range."""
+        if self.grid is not None:
+            if self.grid not in GRIDS:
+                self.fail("grid", f"must be one of {', '.join(GRIDS)} (a GGUF block type) or None, got {self.grid!r}")
+            if self.act_order:
+                self.fail("act_order", f"cannot be used with grid {self.grid!r}: GGUF blocks are runs of consecutive "
+                                       "columns, act-order groups are not; set act_order: false")
         b = self.bits
         if isinstance(b, bool) or not isinstance(b, int) or b not in GPTQ_BITS:
             self.fail("bits", f"must be one of {', '.join(map(str, GPTQ_BITS))}, got {b!r}")
@@ -300,6 +336,12 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
             outside.append(name)
         elif (problem := linear_problem(module, "a QuantLinear")) is not None:
             ctx.note(f"GPTQ: skipped {name}: {problem}")
+        elif config.grid is not None:
+            try:
+                grid_for_columns(config.grid, in_features(module))
+            except ConfigError as exc:
+                raise ConfigError(f"GPTQ.grid: {name}: {exc}; leave the layer out with ignore=[{name!r}]") from None
+            chosen.add(name)
         elif gs is not None and in_features(module) % gs:
             cols = in_features(module)
             raise ConfigError(
@@ -316,6 +358,21 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
     warn_if_few_samples(data, ctx, "GPTQ")
 
     stats = {"layers": 0, "params": 0, "rtn": 0, "sparse": 0, "zeros": 0}
+    fallbacks: dict[str, int] = {}  # grid name -> layers written on it instead of config.grid
+
+    def layer_grid(module: nn.Module) -> BlockGrid | None:
+        if config.grid is None:
+            return None
+        grid = grid_for_columns(config.grid, in_features(module))
+        if grid.name != config.grid:
+            fallbacks[grid.name] = fallbacks.get(grid.name, 0) + 1
+        return grid
+
+    def rtn(module: nn.Module) -> QuantLinear:
+        grid = layer_grid(module)
+        if grid is None:
+            return QuantLinear.from_linear(module, config.bits, gs, config.symmetric)
+        return QuantLinear.from_linear(module, weight=grid.quantize(linear_weight(module)))
     notes: list[str] = []
 
     def process(b: BlockInputs) -> None:
@@ -354,7 +411,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
                 why = ("received no calibration tokens" if counts[r] == 0
                        else f"did not read the same input as {block_name}.{leader}")
                 notes.append(f"GPTQ: {block_name}.{r} {why}; RTN used")
-                done[r] = QuantLinear.from_linear(modules[r], config.bits, gs, config.symmetric)
+                done[r] = rtn(modules[r])
                 _swap(block, r, _stand_in(modules[r], done[r], ctx))
                 stats["rtn"] += 1
             else:
@@ -377,7 +434,8 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
                 stats["sparse"] += 1
                 stats["zeros"] += zeros if config.keep_zeros else 0
             result = gptq_quantize_factored(w, factor, bits=config.bits, group_size=gs, symmetric=config.symmetric,
-                                            block_size=config.block_size, keep_zeros=config.keep_zeros)
+                                            block_size=config.block_size, keep_zeros=config.keep_zeros,
+                                            grid=layer_grid(linear))
             del w
             done[r] = QuantLinear.from_linear(linear, weight=result.weight)
             _swap(block, r, _stand_in(linear, done[r], ctx))
@@ -405,9 +463,15 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
     params = stats["params"]  # weights GPTQ quantized (RTN fallbacks not counted)
     per_m = seconds / (params / 1e6) if params else 0.0
     granularity = "per output channel" if gs is None else f"group size {gs}"
+    if config.grid is not None:
+        shown = ", ".join(f"{n} layer(s) on {name}" for name, n in fallbacks.items())
+        ctx.note(f"GPTQ: onto the GGUF {config.grid} grid"
+                 + (f"; rows that do not split into its blocks use llama.cpp's fallback: {shown}" if fallbacks else ""))
+        kind = f"the {config.grid} grid ("
+    else:
+        kind = f"int{config.bits} ({'symmetric' if config.symmetric else 'asymmetric'}, {granularity}, "
     ctx.note(
-        f"GPTQ: quantized {stats['layers']} Linear layer(s) to int{config.bits} "
-        f"({'symmetric' if config.symmetric else 'asymmetric'}, {granularity}, act_order={config.act_order}, "
+        f"GPTQ: quantized {stats['layers']} Linear layer(s) to {kind}act_order={config.act_order}, "
         f"true_sequential={config.true_sequential}, damp={config.damp:g}), {stats['rtn']} by RTN fallback, "
         f"in {seconds:.1f} s ({per_m:.2f} s per million parameters)"
     )

@@ -52,7 +52,7 @@ from slimkit.core.modules import SlimkitModule, register_module_type
 from slimkit.core.sparse_storage import CodeLayout
 from slimkit.quantization.kernels import run_kernel
 from slimkit.quantization.primitives import (
-    BITS,
+    STORED_BITS,
     QuantizedWeight,
     code_dtype,
     dequantize_weight,
@@ -87,6 +87,11 @@ def _dtype_spec(dtype: torch.dtype) -> dict[str, str]:
     return {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
 
 
+def _has_float_zero(qw: QuantizedWeight) -> bool:
+    """True when ``qw``'s zero points are fractional (a float tensor): the GGUF offset grids."""
+    return qw.zero is not None and qw.zero.is_floating_point()
+
+
 def _forward_must_run(_module: nn.Module, _args: tuple) -> None:
     """No-op forward pre-hook of layers whose forward does more than a matmul with ``.weight`` (input quantization).
 
@@ -113,9 +118,10 @@ class _QuantWeightMixin:
         """
         return self.dense_weight(self.dtype)
 
-    def _init_storage(self, rows: int, cols: int, device: torch.device | str | None, g_idx: bool = False) -> None:
-        if self.bits not in BITS:
-            raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
+    def _init_storage(self, rows: int, cols: int, device: torch.device | str | None, g_idx: bool = False,
+                      float_zero: bool = False) -> None:
+        if self.bits not in STORED_BITS:
+            raise ValueError(f"bits must be one of {STORED_BITS}, got {self.bits!r}")
         qrange(self.bits, self.symmetric)  # raises for an impossible bits/symmetric pair
         n_groups, _ = split_groups(cols, self.group_size)
         if self.bits in UNPACKED_BITS:
@@ -124,7 +130,8 @@ class _QuantWeightMixin:
             qweight = torch.zeros(rows, packed_size(cols, self.bits), dtype=torch.uint8, device=device)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", torch.ones(rows, n_groups, dtype=torch.float32, device=device))
-        zero_dtype = torch.uint8 if self.bits <= 8 else torch.int32
+        # float zero points: grids whose offset is not a whole code (GGUF q4_1/q4_k, quantization.grids)
+        zero_dtype = torch.float32 if float_zero else torch.uint8 if self.bits <= 8 else torch.int32
         zero = None if self.symmetric else torch.zeros(rows, n_groups, dtype=zero_dtype, device=device)
         self.register_buffer("zero", zero)
         # GPTQ act-order: the group of each input column (groups are runs of permuted columns),
@@ -132,6 +139,10 @@ class _QuantWeightMixin:
         # since it costs bits per weight: 8 / out_features for uint8.
         index_dtype = torch.uint8 if n_groups <= 256 else torch.int16 if n_groups <= 2**15 else torch.int32
         self.register_buffer("g_idx", torch.zeros(cols, dtype=index_dtype, device=device) if g_idx else None)
+
+    def _float_zero_spec(self) -> dict[str, bool]:
+        """``{"float_zero": True}`` for a layer with fractional zero points; nothing otherwise (older specs stay valid)."""
+        return {"float_zero": True} if self.zero is not None and self.zero.is_floating_point() else {}
 
     def _store(self, qw: QuantizedWeight) -> None:
         """Copy a ``QuantizedWeight`` into the buffers (packing below 8 bits)."""
@@ -273,12 +284,13 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
         smooth: bool = False,
         g_idx: bool = False,
         dtype: torch.dtype = torch.float32,
+        float_zero: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.dtype = dtype
-        self._init_storage(out_features, in_features, device, g_idx)
+        self._init_storage(out_features, in_features, device, g_idx, float_zero)
         self._init_input_quant(act_mode, act_bits, act_symmetric, device, smooth, in_features)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
@@ -329,6 +341,7 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
                 smooth=input_multiplier is not None,
                 g_idx=qw.g_idx is not None,
                 dtype=w.dtype,
+                float_zero=_has_float_zero(qw),
             )
             mod._store(qw)
             if input_multiplier is not None:
@@ -377,6 +390,7 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             **({"g_idx": True} if self.g_idx is not None else {}),
+            **self._float_zero_spec(),
             **self._input_spec(),
             **_dtype_spec(self.dtype),
         }
@@ -393,6 +407,7 @@ class QuantLinear(_QuantWeightMixin, _InputQuantMixin, SlimkitModule):
             symmetric=bool(spec["symmetric"]),
             g_idx=bool(spec.get("g_idx", False)),
             dtype=_dtype_from_spec(spec, "QuantLinear"),
+            float_zero=bool(spec.get("float_zero", False)),
             **_input_kwargs(spec),
         )
 
@@ -544,6 +559,7 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         embed_scale: float | None = None,
+        float_zero: bool = False,
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -551,7 +567,7 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.dtype = dtype
         self.embed_scale = None if embed_scale is None else float(embed_scale)
-        self._init_storage(num_embeddings, embedding_dim, device)
+        self._init_storage(num_embeddings, embedding_dim, device, float_zero=float_zero)
 
     @property
     def _rows(self) -> int:
@@ -588,6 +604,7 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
                 dtype=embedding.weight.dtype,
                 device=embedding.weight.device,
                 embed_scale=embed_scale,
+                float_zero=_has_float_zero(qw),
             )
             mod._store(qw)
         return mod
@@ -618,6 +635,7 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
             "symmetric": self.symmetric,
             "dtype": str(self.dtype).removeprefix("torch."),
             **({} if self.embed_scale is None else {"embed_scale": self.embed_scale}),
+            **self._float_zero_spec(),
         }
 
     @classmethod
@@ -633,6 +651,7 @@ class QuantEmbedding(_QuantWeightMixin, SlimkitModule):
             symmetric=bool(spec["symmetric"]),
             dtype=_dtype_from_spec(spec, "QuantEmbedding"),
             embed_scale=None if scale is None else float(scale),
+            float_zero=bool(spec.get("float_zero", False)),
         )
 
     def extra_repr(self) -> str:

@@ -33,8 +33,10 @@ from slimkit.core.errors import ConfigError, DataError
 
 # Bit widths the quantizers accept.
 BITS = (1, 2, 3, 4, 8, 16)
+# Bit widths a quantized layer can store: also 5 and 6, the GGUF q5_0 / q6_k grids (``quantization.grids``).
+STORED_BITS = (1, 2, 3, 4, 5, 6, 8, 16)
 # Bit widths ``pack`` handles: a general little-endian bit stream (3 bit: eight codes in three bytes).
-PACK_BITS = (1, 2, 3, 4, 8)
+PACK_BITS = (1, 2, 3, 4, 5, 6, 8)
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -208,7 +210,8 @@ class QuantizedWeight:
     """A quantized 2-D weight: codes, per-group scales and zero points, and how they were made.
 
     ``q``: (rows, cols) ``code_dtype(symmetric, bits)`` codes in ``qrange``.
-    ``scale``: float32 (rows, n_groups). ``zero``: uint8 (int32 at 16 bit) (rows, n_groups), None when symmetric.
+    ``scale``: float32 (rows, n_groups). ``zero``: uint8 (int32 at 16 bit) (rows, n_groups), None when symmetric;
+    float32 on the grids whose offset is not a whole code (GGUF q4_1/q4_k, ``quantization.grids``).
     ``group_size`` None means one group per row (per output channel).
     ``g_idx``: None for consecutive groups (column c in group c // group_size), else int32
     (cols,) with the group of each column (GPTQ act-order); each group still has ``group_size`` columns.

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from slimkit.core.config import Config
-from slimkit.core.errors import DataError
+from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.linear_like import (
     LinearLike,
     embedding_problem,
@@ -35,6 +35,7 @@ from slimkit.core.targets import (
     tie_notes,
     value_for,
 )
+from slimkit.quantization.grids import GRIDS, grid_for_columns
 from slimkit.quantization.modules import QuantEmbedding, QuantLinear, TiedQuantLinear
 from slimkit.quantization.primitives import BITS, QuantizedWeight
 from slimkit.quantization.range_search import hqq_quantize, mse_clip_scales
@@ -62,6 +63,10 @@ class RTN(Config):
     range_opt: None (min/max range), "mse" (per group, shrink the range by the factor in
     [0.5, 1] that minimizes the squared weight error) or "hqq" (HQQ's half-quadratic fit of
     scale and zero point; asymmetric only). Both need 2..8 bits and no data.
+    grid: a GGUF block grid (q8_0, q5_0, q4_0, q4_1, q4_k, q6_k; ``quantization.grids``) whose
+    rule chooses each block's parameters, so ``slimkit export gguf`` copies the codes; it sets
+    the bits, group size and symmetry (those fields are then not used). Rows that do not split
+    into its blocks get llama.cpp's fallback type (q4_k -> q5_0, q6_k -> q8_0).
     """
 
     family: ClassVar[str] = "quantize"
@@ -75,9 +80,17 @@ class RTN(Config):
     ignore: tuple[str, ...] = ()
     embeddings: bool = False
     range_opt: str | None = None
+    grid: str | None = None
 
     def validate(self) -> None:
         """Check bits, group_size, the flags and the name patterns."""
+        if self.grid is not None:
+            if self.grid not in GRIDS:
+                self.fail("grid", f"must be one of {', '.join(GRIDS)} (a GGUF block type) or None, got {self.grid!r}")
+            if self.range_opt is not None:
+                self.fail("range_opt", f"a grid ({self.grid!r}) fixes how each block's range is chosen; use range_opt: null")
+            if isinstance(self.bits, dict):
+                self.fail("bits", f"a per-layer bits map cannot be combined with grid {self.grid!r}")
         if isinstance(self.bits, dict):
             check_layer_map(self.bits, "RTN.bits", _bits_problem)
         elif _bits_problem(self.bits):
@@ -120,7 +133,12 @@ def _skip_reason(module: nn.Module, config: RTN) -> str | None:
         return problem
     if module.weight.is_meta:
         return "its weight is on the meta device (not loaded)"
-    if config.group_size is not None and cols % config.group_size:
+    if config.grid is not None:
+        try:
+            grid_for_columns(config.grid, cols)
+        except ConfigError as exc:
+            return str(exc)
+    elif config.group_size is not None and cols % config.group_size:
         return f"{what} {cols} is not divisible by group_size {config.group_size}"
     return None
 
@@ -199,20 +217,31 @@ def apply_rtn(model: nn.Module, config: RTN, ctx: Context) -> None:
             if ctx.progress is not None:
                 ctx.progress(f"RTN int{bits}: {name}", (i + 1) / len(targets))
 
+    if config.grid is not None:
+        moved = [n for n, m in targets if isinstance(m, nn.Embedding) and not GRIDS[config.grid].fits(m.embedding_dim)
+                 or not isinstance(m, nn.Embedding) and not GRIDS[config.grid].fits(in_features(m))]
+        if moved:
+            notes.append(f"RTN: {len(moved)} layer(s) whose rows do not split into {config.grid} blocks use llama.cpp's "
+                         f"fallback type {GRIDS[config.grid].fallback} (e.g. {moved[0]})")
     for line in notes:
         ctx.note(line)
     scheme = "symmetric" if config.symmetric else "asymmetric"
     granularity = "per output channel" if config.group_size is None else f"group size {config.group_size}"
+    if config.grid is not None:
+        scheme, granularity = f"GGUF {config.grid} grid", "llama.cpp's blocks"
     search = {None: "", "mse": ", MSE clip search", "hqq": ", HQQ range fit"}[config.range_opt]
     skipped = len(selected) - len(targets)
     ctx.note(
-        f"RTN: quantized {n_linear} Linear and {n_embedding} Embedding layer(s) to {_bits_text(config.bits)} "
+        f"RTN: quantized {n_linear} Linear and {n_embedding} Embedding layer(s) to "
+        f"{config.grid if config.grid is not None else _bits_text(config.bits)} "
         f"({scheme}, {granularity}{search}); skipped {skipped}"
     )
 
 
 def _range_optimized(weight: torch.Tensor, bits: int, config: RTN) -> QuantizedWeight | None:
-    """The range-searched codes of ``weight`` under ``config.range_opt``, or None for plain min/max RTN."""
+    """The range-searched (or grid) codes of ``weight`` under ``config``, or None for plain min/max RTN."""
+    if config.grid is not None:
+        return grid_for_columns(config.grid, weight.shape[1]).quantize(weight)
     if config.range_opt == "mse":
         return mse_clip_scales(weight, bits, config.group_size, config.symmetric)
     if config.range_opt == "hqq":

@@ -1,0 +1,167 @@
+"""GGUF block grids: llama.cpp's rules, checked against slow float64 references and GPTQ on a grid."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slimkit.core.errors import ConfigError
+from slimkit.quantization.gptq import GPTQ, gptq_quantize
+from slimkit.quantization.grids import GRIDS, fp16_value, grid_for_columns
+from slimkit.quantization.weight_only import RTN
+
+
+def _f16(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32).to(torch.float16).float())
+
+
+def _ref_q4_0(block: list[float]) -> tuple[float, list[int]]:
+    """llama.cpp's quantize_row_q4_0_ref for one block, codes rounded against the stored fp16 scale."""
+    amax, mx = 0.0, 0.0
+    for v in block:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    d = _f16(mx / -8.0) or 1.0
+    return d, [max(-8, min(7, round(v / d))) for v in block]
+
+
+def _ref_q8_0(block: list[float]) -> tuple[float, list[int]]:
+    d = _f16(max(abs(v) for v in block) / 127.0) or 1.0
+    return d, [max(-127, min(127, round(v / d))) for v in block]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 1e2))
+def test_block_grids_match_llama_cpp_rules(seed, scale):
+    w = torch.randn(3, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float() * scale
+    for name, ref in (("q4_0", _ref_q4_0), ("q8_0", _ref_q8_0)):
+        qw = GRIDS[name].quantize(w)
+        for r in range(3):
+            for b in range(2):
+                block = [float(v) for v in w[r, 32 * b:32 * b + 32]]
+                d, codes = ref(block)
+                assert float(qw.scale[r, b]) == d
+                # round-half-even (torch) vs Python's round: both are half-to-even
+                assert qw.q[r, 32 * b:32 * b + 32].tolist() == codes
+
+
+def test_q4_0_extreme_is_exact_and_sign_kept():
+    w = torch.zeros(2, 32)
+    w[0, 5], w[0, 6] = 2.0, -1.0  # positive extreme: d < 0, the extreme is code -8
+    w[1, 7] = -3.0
+    qw = GRIDS["q4_0"].quantize(w)
+    assert float(qw.scale[0, 0]) == -0.25 and int(qw.q[0, 5]) == -8
+    deq = qw.dequantize()
+    assert float(deq[0, 5]) == 2.0 and float(deq[1, 7]) == -3.0
+    assert torch.equal(deq[0, :5], torch.zeros(5))  # zeros stay zeros
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_every_grid_round_trips_within_half_a_step(name):
+    grid = GRIDS[name]
+    w = torch.randn(4, 512, generator=torch.Generator().manual_seed(1))
+    w[0, :64] = 0.0  # an all-zero group (and a K-quant super-block partly zero)
+    qw = grid.quantize(w)
+    assert qw.bits == grid.bits and qw.group_size == grid.group_size
+    assert int(qw.q.min()) >= grid.qmin and int(qw.q.max()) <= grid.qmax
+    assert (qw.zero is None) == grid.symmetric
+    assert torch.isfinite(qw.scale).all() and bool((qw.scale != 0).all())
+    deq = qw.dequantize()
+    step = qw.scale.abs().repeat_interleave(grid.group_size, dim=1)
+    # within half a step, plus the clamp of q4_0/q5_0's +extreme (one step) and the K-quants' 6/8-bit sub-scales
+    slack = {"q4_k": 1.2, "q6_k": 1.1}.get(name, 1.0 if name in ("q4_0", "q5_0") else 0.5)
+    assert bool(((deq - w).abs() <= step * slack + 1e-6).all())
+    assert torch.equal(deq[0, :32], torch.zeros(32)) or not grid.symmetric
+
+
+def test_k_quant_parameters_factor_into_fp16_times_small_integers():
+    w = torch.randn(2, 512, generator=torch.Generator().manual_seed(2)) * 0.05
+    for name, top, per in (("q4_k", 63, 8), ("q6_k", 127, 16)):
+        qw = GRIDS[name].quantize(w)
+        s = qw.scale.reshape(-1, per).double()
+        # some fp16 D makes every sub-scale a whole number of at most `top`
+        found = False
+        for j in range(top, 0, -1):
+            D = s.abs().amax(dim=1, keepdim=True) / j
+            if torch.equal(fp16_value(D.float()).double(), D) and bool(((s / D).round() == s / D).all()):
+                found = True
+                break
+        assert found, name
+
+
+def test_fallback_follows_llama_cpp():
+    assert grid_for_columns("q4_k", 512).name == "q4_k"
+    assert grid_for_columns("q4_k", 640).name == "q5_0"
+    assert grid_for_columns("q6_k", 640).name == "q8_0"
+    assert grid_for_columns("q4_0", 640).name == "q4_0"
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        grid_for_columns("q4_0", 48)
+
+
+def _ref_gptq_on_grid(W: torch.Tensor, H: torch.Tensor, grid) -> torch.Tensor:
+    """Column-by-column GPTQ in float64 with the grid's parameters chosen at each run's first column."""
+    W = W.clone().double()
+    H = H.clone().double()
+    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=torch.float64)
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    rows, cols = W.shape
+    Q = torch.empty_like(W)
+    scale = zero = None
+    for c in range(cols):
+        if c % grid.span == 0:
+            scale, zero = grid.params(W[:, c:c + grid.span])
+        g = (c % grid.span) // grid.group_size
+        s = scale[:, g].double()
+        z = None if zero is None else zero[:, g].double()
+        x = W[:, c] / s + (0 if z is None else z)
+        q = torch.round(x).clamp(grid.qmin, grid.qmax)
+        Q[:, c] = (q - (0 if z is None else z)) * s
+        e = (W[:, c] - Q[:, c]) / U[c, c]
+        W[:, c + 1:] -= e.unsqueeze(1) * U[c, c + 1:].unsqueeze(0)
+    return Q
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_k", "q6_k"])
+def test_gptq_on_a_grid_matches_float64_reference(name):
+    grid = GRIDS[name]
+    g = torch.Generator().manual_seed(3)
+    cols = 512
+    X = torch.randn(600, cols, generator=g, dtype=torch.float64) @ (torch.eye(cols, dtype=torch.float64)
+                                                                     + 0.3 * torch.randn(cols, cols, generator=g, dtype=torch.float64) / math.sqrt(cols))
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(6, cols, generator=g, dtype=torch.float64) * 0.1
+    result = gptq_quantize(W, H, bits=4, group_size=128, symmetric=True, grid=grid, block_size=64)
+    ref = _ref_gptq_on_grid(W, H, grid)
+    got = result.weight.dequantize().double()
+    assert got.shape == W.shape and result.weight.group_size == grid.group_size
+    assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5)
+    # and GPTQ beats plain rounding onto the same grid on the output error
+    rtn = grid.quantize(W.float()).dequantize().double()
+    err = lambda Q: float(torch.einsum("ij,jk,ik->", W - Q, H, W - Q))  # noqa: E731
+    assert err(got) < err(rtn)
+
+
+def test_gptq_on_a_grid_keeps_pruned_zeros():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    H = 2 * X.T @ X / 300
+    W = torch.randn(8, 64, generator=g, dtype=torch.float64)
+    W[torch.rand(8, 64, generator=g) < 0.5] = 0.0
+    for name in ("q4_0", "q8_0"):
+        qw = gptq_quantize(W, H, bits=4, group_size=32, symmetric=True, grid=GRIDS[name]).weight
+        assert bool((qw.dequantize()[W == 0] == 0).all())
+
+
+def test_configs_validate_grid():
+    with pytest.raises(ConfigError, match="grid"):
+        GPTQ(grid="q3_k")
+    with pytest.raises(ConfigError, match="act_order"):
+        GPTQ(grid="q4_0", act_order=True)
+    with pytest.raises(ConfigError, match="range_opt"):
+        RTN(grid="q4_0", range_opt="mse")
+    assert GPTQ(grid="q4_k").to_dict()["grid"] == "q4_k"
