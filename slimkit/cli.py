@@ -462,6 +462,44 @@ def export_onnx_cmd(
         ui.out.print(f"  note: {note}", highlight=False, soft_wrap=True)
 
 
+@export_app.command("gguf")
+def export_gguf_cmd(
+    source: str = typer.Argument(..., help="Zoo name, slimkit checkpoint folder or Hugging Face folder of a causal LM."),
+    out: Path = typer.Argument(..., help="The .gguf file to write (replaced atomically)."),
+    qtype: str = typer.Option("q8_0", "--type", "-t", help="GGUF type of the 2-D weights: q8_0, q6_k, q5_0, q4_k, q4_1, q4_0, f16 or f32 (norms and biases stay f32)."),
+    vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help="Copy the tokenizer from this GGUF file (for a model without one; its vocabulary must be the model's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary."),
+) -> None:
+    """Write a causal LM as one GGUF file for llama.cpp and Ollama (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3)."""
+    from slimkit.core.errors import ConfigError
+    from slimkit.core.io import load
+    from slimkit.export.gguf import export_gguf
+    from slimkit.export.gguf_blocks import GGUF_TYPES
+
+    if qtype not in GGUF_TYPES:  # before the model is loaded
+        raise ConfigError(f"unknown --type {qtype!r}; known: {', '.join(GGUF_TYPES)}")
+    ui = _Ui(quiet, as_json)
+    with ui.step(f"loading {source}"):
+        model = load(source)
+    with ui.step(f"writing {out}"):
+        result = export_gguf(model, out, qtype=qtype, vocab_from=vocab_from)
+    summary = {"path": str(result.path), "size_bytes": result.size_bytes, "arch": result.arch,
+               "tensor_types": result.tensor_types, "copied": result.copied, "requantized": result.requantized,
+               "notes": list(result.notes), "seconds": round(result.seconds, 3)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    types = ", ".join(f"{k} {v}" for k, v in sorted(result.tensor_types.items()))
+    ui.out.print(f"wrote {result.path} ({result.size_bytes:,} bytes, llama.cpp arch {result.arch})",
+                 highlight=False, soft_wrap=True)
+    ui.out.print(f"tensors: {types}", highlight=False, soft_wrap=True)
+    ui.out.print(f"quantized layers: {result.copied} codes copied, {result.requantized} re-quantized",
+                 highlight=False, soft_wrap=True)
+    for note in result.notes:
+        ui.out.print(f"  note: {note}", highlight=False, soft_wrap=True)
+
+
 @export_app.command("compressed-tensors")
 def export_compressed_tensors_cmd(
     source: str = typer.Argument(..., help="slimkit checkpoint folder (or zoo name) of a weight-only quantized causal LM."),
