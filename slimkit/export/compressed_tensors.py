@@ -164,6 +164,9 @@ def _problem(name: str, mod: QuantLinear) -> str | None:
         return f"layer {name!r} has {mod.bits}-bit weights; pack-quantized export takes {', '.join(map(str, CT_BITS))} bits"
     if mod.input_multiplier is not None:
         return f"layer {name!r} has a smoothing input multiplier, which the format cannot hold; fold it first"
+    if mod.zero is not None and mod.zero.is_floating_point():
+        return (f"layer {name!r} has fractional zero points (a GGUF q4_1/q4_k grid), which pack-quantized cannot "
+                "hold; quantize it without grid for this format, or export it with `slimkit export gguf`")
     if getattr(mod, "g_idx", None) is not None:
         return (f"layer {name!r} has act-order groups (g_idx), which compressed-tensors 0.20 no longer supports; "
                 "quantize it without act-order for this format")

@@ -172,7 +172,9 @@ def nbits_layout(src, act_order: str = "reorder", *, int8_per_channel: bool = Fa
         offset = 2 ** (bits - 1) if src.symmetric else 0
         stored = codes + offset  # unsigned: the default zero point 2^(b-1) undoes the symmetric offset
         scale = src.scale.float()  # (N, n_groups)
-        zero = None if src.zero is None else src.zero.to(torch.int32)
+        # float zero points (the GGUF q4_1/q4_k grids) go in unpacked as float, which MatMulNBits also reads
+        float_zero = src.zero is not None and src.zero.is_floating_point()
+        zero = None if src.zero is None else src.zero.float() if float_zero else src.zero.to(torch.int32)
         n_groups = scale.shape[1]
         g_idx = getattr(src, "g_idx", None)
         perm = None
@@ -194,7 +196,8 @@ def nbits_layout(src, act_order: str = "reorder", *, int8_per_channel: bool = Fa
             block = power_of_two_block(group, None if src.group_size else MAX_REPLICATED_BLOCK)
             repeat = group // block
             blocks_scale = scale.repeat_interleave(repeat, dim=1)  # (N, k_blocks): each group's scale per block
-            zp = None if zero is None else pack_zero_points(zero.repeat_interleave(repeat, dim=1), bits)
+            zp = None if zero is None else zero.repeat_interleave(repeat, dim=1) if float_zero else \
+                pack_zero_points(zero.repeat_interleave(repeat, dim=1), bits)
             gi = None
         k_blocks = K // block
         packed = pack(stored.to(torch.int16), bits, symmetric=False) if bits < 8 else stored.to(torch.uint8)

@@ -165,3 +165,59 @@ def test_configs_validate_grid():
     with pytest.raises(ConfigError, match="range_opt"):
         RTN(grid="q4_0", range_opt="mse")
     assert GPTQ(grid="q4_k").to_dict()["grid"] == "q4_k"
+
+
+# --- grid layers in the rest of slimkit: storage, kernels, ONNX --------------------------
+
+
+def _grid_model(name: str):
+    from slimkit.quantization.modules import QuantLinear
+
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(256, 64)
+    return lin, QuantLinear.from_linear(lin, weight=GRIDS[name].quantize(lin.weight))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q6_k", "q5_0"])
+def test_grid_layer_reloads_exactly(name, tmp_path):
+    import slimkit as sk
+    from slimkit.quantization.modules import QuantLinear
+
+    _, ql = _grid_model(name)
+    model = torch.nn.Sequential(ql)
+    sk.save(model, tmp_path / "m")
+    back = sk.load(str(tmp_path / "m"), skeleton=torch.nn.Sequential(torch.nn.Linear(256, 64)))
+    assert isinstance(back[0], QuantLinear) and back[0].bits == GRIDS[name].bits
+    assert (back[0].zero is not None and back[0].zero.dtype == torch.float32) == GRIDS[name].float_zero
+    x = torch.randn(3, 256)
+    assert torch.equal(back(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_k"])
+def test_integer_kernels_on_grid_layers_equal_the_reference(name):
+    from slimkit.quantization import kernels as K
+
+    _, ql = _grid_model(name)  # q4_0: negative scales; q4_1/q4_k: fractional zero points
+    x = torch.randn(2, 256)
+    with torch.no_grad(), K.kernel_policy("force"):
+        y = ql(x)
+        ref = ql.reference_forward(x)
+    assert torch.allclose(y, ref, atol=2e-2 * float(ref.abs().max()))  # bf16 activations in the kernel
+
+
+def test_onnx_export_of_float_zero_layers_uses_matmulnbits(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from slimkit.export.onnx import check_onnx, export_onnx
+
+    _, ql = _grid_model("q4_k")
+    model = torch.nn.Sequential(ql).eval()
+    result = export_onnx(model, tmp_path / "m.onnx", example=torch.randn(2, 256))
+    assert any("MatMulNBits" in n and "float zero points" in n for n in result.notes)
+    assert check_onnx(model, tmp_path / "m.onnx", torch.randn(2, 256)) < 1e-2
+
+
+def test_compressed_tensors_refuses_fractional_zero_points():
+    from slimkit.export.compressed_tensors import _problem
+
+    _, ql = _grid_model("q4_k")
+    assert "fractional zero points" in _problem("fc", ql)
