@@ -28,7 +28,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="slimkit: make neural networks smaller and faster, and measure what was gained.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Built-in models that need no download.")
 app.add_typer(zoo_app, name="zoo")
-export_app = typer.Typer(no_args_is_help=True, help="Export a model for deployment (ONNX, compressed-tensors).")
+export_app = typer.Typer(no_args_is_help=True, help="Export a model for deployment (ONNX, GGUF, compressed-tensors).")
 app.add_typer(export_app, name="export")
 
 DEFAULT_RECIPE = "int8-weight-only"
@@ -468,6 +468,9 @@ def export_gguf_cmd(
     out: Path = typer.Argument(..., help="The .gguf file to write (replaced atomically)."),
     qtype: str = typer.Option("q8_0", "--type", "-t", help="GGUF type of the 2-D weights: q8_0, q6_k, q5_0, q4_k, q4_1, q4_0, f16 or f32 (norms and biases stay f32)."),
     vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help="Copy the tokenizer from this GGUF file (for a model without one; its vocabulary must be the model's)."),
+    requantize: bool = typer.Option(False, "--requantize", help="Quantize again onto --type the layers whose groups its blocks cannot hold (e.g. group 16 into q4_0) instead of stopping."),
+    output_type: Optional[str] = typer.Option(None, "--output-type", help="Another type for output.weight (llama.cpp's q4 mixes use q6_k)."),
+    embedding_type: Optional[str] = typer.Option(None, "--embedding-type", help="Another type for token_embd.weight."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary."),
 ) -> None:
@@ -477,13 +480,15 @@ def export_gguf_cmd(
     from slimkit.export.gguf import export_gguf
     from slimkit.export.gguf_blocks import GGUF_TYPES
 
-    if qtype not in GGUF_TYPES:  # before the model is loaded
-        raise ConfigError(f"unknown --type {qtype!r}; known: {', '.join(GGUF_TYPES)}")
+    for flag, value in (("--type", qtype), ("--output-type", output_type), ("--embedding-type", embedding_type)):
+        if value is not None and value not in GGUF_TYPES:  # before the model is loaded
+            raise ConfigError(f"unknown {flag} {value!r}; known: {', '.join(GGUF_TYPES)}")
     ui = _Ui(quiet, as_json)
     with ui.step(f"loading {source}"):
         model = load(source)
     with ui.step(f"writing {out}"):
-        result = export_gguf(model, out, qtype=qtype, vocab_from=vocab_from)
+        result = export_gguf(model, out, qtype=qtype, vocab_from=vocab_from, requantize=requantize,
+                             output_type=output_type, embedding_type=embedding_type)
     summary = {"path": str(result.path), "size_bytes": result.size_bytes, "arch": result.arch,
                "tensor_types": result.tensor_types, "copied": result.copied, "requantized": result.requantized,
                "notes": list(result.notes), "seconds": round(result.seconds, 3)}

@@ -464,25 +464,35 @@ def _write_hparams(writer: Any, config: Any, arch: str, n_vocab: int, qtype: str
                      "to the whole context (outputs differ past that length)")
 
 
-def _encode_2d(value: Any, qtype: str) -> tuple[EncodedTensor, bool]:
+def _encode_2d(value: Any, qtype: str, requantize: bool = False) -> tuple[EncodedTensor, bool]:
     """(encoding, whether ``value`` is a slimkit quantized layer)."""
     if isinstance(value, (QuantLinear, QuantEmbedding)):
-        return encode_module(value, qtype), True
+        return encode_module(value, qtype, requantize=requantize), True
     if isinstance(value, TiedQuantLinear):
         return encode_dense(value.dense_weight(torch.float32), qtype), False
     return encode_dense(value, qtype), False
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, *, qtype: str = "q8_0",
-                vocab_from: str | os.PathLike | None = None) -> GGUFExportResult:
+                vocab_from: str | os.PathLike | None = None, requantize: bool = False,
+                output_type: str | None = None, embedding_type: str | None = None) -> GGUFExportResult:
     """Write ``model`` (a transformers causal LM, possibly with slimkit quantized layers) as the GGUF file ``path``.
 
     ``qtype``: the GGUF type of 2-D weights (one of ``GGUF_TYPES``); ``vocab_from``: a GGUF file whose
     ``tokenizer.*`` keys are copied (for a model without a tokenizer, or to override it).
+    ``requantize``: a quantized layer whose groups the type's blocks cannot hold (e.g. group 16
+    into q4_0) is quantized again onto the type instead of raising ConfigError.
+    ``output_type`` / ``embedding_type``: another type for ``output.weight`` / ``token_embd.weight``
+    (as llama-quantize's ``--output-tensor-type`` / ``--token-embedding-type``; llama.cpp's own
+    q4 mixes write the output as q6_k).
+    A quantized layer's codes are copied when they lie on the type's grid (quantize with
+    ``grid=`` to make them so); other quantized layers and float weights are rounded onto
+    the type at export (RTN), each said in a note.
     """
     start = time.perf_counter()
-    if qtype not in GGUF_TYPES:
-        raise ConfigError(f"unknown GGUF type {qtype!r}; known: {', '.join(GGUF_TYPES)}")
+    for label, value in (("type", qtype), ("output_type", output_type), ("embedding_type", embedding_type)):
+        if value is not None and value not in GGUF_TYPES:
+            raise ConfigError(f"unknown GGUF {label} {value!r}; known: {', '.join(GGUF_TYPES)}")
     gguf = _gguf()
     config, arch = _check_model(model)
     path = Path(path)
@@ -514,6 +524,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, qtype: str = "q8_0
     tensors: list[tuple[str, np.ndarray, Any]] = []  # (gguf name, data, raw dtype for block data)
     counts: dict[str, int] = {}
     copied = requantized = dequantized = 0
+    rounded: list[str] = []  # float weights quantized by RTN at export
     encoder_notes: dict[str, int] = {}
     for hf_name, value in _weight_entries(model, notes):
         if tied and out_name is not None and hf_name.startswith(out_name + "."):
@@ -536,7 +547,11 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, qtype: str = "q8_0
             tensors.append((name, np.ascontiguousarray(data, dtype=np.float32), None))
             counts["f32"] = counts.get("f32", 0) + 1
             continue
-        enc, quantized = _encode_2d(value, qtype)
+        want = output_type if name == "output.weight" and output_type else \
+            embedding_type if name == "token_embd.weight" and embedding_type else qtype
+        enc, quantized = _encode_2d(value, want, requantize)
+        if not quantized and enc.qtype not in ("f32", "f16"):
+            rounded.append(name)
         data = enc.data if perm is None else enc.data[perm]
         tensors.append((name, np.ascontiguousarray(data), enc.ggml_type if data.dtype == np.uint8 else None))
         counts[enc.qtype] = counts.get(enc.qtype, 0) + 1
@@ -556,6 +571,10 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, qtype: str = "q8_0
         notes.append(note if n == 1 else f"{note} ({n} tensors)")
     if dequantized:
         notes.append(f"{dequantized} quantized layer(s) written dequantized as {qtype}")
+    if rounded:
+        shown = ", ".join(rounded[:4]) + (f" and {len(rounded) - 4} more" if len(rounded) > 4 else "")
+        notes.append(f"{len(rounded)} float weight(s) rounded onto their type at export (RTN, no calibration): {shown}; "
+                     "quantize them in slimkit first (e.g. RTN/GPTQ with grid=) to choose how")
 
     model_name = _model_name(model, config, tokenizer_kv[gguf.Keys.Tokenizer.LIST][0], notes)
     part = Path(f"{path}.part")

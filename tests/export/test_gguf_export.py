@@ -9,8 +9,7 @@ logits and tokenization are compared with transformers'.
 
 Tokenizers are trained here on a few stdlib modules (no download): SentencePiece-style
 (BPE with byte fallback, Metaspace) and byte-level BPE with the Llama-3 and Qwen2 split
-regexes. The quantized block types run once ``gguf_blocks`` encodes them (skipped while an
-encoder raises NotImplementedError).
+regexes.
 """
 
 from __future__ import annotations
@@ -245,13 +244,6 @@ def tiny(arch: str, tok, **kw):
     return attach_info(model, tokenizer=tok)
 
 
-def encoded_or_skip(fn):
-    try:
-        return fn()
-    except NotImplementedError as exc:
-        pytest.skip(f"gguf_blocks does not encode this type yet: {exc}")
-
-
 # -- layout and metadata -------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCH_LIST)
 def test_tensors_metadata_and_weights_round_trip(arch, toks, tmp_path):
@@ -463,7 +455,7 @@ def test_stdlib_coder_f16_tokenizes_and_runs_like_transformers(coder, tmp_path):
     assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
 
 
-# -- quantized block types (run once gguf_blocks encodes them) --------------------------------
+# -- quantized block types -------------------------------------------------------------------
 @pytest.mark.parametrize("qtype", QUANT_TYPES)
 def test_quantized_types_load_and_run_in_llama_cpp(qtype, toks, tmp_path):
     """Width 256, so k-quant rows split into whole 256-wide super-blocks. llama.cpp is compared with transformers
@@ -471,7 +463,7 @@ def test_quantized_types_load_and_run_in_llama_cpp(qtype, toks, tmp_path):
     tok = toks["qwen2"]
     model = tiny("llama", tok, width=256)
     out = tmp_path / "m.gguf"
-    result = encoded_or_skip(lambda: export_gguf(model, out, qtype=qtype))
+    result = export_gguf(model, out, qtype=qtype)
     found = tensors(out)
     two_d = {n: t for n, t in found.items() if len(t.shape) == 2}
     assert {t.tensor_type.name.lower() for t in two_d.values()} == {qtype}
@@ -496,18 +488,37 @@ def test_slimkit_codes_on_the_block_grid_are_copied(qtype, toks, tmp_path):
     import slimkit as sk
     from slimkit.quantization.modules import QuantLinear
 
-    if "grid" not in {f.name for f in dataclasses.fields(sk.RTN)}:
-        pytest.skip("RTN has no GGUF grid option yet")
     model = tiny("llama", toks["qwen2"], width=256)
     sk.quantize_(model, sk.RTN(grid=qtype, ignore=("lm_head",)))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     out = tmp_path / "m.gguf"
-    result = encoded_or_skip(lambda: export_gguf(model, out, qtype=qtype))
+    result = export_gguf(model, out, qtype=qtype)
     assert result.copied == len(layers) and result.requantized == 0
     back = back_to_hf(out, model)
     for name, layer in layers.items():
         dense = layer.dense_weight(torch.float32)
         assert torch.allclose(back[f"{name}.weight"], dense, rtol=0, atol=1e-6 * float(dense.abs().max())), name
+
+
+def test_type_overrides_requantize_and_the_rounding_note(toks, tmp_path):
+    import slimkit as sk
+
+    model = tiny("llama", toks["qwen2"], width=256)
+    sk.quantize_(model, sk.RTN(bits=4, group_size=16, ignore=("lm_head",)))  # groups of 16: no q4_0 block holds them
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ConfigError, match="group size 16.*--requantize"):
+        export_gguf(model, out, qtype="q4_0")
+    assert nothing_written(out)
+    result = export_gguf(model, out, qtype="q4_0", requantize=True, output_type="q6_k", embedding_type="q8_0")
+    found = tensors(out)
+    assert found["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q6_K
+    assert found["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert found["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert result.requantized > 0 and result.copied == 0
+    assert any("re-quantized onto q4_0" in n for n in result.notes)
+    assert any("rounded onto their type at export" in n and "output.weight" in n for n in result.notes)
+    with pytest.raises(ConfigError, match="output_type"):
+        export_gguf(model, tmp_path / "n.gguf", qtype="q4_0", output_type="q2_k")
 
 
 # -- bad input -----------------------------------------------------------------------------
