@@ -48,7 +48,12 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError
 from slimkit.core.io import model_info, tokenizer_of
-from slimkit.export.gguf_blocks import GGUF_TYPES, EncodedTensor, encode_dense, encode_module
+from slimkit.export.gguf_blocks import (
+    GGUF_TYPES,
+    EncodedTensor,
+    encode_dense,
+    encode_module,
+)
 from slimkit.quantization.modules import QuantEmbedding, QuantLinear, TiedQuantLinear
 
 # transformers model_type -> llama.cpp architecture name.

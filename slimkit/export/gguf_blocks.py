@@ -233,7 +233,7 @@ def _fits_codes(codes: torch.Tensor, lo: int, hi: int) -> bool:
 
 def _encode_copy(layer: _Layer, grid: BlockGrid) -> tuple[np.ndarray, bool] | str:
     """Blocks holding ``layer``'s codes unchanged, and whether its scales had to be rounded to fp16; else a reason."""
-    rows, cols = layer.codes.shape
+    rows = layer.codes.shape[0]
     name = grid.name
     if name in ("q8_0", "q4_0", "q5_0"):
         if layer.offset_codes is not None:

@@ -73,8 +73,8 @@ from slimkit.core.linear_like import (
 )
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import select_modules, set_submodule
-from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.grids import GRIDS, BlockGrid, grid_for_columns
+from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import QuantizedWeight, quantize_weight
 from slimkit.quantization.range_search import clip_factors, mse_clip_scales
 

@@ -23,7 +23,7 @@ from slimkit.quantization.modules import QuantEmbedding, QuantLinear
 from slimkit.quantization.primitives import quantize_weight
 
 gguf = pytest.importorskip("gguf")
-from gguf import quants  # noqa: E402
+from gguf import quants
 
 
 def _dequant(enc) -> np.ndarray:

@@ -28,12 +28,12 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from slimkit.core.errors import ConfigError  # noqa: E402
-from slimkit.core.io import attach_info  # noqa: E402
-from slimkit.export.gguf import _LLAMA3_REGEX, _QWEN2_REGEX, export_gguf  # noqa: E402
-from slimkit.export.gguf_blocks import GGUF_TYPES  # noqa: E402
-from tests.llm_archs import tiny_causal_lm  # noqa: E402
-from tests.test_cli import slimkit_cli  # noqa: E402
+from slimkit.core.errors import ConfigError
+from slimkit.core.io import attach_info
+from slimkit.export.gguf import _LLAMA3_REGEX, _QWEN2_REGEX, export_gguf
+from slimkit.export.gguf_blocks import GGUF_TYPES
+from tests.llm_archs import tiny_causal_lm
+from tests.test_cli import slimkit_cli
 
 ARCH_LIST = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 LLAMA_CPP_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
@@ -197,7 +197,15 @@ def expected_tensors(arch: str, cfg) -> dict[str, tuple[int, ...]]:
 # -- tokenizers trained here ---------------------------------------------------------------
 def spm_tokenizer():
     """A SentencePiece-style tokenizer.json (Llama-2 layout): <unk> <s> </s>, 256 byte tokens, learned BPE pieces."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     trainer = Tokenizer(models.BPE())
@@ -483,8 +491,6 @@ def test_quantized_types_load_and_run_in_llama_cpp(qtype, toks, tmp_path):
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES)
 def test_slimkit_codes_on_the_block_grid_are_copied(qtype, toks, tmp_path):
-    import dataclasses
-
     import slimkit as sk
     from slimkit.quantization.modules import QuantLinear
 
@@ -536,7 +542,12 @@ def test_unsupported_architecture_is_refused_by_name(arch, tmp_path):
 
 
 def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path):
-    from transformers import BertConfig, BertModel, Qwen2Config, Qwen2ForSequenceClassification
+    from transformers import (
+        BertConfig,
+        BertModel,
+        Qwen2Config,
+        Qwen2ForSequenceClassification,
+    )
 
     out = tmp_path / "m.gguf"
     small = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
@@ -637,7 +648,11 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
 def test_quantized_embedding_tied_to_the_lm_head_is_written_once(toks, tmp_path):
     """Gemma with a QuantEmbedding and the TiedQuantLinear lm_head reading it: one token_embd, no output.weight."""
     import slimkit as sk
-    from slimkit.quantization.modules import QuantEmbedding, QuantLinear, TiedQuantLinear
+    from slimkit.quantization.modules import (
+        QuantEmbedding,
+        QuantLinear,
+        TiedQuantLinear,
+    )
 
     model = tiny("gemma", toks["qwen2"])
     sk.quantize_(model, sk.RTN(bits=8, group_size=32, embeddings=True))

@@ -109,7 +109,7 @@ def _ref_gptq_on_grid(W: torch.Tensor, H: torch.Tensor, grid) -> torch.Tensor:
     H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=torch.float64)
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
     U = torch.linalg.cholesky(Hinv, upper=True)
-    rows, cols = W.shape
+    cols = W.shape[1]
     Q = torch.empty_like(W)
     scale = zero = None
     for c in range(cols):
@@ -142,7 +142,7 @@ def test_gptq_on_a_grid_matches_float64_reference(name):
     assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5)
     # and GPTQ beats plain rounding onto the same grid on the output error
     rtn = grid.quantize(W.float()).dequantize().double()
-    err = lambda Q: float(torch.einsum("ij,jk,ik->", W - Q, H, W - Q))  # noqa: E731
+    err = lambda Q: float(torch.einsum("ij,jk,ik->", W - Q, H, W - Q))
     assert err(got) < err(rtn)
 
 
