@@ -645,6 +645,23 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
         assert nothing_written(out)
 
 
+def test_cli_group_size_the_blocks_cannot_hold_exits_2_naming_types(tiny_lm_dir, tmp_path):
+    import slimkit as sk
+
+    model = sk.load(str(tiny_lm_dir))
+    sk.quantize_(model, sk.RTN(bits=4, group_size=16, ignore=("lm_head",)))
+    sk.save(model, tmp_path / "g16")
+    out = tmp_path / "m.gguf"
+    r = slimkit_cli("export", "gguf", tmp_path / "g16", out, "--type", "q4_0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    message = " ".join(r.stderr.split())
+    assert "group size 16 is not a multiple of q4_0's 32" in message and "Types that hold them" in message
+    assert nothing_written(out)
+    r = slimkit_cli("export", "gguf", tmp_path / "g16", out, "--type", "q4_0", "--requantize")
+    assert r.returncode == 0, r.stderr
+    assert "0 codes copied, 14 re-quantized" in r.stdout and "re-quantized onto q4_0" in " ".join(r.stdout.split())
+
+
 def test_quantized_embedding_tied_to_the_lm_head_is_written_once(toks, tmp_path):
     """Gemma with a QuantEmbedding and the TiedQuantLinear lm_head reading it: one token_embd, no output.weight."""
     import slimkit as sk
