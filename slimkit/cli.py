@@ -471,6 +471,8 @@ def export_gguf_cmd(
     requantize: bool = typer.Option(False, "--requantize", help="Quantize again onto --type the layers whose groups its blocks cannot hold (e.g. group 16 into q4_0) instead of stopping."),
     output_type: Optional[str] = typer.Option(None, "--output-type", help="Another type for output.weight (llama.cpp's q4 mixes use q6_k)."),
     embedding_type: Optional[str] = typer.Option(None, "--embedding-type", help="Another type for token_embd.weight."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Also write llama.cpp's importance matrix (GGUF imatrix format, for llama-quantize --imatrix) from the calibration data, measured through the model as exported."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data for --imatrix (default: the model's corpus' calibration split): " + _DATA_HELP + "."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary."),
 ) -> None:
@@ -486,12 +488,24 @@ def export_gguf_cmd(
     ui = _Ui(quiet, as_json)
     with ui.step(f"loading {source}"):
         model = load(source)
+    if calib is not None and imatrix is None:
+        raise ConfigError("--calib is read for --imatrix only; add --imatrix FILE")
     with ui.step(f"writing {out}"):
         result = export_gguf(model, out, qtype=qtype, vocab_from=vocab_from, requantize=requantize,
                              output_type=output_type, embedding_type=embedding_type)
     summary = {"path": str(result.path), "size_bytes": result.size_bytes, "arch": result.arch,
                "tensor_types": result.tensor_types, "copied": result.copied, "requantized": result.requantized,
                "notes": list(result.notes), "seconds": round(result.seconds, 3)}
+    if imatrix is not None:
+        from slimkit.export.imatrix import collect_imatrix, gguf_names_for, write_imatrix
+        from slimkit.recipe.runner import calibration_from_spec
+        from slimkit.recipe.schema import data_spec_from
+
+        with ui.step(f"measuring activations for {imatrix}"):
+            data = calibration_from_spec(model, data_spec_from(calib, "--calib") if calib else None)
+            stats = collect_imatrix(model, data)
+            write_imatrix(stats, imatrix, gguf_names_for(model), dataset=calib or "slimkit calibration")
+        summary["imatrix"] = str(imatrix)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -501,6 +515,8 @@ def export_gguf_cmd(
     ui.out.print(f"tensors: {types}", highlight=False, soft_wrap=True)
     ui.out.print(f"quantized layers: {result.copied} codes copied, {result.requantized} re-quantized",
                  highlight=False, soft_wrap=True)
+    if imatrix is not None:
+        ui.out.print(f"wrote {imatrix} (importance matrix for llama-quantize --imatrix)", highlight=False, soft_wrap=True)
     for note in result.notes:
         ui.out.print(f"  note: {note}", highlight=False, soft_wrap=True)
 

@@ -662,6 +662,26 @@ def test_cli_group_size_the_blocks_cannot_hold_exits_2_naming_types(tiny_lm_dir,
     assert "0 codes copied, 14 re-quantized" in r.stdout and "re-quantized onto q4_0" in " ".join(r.stdout.split())
 
 
+def test_cli_writes_an_importance_matrix_from_calibration_text(tiny_lm_dir, tmp_path):
+    from slimkit.export.imatrix import read_imatrix
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"def f{i}(a, b):\n    return a * {i} + b\n" for i in range(40)))
+    out, imat = tmp_path / "m.gguf", tmp_path / "m.imatrix.gguf"
+    r = slimkit_cli("export", "gguf", tiny_lm_dir, out, "--type", "f16", "--imatrix", imat,
+                    "--calib", f"{text}?n=4&seq_len=16", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["imatrix"] == str(imat)
+    read = read_imatrix(imat)
+    assert read["kv"]["general.type"] == "imatrix"
+    assert sorted(read["sums"]) == sorted(f"blk.{i}.{w}.weight" for i in range(2) for w in (
+        "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+    assert read["sums"]["blk.0.ffn_down.weight"].shape == (64,) and read["counts"]["blk.0.attn_q.weight"] == 64
+    assert all(bool((v >= 0).all()) and float(v.sum()) > 0 for v in read["sums"].values())
+    r = slimkit_cli("export", "gguf", tiny_lm_dir, tmp_path / "n.gguf", "--calib", str(text))
+    assert r.returncode == 2 and "--calib is read for --imatrix only" in " ".join(r.stderr.split())
+
+
 def test_quantized_embedding_tied_to_the_lm_head_is_written_once(toks, tmp_path):
     """Gemma with a QuantEmbedding and the TiedQuantLinear lm_head reading it: one token_embd, no output.weight."""
     import slimkit as sk
