@@ -33,6 +33,16 @@ code) and ``<name>.__codes`` (the other codes, packed ``bits`` at a time, lowest
 recorded under ``slimkit.sparse_codes`` (``{name: {shape, dtype, bits, fill}}``). A 50%-sparse
 int4 weight then takes 1 + 2 bits per weight instead of 4, before its scales.
 
+A code tensor whose non-zero codes follow the 2:4 pattern (at most 2 of every 4 consecutive
+codes differ from the zero code: a 2:4-pruned, then quantized layer) is written, when that is
+smaller, as ``<name>.__nm_index`` (for every 4 codes, which 2 positions are kept: one of the 6
+pairs, 3 bits each, packed lowest bits first) and ``<name>.__codes`` (exactly 2 codes per 4,
+packed); its record says ``"pattern": "2:4"``. A 2:4 int4 weight then takes 0.75 + 2 bits per weight.
+
+A float32 tensor whose every value is exactly a float16 value (scales chosen in float16, a
+model stored in half precision, norms of 1.0) is written as float16 and listed under
+``slimkit.fp16_exact``; it loads as the same float32 values, bit for bit.
+
 ``stored_layout(path)`` gives, from the header alone (no tensor data read), the dtype and
 shape of every tensor ``load_state_dict`` would return, compact pairs resolved and checked
 against each other, so a loader can compare them with the model it expects before it
@@ -44,6 +54,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -53,8 +64,13 @@ import torch
 BITMASK_SUFFIX = ".__bitmask"
 VALUES_SUFFIX = ".__values"
 CODES_SUFFIX = ".__codes"
+NM_INDEX_SUFFIX = ".__nm_index"
 SPARSE_KEY = "slimkit.sparse"
 SPARSE_CODES_KEY = "slimkit.sparse_codes"
+FP16_KEY = "slimkit.fp16_exact"
+MIN_FP16_ELEMENTS = 64  # smaller tensors save less than their name costs in the metadata
+# The 6 ways to keep 2 of 4 positions; a 2:4 group's index into this table is stored in 3 bits.
+PAIRS_2_4 = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 CODE_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
 ALIASES_KEY = "slimkit.aliases"
 COMPACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,6 +83,8 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
+# Metadata keys that are slimkit's records, never save_model's alias entries.
+_RESERVED_KEYS = (SPARSE_KEY, SPARSE_CODES_KEY, ALIASES_KEY, FP16_KEY, "format")
 # Header bytes a compact pair costs beyond the dense entry: two JSON entries of about
 # len(name) + 80 characters, plus the shape/dtype record in the metadata.
 _PAIR_HEADER_BYTES = 240
@@ -156,6 +174,85 @@ def pack_code_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+def pack_uint_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``values`` (each < 2^bits, 1 <= bits <= 8) as a little-endian bit stream in uint8, value i at bits
+    [i·bits, (i+1)·bits), the first value in the lowest bits; the last byte zero-padded."""
+    v = values.reshape(-1).to(torch.int64)
+    n = v.numel()
+    positions = torch.arange(n, dtype=torch.int64) * bits
+    out = torch.zeros(math.ceil(n * bits / 8) + 1, dtype=torch.int64)
+    byte, shift = positions // 8, positions % 8
+    word = v << shift  # at most 15 bits: spills into the next byte at most
+    out.index_add_(0, byte, word & 0xFF)
+    out.index_add_(0, byte + 1, word >> 8)
+    return out[:math.ceil(n * bits / 8)].to(torch.uint8)
+
+
+def unpack_uint_stream(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack_uint_stream``: the first ``n`` values, int64."""
+    b = torch.cat([packed.reshape(-1).to(torch.int64), torch.zeros(1, dtype=torch.int64)])
+    positions = torch.arange(n, dtype=torch.int64) * bits
+    byte, shift = positions // 8, positions % 8
+    word = b[byte] | (b[byte + 1] << 8)
+    return (word >> shift) & (2**bits - 1)
+
+
+def pack_2of4_codes(t: torch.Tensor, layout: CodeLayout) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(pair indices, kept codes)`` when every 4 consecutive codes hold at most 2 that are not ``layout.fill``;
+    else None. A group with fewer than 2 kept codes stores the fill code in the spare kept slot."""
+    stream = code_stream(t, layout.bits)
+    if stream.numel() % 4:
+        return None
+    groups = stream.reshape(-1, 4)
+    kept = groups != layout.fill
+    if bool((kept.sum(dim=1) > 2).any()):
+        return None
+    # Mark the spare positions of groups with 0 or 1 kept codes: fill from the left (position 0, then 1, ...).
+    chosen = kept.clone()
+    for pos in range(4):
+        need = chosen.sum(dim=1) < 2
+        chosen[:, pos] |= need & ~chosen[:, pos]
+    table = torch.zeros(16, dtype=torch.int64)  # bitmask of the 2 kept positions -> pair index
+    for i, (a, b) in enumerate(PAIRS_2_4):
+        table[(1 << a) | (1 << b)] = i
+    masks = (chosen.to(torch.int64) << torch.arange(4)).sum(dim=1)
+    index = table[masks]
+    codes = groups[chosen].reshape(-1, 2)  # row-major: the 2 kept codes of each group in position order
+    return pack_uint_stream(index, 3), pack_code_stream(codes.reshape(-1), layout.bits)
+
+
+def unpack_2of4_codes(index: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...] | list[int],
+                      dtype: torch.dtype, layout: CodeLayout) -> torch.Tensor:
+    """The code tensor ``pack_2of4_codes`` packed; ValueError when the parts do not fit together."""
+    shape = tuple(int(s) for s in shape)
+    n_codes = math.prod(shape) * (8 // layout.bits)
+    if n_codes % 4:
+        raise ValueError(f"{n_codes} codes do not split into groups of 4")
+    n_groups = n_codes // 4
+    if index.dtype != torch.uint8 or index.dim() != 1 or index.numel() != math.ceil(n_groups * 3 / 8):
+        raise ValueError(f"{n_groups} groups of 4 need {math.ceil(n_groups * 3 / 8)} index bytes, "
+                         f"{index.numel()} are stored")
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(2 * n_groups * layout.bits / 8):
+        raise ValueError(f"{n_groups} groups keep {2 * n_groups} codes, which take "
+                         f"{math.ceil(2 * n_groups * layout.bits / 8)} bytes, but {packed.numel()} are stored")
+    idx = unpack_uint_stream(index, 3, n_groups)
+    if bool((idx >= len(PAIRS_2_4)).any()):
+        raise ValueError("a 2:4 pair index is above 5")
+    pairs = torch.tensor(PAIRS_2_4, dtype=torch.int64)[idx]  # (groups, 2) positions
+    kept_codes = code_stream(packed, layout.bits)[:2 * n_groups].reshape(-1, 2)
+    stream = torch.full((n_groups, 4), layout.fill, dtype=torch.uint8)
+    stream.scatter_(1, pairs, kept_codes)
+    return pack_code_stream(stream.reshape(-1), layout.bits).view(dtype).reshape(shape)
+
+
+def fp16_exact(t: torch.Tensor) -> bool:
+    """Whether float32 ``t`` (of at least ``MIN_FP16_ELEMENTS`` entries) holds only float16 values, so float16 storage is lossless."""
+    if t.dtype != torch.float32 or t.numel() < MIN_FP16_ELEMENTS or t.device.type == "meta":
+        return False
+    h = t.to(torch.float16)
+    return bool(torch.equal(h.to(torch.float32), t)) and bool(torch.isfinite(h).all() == torch.isfinite(t).all())
+
+
 def pack_sparse_codes(t: torch.Tensor, layout: CodeLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bitmask, packed codes)``: one bit per code (1 = not ``layout.fill``) and the other codes packed."""
     stream = code_stream(t, layout.bits)
@@ -186,6 +283,13 @@ def should_compact_codes(t: torch.Tensor, layout: CodeLayout) -> bool:
     kept = int((stream != layout.fill).sum())
     compact = math.ceil(stream.numel() / 8) + math.ceil(kept * layout.bits / 8)
     return compact + _PAIR_HEADER_BYTES < t.numel()
+
+
+def _bitmask_nbytes(t: torch.Tensor, layout: CodeLayout) -> int:
+    """Payload bytes of ``t``'s codes stored as bitmask + kept codes."""
+    stream = code_stream(t, layout.bits)
+    kept = int((stream != layout.fill).sum())
+    return math.ceil(stream.numel() / 8) + math.ceil(kept * layout.bits / 8)
 
 
 def compact_nbytes(numel: int, nonzeros: int, itemsize: int) -> int:
@@ -234,11 +338,21 @@ def encode_state_dict(state: dict[str, torch.Tensor], code_layouts: dict[str, Co
     tensors: dict[str, torch.Tensor] = {}
     sparse: dict[str, dict[str, Any]] = {}
     sparse_codes: dict[str, dict[str, Any]] = {}
+    half: list[str] = []  # float32 tensors stored as float16 (every value exact)
     code_layouts = code_layouts or {}
     for name, t in unique.items():
         t = t.detach()
         layout = code_layouts.get(name)
-        if layout is not None and should_compact_codes(t, layout):
+        nm = pack_2of4_codes(t.cpu(), layout) if layout is not None and t.numel() and t.device.type != "meta" \
+            and t.dtype in CODE_DTYPES.values() else None
+        if nm is not None and sum(x.numel() for x in nm) + _PAIR_HEADER_BYTES < min(t.numel(), _bitmask_nbytes(t, layout)):
+            for suffix in (NM_INDEX_SUFFIX, CODES_SUFFIX):
+                if name + suffix in unique:
+                    raise ValueError(f"cannot store {name!r} compactly: the state dict already has {name + suffix!r}")
+            tensors[name + NM_INDEX_SUFFIX], tensors[name + CODES_SUFFIX] = nm
+            sparse_codes[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                                  "bits": layout.bits, "fill": layout.fill, "pattern": "2:4"}
+        elif layout is not None and should_compact_codes(t, layout):
             for suffix in (BITMASK_SUFFIX, CODES_SUFFIX):
                 if name + suffix in unique:
                     raise ValueError(f"cannot store {name!r} compactly: the state dict already has {name + suffix!r}")
@@ -254,9 +368,14 @@ def encode_state_dict(state: dict[str, torch.Tensor], code_layouts: dict[str, Co
             tensors[name + BITMASK_SUFFIX] = bitmask.cpu()
             tensors[name + VALUES_SUFFIX] = values.cpu()
             sparse[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        elif fp16_exact(t):
+            tensors[name] = t.cpu().to(torch.float16).contiguous()
+            half.append(name)
         else:
             tensors[name] = t.cpu().contiguous()  # safetensors writes only contiguous memory
     metadata = {}
+    if half:
+        metadata[FP16_KEY] = json.dumps(half, separators=(",", ":"))
     if sparse:
         metadata[SPARSE_KEY] = json.dumps(sparse, separators=(",", ":"))
     if sparse_codes:
@@ -266,8 +385,8 @@ def encode_state_dict(state: dict[str, torch.Tensor], code_layouts: dict[str, Co
     return tensors, metadata
 
 
-def _parse_code_metadata(metadata: dict[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype, CodeLayout]]:
-    """The sparse-code records of a file's metadata: ``{name: (shape, dtype, layout)}``; ValueError when malformed."""
+def _parse_code_metadata(metadata: dict[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype, CodeLayout, str]]:
+    """The sparse-code records of a file's metadata: ``{name: (shape, dtype, layout, pattern)}``; ValueError when malformed."""
     try:
         records = json.loads(metadata.get(SPARSE_CODES_KEY, "{}"))
     except (ValueError, RecursionError) as exc:
@@ -287,8 +406,22 @@ def _parse_code_metadata(metadata: dict[str, str]) -> dict[str, tuple[tuple[int,
             layout = CodeLayout(int(info.get("bits")), int(info.get("fill")))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"sparse codes {name!r}: {exc}") from None
-        parsed[name] = (tuple(shape), dtype, layout)
+        pattern = info.get("pattern", "bitmask")
+        if pattern not in ("bitmask", "2:4"):
+            raise ValueError(f"sparse codes {name!r}: pattern {pattern!r} is not 'bitmask' or '2:4'")
+        parsed[name] = (tuple(shape), dtype, layout, pattern)
     return parsed
+
+
+def _parse_fp16(metadata: dict[str, str]) -> list[str]:
+    """The names of float32 tensors stored as float16 (``FP16_KEY``); ValueError when malformed."""
+    try:
+        names = json.loads(metadata.get(FP16_KEY, "[]"))
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"the {FP16_KEY} metadata is not valid JSON ({exc})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"the {FP16_KEY} metadata must be a list of tensor names")
+    return names
 
 
 def _parse_metadata(metadata: dict[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -336,6 +469,25 @@ def _pop_pair(stored: dict[str, StoredTensor], name: str, suffix: str, what: str
     return other
 
 
+def _pop_nm(stored: dict[str, StoredTensor], name: str, n_codes: int, layout: CodeLayout) -> StoredTensor:
+    """Remove ``name``'s 2:4 index and codes entries from ``stored``, checking both exist with the sizes
+    ``n_codes`` codes need; return the codes entry."""
+    index, codes = stored.pop(name + NM_INDEX_SUFFIX, None), stored.pop(name + CODES_SUFFIX, None)
+    if index is None or codes is None:
+        missing = name + (NM_INDEX_SUFFIX if index is None else CODES_SUFFIX)
+        raise ValueError(f"sparse codes {name!r}: {missing!r} is missing from the file")
+    if name in stored:
+        raise ValueError(f"tensor {name!r} is stored both densely and compactly")
+    groups = n_codes // 4
+    if n_codes % 4 or index.dtype != torch.uint8 or index.shape != (math.ceil(groups * 3 / 8),):
+        raise ValueError(f"sparse codes {name!r}: {n_codes} codes in 2:4 groups need a uint8 index of shape "
+                         f"({math.ceil(groups * 3 / 8)},), the file has {index.dtype} of shape {index.shape}")
+    if codes.shape != (math.ceil(2 * groups * layout.bits / 8),):
+        raise ValueError(f"sparse codes {name!r}: 2:4 groups keep {2 * groups} codes of {layout.bits} bits, "
+                         f"the file has {codes.shape}")
+    return codes
+
+
 def resolve_layout(entries: dict[str, tuple[str, list[int]]], metadata: dict[str, str] | None
                    ) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     """What ``decode_tensors`` returns for a file whose header lists ``entries`` (name -> (dtype name, shape)).
@@ -363,13 +515,23 @@ def resolve_layout(entries: dict[str, tuple[str, list[int]]], metadata: dict[str
             raise ValueError(f"compact tensor {name!r}: values must be 1-D {dtype} with at most {n} entries, "
                              f"the file has {values.dtype} of shape {values.shape}")
         stored[name] = StoredTensor(dtype, shape)
-    for name, (shape, dtype, layout) in _parse_code_metadata(metadata).items():
-        codes = _pop_pair(stored, name, CODES_SUFFIX, "sparse codes", math.prod(shape) * (8 // layout.bits))
+    for name, (shape, dtype, layout, pattern) in _parse_code_metadata(metadata).items():
+        n_codes = math.prod(shape) * (8 // layout.bits)
+        if pattern == "2:4":
+            codes = _pop_nm(stored, name, n_codes, layout)
+        else:
+            codes = _pop_pair(stored, name, CODES_SUFFIX, "sparse codes", n_codes)
         if codes.dtype != torch.uint8 or len(codes.shape) != 1 or codes.shape[0] > math.prod(shape):
             raise ValueError(f"sparse codes {name!r}: codes must be 1-D uint8 of at most {math.prod(shape)} bytes")
         stored[name] = StoredTensor(dtype, shape)
+    for name in _parse_fp16(metadata):
+        entry = stored.get(name)
+        if entry is None or entry.dtype != torch.float16:
+            raise ValueError(f"tensor {name!r} is listed as float16-stored float32 but the file has "
+                             f"{'no such tensor' if entry is None else entry.dtype}")
+        stored[name] = StoredTensor(torch.float32, entry.shape)
     for key, value in metadata.items():  # save_model's plain alias entries (see decode_tensors)
-        if key not in (SPARSE_KEY, SPARSE_CODES_KEY, ALIASES_KEY, "format") and value in stored and key not in stored:
+        if key not in _RESERVED_KEYS and value in stored and key not in stored:
             aliases.setdefault(key, value)
     return stored, aliases
 
@@ -417,32 +579,71 @@ def decode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
             tensors[name] = unpack_sparse(bitmask, values, info["shape"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"compact tensor {name!r}: {exc}") from None
-    for name, (shape, dtype, layout) in _parse_code_metadata(metadata).items():
+    for name, (shape, dtype, layout, pattern) in _parse_code_metadata(metadata).items():
+        first = NM_INDEX_SUFFIX if pattern == "2:4" else BITMASK_SUFFIX
         try:
-            bitmask = tensors.pop(name + BITMASK_SUFFIX)
+            head = tensors.pop(name + first)
             codes = tensors.pop(name + CODES_SUFFIX)
         except KeyError as exc:
             raise ValueError(f"sparse codes {name!r}: {exc.args[0]!r} is missing from the file") from None
+        unpack = unpack_2of4_codes if pattern == "2:4" else unpack_sparse_codes
         try:
-            tensors[name] = unpack_sparse_codes(bitmask, codes, shape, dtype, layout)
+            tensors[name] = unpack(head, codes, shape, dtype, layout)
         except ValueError as exc:
             raise ValueError(f"sparse codes {name!r}: {exc}") from None
+    for name in _parse_fp16(metadata):
+        t = tensors.get(name)
+        if t is None or t.dtype != torch.float16:
+            raise ValueError(f"tensor {name!r} is listed as float16-stored float32 but the file has "
+                             f"{'no such tensor' if t is None else t.dtype}")
+        tensors[name] = t.to(torch.float32)
     # safetensors.torch.save_model records each dropped tied name as metadata[alias] = kept.
     for key, value in metadata.items():
-        if key not in (SPARSE_KEY, SPARSE_CODES_KEY, ALIASES_KEY, "format") and value in tensors and key not in tensors:
+        if key not in _RESERVED_KEYS and value in tensors and key not in tensors:
             aliases.setdefault(key, value)
     return tensors, aliases
 
 
 # -- files -------------------------------------------------------------------------------
+_WRITE_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_header(entries: dict[str, dict[str, Any]], metadata: dict[str, str] | None = None) -> bytes:
+    """The length prefix and JSON header of a safetensors file: metadata keys sorted (``format: pt`` among
+    them), so equal inputs give equal bytes (safetensors' own writer orders metadata at random), padded
+    with spaces to 8-byte alignment of the data as safetensors writes it."""
+    meta = dict(sorted({"format": "pt", **(metadata or {})}.items()))
+    header = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (in name order) and string ``metadata`` as the safetensors file ``path``, byte-deterministic."""
+    entries: dict[str, dict[str, Any]] = {}
+    raws = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _WRITE_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        entries[name] = {"dtype": _WRITE_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        raws.append(raw)
+    with open(path, "wb") as out:
+        out.write(safetensors_header(entries, metadata))
+        for raw in raws:
+            out.write(raw)
+
+
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike,
                     metadata: dict[str, str] | None = None, code_layouts: dict[str, CodeLayout] | None = None) -> None:
     """Write ``state`` to the safetensors file ``path``: tied tensors once, sparse float tensors compact,
     sparse code tensors (named in ``code_layouts``) as bitmask + packed codes."""
-    from safetensors.torch import save_file
-
     tensors, extra = encode_state_dict(state, code_layouts)
-    save_file(tensors, str(path), metadata={**(metadata or {}), **extra})
+    write_safetensors(tensors, path, metadata={**(metadata or {}), **extra})
 
 
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import shutil
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from slimkit.core.io import (
     stored_tensors,
 )
 from slimkit.core.linear_like import LinearLike, in_features
+from slimkit.core.sparse_storage import safetensors_header
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -95,11 +95,8 @@ class SafetensorsWriter:
     def close(self) -> Path:
         """Write the final file (header, then the data) and remove the side file; returns the path."""
         self._data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # 8-byte alignment of the data, as safetensors writes it
         with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
+            out.write(safetensors_header(self._entries))
             shutil.copyfileobj(data, out, length=16 << 20)
         self._data_path.unlink()
         return self.path

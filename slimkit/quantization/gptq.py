@@ -69,7 +69,7 @@ from slimkit.core.linear_like import (
 from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
 from slimkit.core.targets import select_modules, set_submodule
-from slimkit.quantization.grids import GRIDS, BlockGrid, grid_for_columns
+from slimkit.quantization.grids import GRIDS, BlockGrid, fp16_value, grid_for_columns
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import (
     BITS,
@@ -113,6 +113,7 @@ def gptq_quantize(
     act_order: bool = False,
     keep_zeros: bool = True,
     grid: BlockGrid | None = None,
+    fp16_scales: bool = False,
 ) -> GPTQResult:
     """GPTQ-quantize one (out, in) weight given the (in, in) Hessian of its inputs.
 
@@ -125,18 +126,20 @@ def gptq_quantize(
     """
     factor = factor_hessian(H, damp=damp, act_order=act_order)
     return gptq_quantize_factored(W, factor, bits=bits, group_size=group_size, symmetric=symmetric,
-                                  block_size=block_size, keep_zeros=keep_zeros, grid=grid)
+                                  block_size=block_size, keep_zeros=keep_zeros, grid=grid, fp16_scales=fp16_scales)
 
 
 def gptq_quantize_factored(
     W: torch.Tensor, factor: HessianFactor, *, bits: int, group_size: int | None, symmetric: bool,
-    block_size: int = 128, keep_zeros: bool = True, grid: BlockGrid | None = None,
+    block_size: int = 128, keep_zeros: bool = True, grid: BlockGrid | None = None, fp16_scales: bool = False,
 ) -> GPTQResult:
     """``gptq_quantize`` with H already factored, so layers sharing an input share one factorization.
 
     ``grid`` (a GGUF block grid, ``quantization.grids``) replaces bits/group_size/symmetric:
     the parameters of each run of ``grid.span`` columns are chosen by the grid's rule from the
-    updated weights when the run starts, and codes are rounded against them.
+    updated weights when the run starts, and codes are rounded against them. ``fp16_scales``:
+    each scale is rounded to float16 when chosen (the codes and the error feedback use the
+    rounded one), so a checkpoint stores the scales in 16 bits without loss.
     """
     if grid is not None:
         if factor.perm is not None:
@@ -177,7 +180,7 @@ def gptq_quantize_factored(
     zeros = torch.zeros(n_groups, rows, dtype=torch.float32 if float_zero else torch.int32, device=U.device)
     if group_size is None:
         s, z = scale_zero_from_range(Wt.amin(0), Wt.amax(0), bits, symmetric)
-        scales[0], zeros[0] = s, z
+        scales[0], zeros[0] = fp16_value(s) if fp16_scales else s, z
     # Widen blocks to whole parameter runs: a group's scale needs its columns fully updated.
     bs = block_size if group_size is None else max(1, block_size // span) * span
     total = torch.zeros((), dtype=torch.float64, device=U.device)
@@ -195,7 +198,7 @@ def gptq_quantize_factored(
                     g = g.masked_fill(Pt[c:c + span], 0.0)
                 if grid is None:
                     s, z = scale_zero_from_range(g.amin(0), g.amax(0), bits, symmetric)
-                    scales[c // gs], zeros[c // gs] = s, z
+                    scales[c // gs], zeros[c // gs] = fp16_value(s) if fp16_scales else s, z
                 else:
                     s, z = grid.params(g.T)  # (rows, span // gs) each
                     scales[c // gs:(c + span) // gs] = s.T
@@ -259,6 +262,9 @@ class GPTQ(Config):
     quantize onto, so ``slimkit export gguf`` copies the codes as they are; it sets the bits,
     group size and symmetry (the three fields above are then not used). A layer whose rows
     do not split into the grid's blocks gets llama.cpp's fallback type (q4_k -> q5_0, q6_k -> q8_0).
+    fp16_scales: round each scale to float16 as it is chosen (GPTQ corrects against the
+    rounded value), so checkpoints store scales in 16 bits, losslessly (0.125 instead of 0.25
+    bits per weight at group 128).
     """
 
     family: ClassVar[str] = "quantize"
@@ -274,6 +280,7 @@ class GPTQ(Config):
     true_sequential: bool = True
     keep_zeros: bool = True
     grid: str | None = None
+    fp16_scales: bool = False
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
 
@@ -292,7 +299,7 @@ class GPTQ(Config):
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 8):
             self.fail("group_size",
                       f"must be None (per output channel) or a positive multiple of 8 such as 32, 64 or 128, got {gs!r}")
-        for name in ("symmetric", "act_order", "true_sequential", "keep_zeros"):
+        for name in ("symmetric", "act_order", "true_sequential", "keep_zeros", "fp16_scales"):
             if not isinstance(getattr(self, name), bool):
                 self.fail(name, f"must be true or false, got {getattr(self, name)!r}")
         d = self.damp
@@ -370,9 +377,16 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
 
     def rtn(module: nn.Module) -> QuantLinear:
         grid = layer_grid(module)
-        if grid is None:
-            return QuantLinear.from_linear(module, config.bits, gs, config.symmetric)
-        return QuantLinear.from_linear(module, weight=grid.quantize(linear_weight(module)))
+        if grid is not None:
+            return QuantLinear.from_linear(module, weight=grid.quantize(linear_weight(module)))
+        if config.fp16_scales:  # GPTQ with an identity Hessian is round-to-nearest, scales chosen as GPTQ does
+            w = linear_weight(module).detach().float()
+            eye = factor_hessian(torch.eye(w.shape[1], dtype=torch.float32), damp=config.damp)
+            result = gptq_quantize_factored(w, eye, bits=config.bits, group_size=gs, symmetric=config.symmetric,
+                                            keep_zeros=config.keep_zeros, fp16_scales=True)
+            return QuantLinear.from_linear(module, weight=result.weight)
+        return QuantLinear.from_linear(module, config.bits, gs, config.symmetric)
+
     notes: list[str] = []
 
     def process(b: BlockInputs) -> None:
@@ -435,7 +449,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
                 stats["zeros"] += zeros if config.keep_zeros else 0
             result = gptq_quantize_factored(w, factor, bits=config.bits, group_size=gs, symmetric=config.symmetric,
                                             block_size=config.block_size, keep_zeros=config.keep_zeros,
-                                            grid=layer_grid(linear))
+                                            grid=layer_grid(linear), fp16_scales=config.fp16_scales)
             del w
             done[r] = QuantLinear.from_linear(linear, weight=result.weight)
             _swap(block, r, _stand_in(linear, done[r], ctx))

@@ -296,3 +296,127 @@ def test_corrupt_sparse_code_records_are_named(tmp_path):
         decode_tensors(tensors, {SPARSE_CODES_KEY: json.dumps({"w": {"shape": [64, 64], "dtype": "int8", "bits": 3,
                                                                      "fill": 8}})})
     assert torch.equal(decode_tensors(tensors, meta)[0]["w"], t)
+
+
+# --- 2:4 codes, float16-exact floats, deterministic bytes ------------------------------------
+
+from slimkit.core.sparse_storage import (  # noqa: E402
+    FP16_KEY,
+    NM_INDEX_SUFFIX,
+    PAIRS_2_4,
+    pack_2of4_codes,
+    pack_uint_stream,
+    unpack_2of4_codes,
+    unpack_uint_stream,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(0, 40), seed=st.integers(0, 10_000))
+def test_uint_stream_round_trip(bits, n, seed):
+    values = torch.randint(0, 2**bits, (n,), generator=torch.Generator().manual_seed(seed))
+    packed = pack_uint_stream(values, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_uint_stream(packed, bits, n), values)
+    # little-endian bit stream: value 0 in the lowest bits of byte 0
+    if n:
+        assert int(packed[0]) & (2 ** min(bits, 8) - 1) == int(values[0]) & 0xFF
+
+
+def _two_of_four_codes(rows, groups, bits, seed, fewer=0.2):
+    """Codes (rows, 4·groups) of a 2:4-pruned layer: in each group of 4, 2 random positions kept (some kept
+    codes equal to the zero code, as a kept weight that rounds to 0)."""
+    g = torch.Generator().manual_seed(seed)
+    fill = 2 ** (bits - 1)
+    codes = torch.full((rows * groups, 4), fill, dtype=torch.int64)
+    pick = torch.randint(0, 6, (rows * groups,), generator=g)
+    pos = torch.tensor(PAIRS_2_4)[pick]
+    vals = torch.randint(0, 2**bits, (rows * groups, 2), generator=g)
+    vals[torch.rand(vals.shape, generator=g) < fewer] = fill
+    codes.scatter_(1, pos, vals)
+    return codes.reshape(rows, groups * 4), fill
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), rows=st.integers(1, 5), groups=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_two_of_four_codes_round_trip(bits, rows, groups, seed):
+    codes, fill = _two_of_four_codes(rows, groups * (8 // bits), bits, seed)
+    dtype = torch.int8 if bits == 8 else torch.uint8
+    t = pack_code_stream(codes.reshape(-1), bits).view(dtype).reshape(rows, -1)
+    layout = CodeLayout(bits, fill)
+    index, kept = pack_2of4_codes(t, layout)
+    n_groups = codes.numel() // 4
+    assert index.numel() == math.ceil(n_groups * 3 / 8) and kept.numel() == math.ceil(n_groups * 2 * bits / 8)
+    assert torch.equal(unpack_2of4_codes(index, kept, t.shape, dtype, layout), t)
+
+
+def test_codes_not_in_2of4_are_refused_by_the_pattern():
+    t = torch.full((1, 8), 0x88, dtype=torch.uint8)  # 16 zero codes (4-bit, fill 8)
+    t[0, 0] = 0x12  # codes 2, 1: 2 kept in the first group of 4
+    assert pack_2of4_codes(t, CodeLayout(4, 8)) is not None
+    t[0, 1] = 0x13  # a third kept code in the first group
+    assert pack_2of4_codes(t, CodeLayout(4, 8)) is None
+
+
+def test_two_of_four_gptq_layer_is_stored_in_2_75_bits_plus_fp16_scales(tmp_path):
+    from slimkit.core.io import code_layouts
+    from slimkit.quantization.grids import fp16_value
+    from slimkit.quantization.modules import QuantLinear
+    from slimkit.quantization.primitives import quantize
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64, bias=False)
+    with torch.no_grad():  # 2:4: keep the 2 largest of every 4
+        w = lin.weight.view(64, 64, 4)
+        small = w.abs().argsort(dim=-1)[..., :2]
+        w.scatter_(-1, small, 0.0)
+    model = nn.Sequential(QuantLinear.from_linear(lin, bits=4, group_size=128, symmetric=True))
+    with torch.no_grad():  # scales chosen in fp16 (as a fp16_scales quantizer does): codes against them
+        layer = model[0]
+        layer.scale.copy_(fp16_value(layer.scale))
+        s = layer.scale.repeat_interleave(128, dim=1)
+        from slimkit.quantization.primitives import pack
+
+        layer.qweight.copy_(pack(quantize(lin.weight, s, None, 4, True), 4))
+    path = tmp_path / "m.safetensors"
+    save_state_dict(model.state_dict(), path, code_layouts=code_layouts(model))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+        assert f.get_slice("0.scale").get_dtype() == "F16"
+    assert json.loads(meta[SPARSE_CODES_KEY])["0.qweight"]["pattern"] == "2:4"
+    assert "0.qweight" + NM_INDEX_SUFFIX in keys and json.loads(meta[FP16_KEY]) == ["0.scale"]
+    stored, _, nbytes = stored_layout(path)
+    assert stored["0.scale"].dtype == torch.float32 and stored["0.qweight"].shape == (64, 128)
+    n = 64 * 256
+    assert nbytes == math.ceil(n / 4 * 3 / 8) + n // 2 * 4 // 8 + 64 * 2 * 2  # 0.75 + 2 + 16/128 bits a weight
+    assert nbytes * 8 / n == pytest.approx(2.875)
+    state, _ = load_state_dict(path)
+    assert state["0.scale"].dtype == torch.float32
+    assert torch.equal(state["0.scale"], layer.scale) and torch.equal(state["0.qweight"], layer.qweight)
+
+
+def test_fp16_exact_floats_are_halved_and_others_are_not():
+    exact = torch.randn(8, 16).half().float()
+    inexact = exact.clone()
+    inexact[0, 0] += 1e-6
+    tiny = torch.ones(4)
+    tensors, meta = encode_state_dict({"a": exact, "b": inexact, "c": tiny, "d": exact.double()})
+    assert tensors["a"].dtype == torch.float16 and tensors["b"].dtype == torch.float32
+    assert tensors["c"].dtype == torch.float32 and tensors["d"].dtype == torch.float64
+    assert json.loads(meta[FP16_KEY]) == ["a"]
+    back, _ = decode_tensors(tensors, meta)
+    assert back["a"].dtype == torch.float32 and torch.equal(back["a"], exact)
+    with pytest.raises(ValueError, match="float16-stored"):
+        decode_tensors({**tensors, "a": exact}, meta)
+
+
+def test_saved_bytes_are_deterministic_whatever_the_metadata(tmp_path):
+    state = {"w": torch.randn(8, 16).half().float(), "v": torch.zeros(64, 64)}
+    state["v"][0, 0] = 1.0  # sparse: a compact pair, a second metadata record
+    save_state_dict(state, tmp_path / "a.safetensors", metadata={"z": "1", "a": "2"})
+    save_state_dict(dict(reversed(state.items())), tmp_path / "b.safetensors", metadata={"a": "2", "z": "1"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "a.safetensors"))) == {"w", "v.__bitmask", "v.__values"}

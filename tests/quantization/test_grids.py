@@ -221,3 +221,19 @@ def test_compressed_tensors_refuses_fractional_zero_points():
 
     _, ql = _grid_model("q4_k")
     assert "fractional zero points" in _problem("fc", ql)
+
+
+def test_gptq_fp16_scales_are_float16_values_and_still_beat_rtn():
+    from slimkit.quantization.primitives import quantize_weight
+
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(400, 128, generator=g) @ (torch.eye(128) + 0.3 * torch.randn(128, 128, generator=g) / 11.3)
+    H = 2 * X.T @ X / 400  # correlated inputs: where GPTQ's error feedback pays
+    W = torch.randn(16, 128, generator=g)
+    plain = gptq_quantize(W, H, bits=4, group_size=32, symmetric=True).weight
+    half = gptq_quantize(W, H, bits=4, group_size=32, symmetric=True, fp16_scales=True).weight
+    assert torch.equal(fp16_value(half.scale), half.scale) and not torch.equal(fp16_value(plain.scale), plain.scale)
+    err = lambda q: float(torch.einsum("ij,jk,ik->", W - q.dequantize(), H, W - q.dequantize()))  # noqa: E731
+    rtn = quantize_weight(W, 4, group_size=32, symmetric=True)  # round-to-nearest on the same grid
+    assert err(half) < err(rtn) and err(half) < 1.05 * err(plain)
+    assert GPTQ(fp16_scales=True).fp16_scales and GPTQ().to_dict()["fp16_scales"] is False
