@@ -66,6 +66,13 @@ from slimkit.core.linear_like import (
     linear_shape,
     linear_weight,
 )
+from slimkit.core.nm import (
+    check_nm_shape,
+    check_pattern_sparsity,
+    check_sparsity,
+    nm_keep_mask,
+    parse_pattern,
+)
 from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
 from slimkit.core.targets import select_modules, set_submodule
@@ -114,6 +121,8 @@ def gptq_quantize(
     keep_zeros: bool = True,
     grid: BlockGrid | None = None,
     fp16_scales: bool = False,
+    sparsity: float = 0.0,
+    nm: tuple[int, int] | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize one (out, in) weight given the (in, in) Hessian of its inputs.
 
@@ -126,12 +135,14 @@ def gptq_quantize(
     """
     factor = factor_hessian(H, damp=damp, act_order=act_order)
     return gptq_quantize_factored(W, factor, bits=bits, group_size=group_size, symmetric=symmetric,
-                                  block_size=block_size, keep_zeros=keep_zeros, grid=grid, fp16_scales=fp16_scales)
+                                  block_size=block_size, keep_zeros=keep_zeros, grid=grid, fp16_scales=fp16_scales,
+                                  sparsity=sparsity, nm=nm)
 
 
 def gptq_quantize_factored(
     W: torch.Tensor, factor: HessianFactor, *, bits: int, group_size: int | None, symmetric: bool,
     block_size: int = 128, keep_zeros: bool = True, grid: BlockGrid | None = None, fp16_scales: bool = False,
+    sparsity: float = 0.0, nm: tuple[int, int] | None = None,
 ) -> GPTQResult:
     """``gptq_quantize`` with H already factored, so layers sharing an input share one factorization.
 
@@ -140,7 +151,18 @@ def gptq_quantize_factored(
     updated weights when the run starts, and codes are rounded against them. ``fp16_scales``:
     each scale is rounded to float16 when chosen (the codes and the error feedback use the
     rounded one), so a checkpoint stores the scales in 16 bits without loss.
+
+    ``sparsity`` / ``nm``: prune in the same pass (SparseGPT's joint sparsification and
+    quantization, Frantar & Alistarh 2023 §3.5): when a column block is reached (an N:M
+    group, for ``nm``), its weights of lowest OBS saliency w²/U_jj² — from the current,
+    already-updated weights, as SparseGPT chooses — join the pruned set, exactly
+    ``round(sparsity·rows·cols)`` over the layer (earlier zeros counted); pruned weights get
+    the code of 0 and their whole value flows on as error, kept ones their rounding error.
     """
+    prune = nm is not None or sparsity > 0
+    if prune and factor.perm is not None:
+        raise ConfigError("pruning while quantizing visits columns left to right, as SparseGPT does: "
+                          "it cannot be combined with act_order")
     if grid is not None:
         if factor.perm is not None:
             raise ConfigError(f"act-order cannot be used with the {grid.name} grid: GGUF blocks are runs of consecutive columns")
@@ -164,8 +186,8 @@ def gptq_quantize_factored(
     U = factor.U
     dt = U.dtype
     w = W.detach().to(device=U.device, dtype=dt).clone()
-    pruned = (w == 0) if keep_zeros else None
-    if pruned is not None and not bool(pruned.any()):
+    pruned = (w == 0) if keep_zeros or prune else None
+    if pruned is not None and not bool(pruned.any()) and not prune:
         pruned = None  # dense: the plain algorithm, bit for bit
     w[:, factor.dead] = 0.0
     if factor.perm is not None:
@@ -183,6 +205,10 @@ def gptq_quantize_factored(
         scales[0], zeros[0] = fp16_value(s) if fp16_scales else s, z
     # Widen blocks to whole parameter runs: a group's scale needs its columns fully updated.
     bs = block_size if group_size is None else max(1, block_size // span) * span
+    if nm is not None:
+        check_nm_shape("weight", cols, nm[1])
+        bs = max(bs // nm[1], 1) * nm[1]  # whole N:M groups in every block
+    dead_t = factor.dead.to(U.device)
     total = torch.zeros((), dtype=torch.float64, device=U.device)
     s_col = z_col = None
     for i1 in range(0, cols, bs):
@@ -190,8 +216,23 @@ def gptq_quantize_factored(
         W1 = Wt[i1:i2]  # (block, rows) view: updated in place
         U1 = U[i1:i2, i1:i2]
         E1 = torch.empty_like(W1)  # scaled errors e of the block's columns
+        d1 = U1.diagonal()
+        if prune and nm is None:  # the block's share of the layer's pruned count, lowest saliency first
+            P1 = Pt[i1:i2]
+            extra = round(sparsity * rows * i2) - round(sparsity * rows * i1) - int(P1.sum())
+            if extra > 0:
+                sal = (W1 / d1.unsqueeze(1)).pow(2)
+                sal[dead_t[i1:i2]] = 0.0
+                sal[P1] = float("inf")  # already pruned: counted, not chosen again
+                P1.view(-1)[torch.sort(sal.reshape(-1), stable=True).indices[:extra]] = True
         for i in range(i2 - i1):
             c = i1 + i
+            if nm is not None and c % nm[1] == 0:  # each row keeps the N most salient of these M columns
+                m = nm[1]
+                sal = (W1[i:i + m] / d1[i:i + m].unsqueeze(1)).pow(2)
+                sal[dead_t[c:c + m]] = 0.0
+                sal[Pt[c:c + m]] = -1.0  # already pruned: stays pruned
+                Pt[c:c + m] |= ~nm_keep_mask(sal.T, nm[0], m).T
             if c % span == 0 and group_size is not None:
                 g = W1[i:i + span]
                 if Pt is not None:  # the range of the kept weights (pruned ones become 0, inside it)
@@ -265,6 +306,10 @@ class GPTQ(Config):
     fp16_scales: round each scale to float16 as it is chosen (GPTQ corrects against the
     rounded value), so checkpoints store scales in 16 bits, losslessly (0.125 instead of 0.25
     bits per weight at group 128).
+    sparsity / pattern: also prune, in the same pass, as SparseGPT's joint sparsification and
+    quantization does: ``sparsity`` of each layer's weights (exact per layer), or an N:M
+    ``pattern`` such as "2:4" (sparsity then 1 − N/M); the pruned weights' error is corrected
+    by the later columns together with the rounding errors. 0 / None: quantize only.
     """
 
     family: ClassVar[str] = "quantize"
@@ -281,6 +326,8 @@ class GPTQ(Config):
     keep_zeros: bool = True
     grid: str | None = None
     fp16_scales: bool = False
+    sparsity: float = 0.0
+    pattern: str | None = None
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
 
@@ -308,6 +355,14 @@ class GPTQ(Config):
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             self.fail("block_size", f"must be a positive integer (128 is usual), got {bs!r}")
+        nm = parse_pattern(self.pattern, "GPTQ.pattern")
+        if nm is not None and self.sparsity == 0.0:
+            object.__setattr__(self, "sparsity", 1.0 - nm[0] / nm[1])  # the pattern's own sparsity
+        check_sparsity(self.sparsity, "GPTQ.sparsity")
+        check_pattern_sparsity(self, nm)
+        if (self.sparsity > 0 or nm) and self.act_order:
+            self.fail("act_order", "pruning while quantizing visits columns left to right, as SparseGPT does; "
+                                   "set act_order: false")
         self.check_name_patterns()
 
 
@@ -364,7 +419,14 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
 
     warn_if_few_samples(data, ctx, "GPTQ")
 
-    stats = {"layers": 0, "params": 0, "rtn": 0, "sparse": 0, "zeros": 0}
+    nm = parse_pattern(config.pattern, "GPTQ.pattern")
+    if nm is not None:
+        for name in chosen:
+            cols = in_features(model.get_submodule(name))
+            if cols % nm[1]:
+                raise ConfigError(f"GPTQ.pattern: {name} has {cols} input columns, not divisible by M={nm[1]} of "
+                                  f"{config.pattern}; leave it out with ignore=[{name!r}]")
+    stats = {"layers": 0, "params": 0, "rtn": 0, "sparse": 0, "zeros": 0, "pruned_min": 1.0, "pruned_max": 0.0}
     fallbacks: dict[str, int] = {}  # grid name -> layers written on it instead of config.grid
 
     def layer_grid(module: nn.Module) -> BlockGrid | None:
@@ -379,11 +441,13 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
         grid = layer_grid(module)
         if grid is not None:
             return QuantLinear.from_linear(module, weight=grid.quantize(linear_weight(module)))
-        if config.fp16_scales:  # GPTQ with an identity Hessian is round-to-nearest, scales chosen as GPTQ does
+        if config.fp16_scales or config.sparsity > 0:
+            # GPTQ with an identity Hessian: round-to-nearest (and magnitude pruning), scales chosen as GPTQ does
             w = linear_weight(module).detach().float()
             eye = factor_hessian(torch.eye(w.shape[1], dtype=torch.float32), damp=config.damp)
             result = gptq_quantize_factored(w, eye, bits=config.bits, group_size=gs, symmetric=config.symmetric,
-                                            keep_zeros=config.keep_zeros, fp16_scales=True)
+                                            keep_zeros=config.keep_zeros, fp16_scales=config.fp16_scales,
+                                            sparsity=config.sparsity, nm=nm)
             return QuantLinear.from_linear(module, weight=result.weight)
         return QuantLinear.from_linear(module, config.bits, gs, config.symmetric)
 
@@ -449,8 +513,12 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
                 stats["zeros"] += zeros if config.keep_zeros else 0
             result = gptq_quantize_factored(w, factor, bits=config.bits, group_size=gs, symmetric=config.symmetric,
                                             block_size=config.block_size, keep_zeros=config.keep_zeros,
-                                            grid=layer_grid(linear), fp16_scales=config.fp16_scales)
+                                            grid=layer_grid(linear), fp16_scales=config.fp16_scales,
+                                            sparsity=config.sparsity, nm=nm)
             del w
+            if config.sparsity > 0:
+                frac = float((result.weight.dequantize() == 0).float().mean())
+                stats["pruned_min"], stats["pruned_max"] = min(stats["pruned_min"], frac), max(stats["pruned_max"], frac)
             done[r] = QuantLinear.from_linear(linear, weight=result.weight)
             _swap(block, r, _stand_in(linear, done[r], ctx))
             stats["layers"] += 1
@@ -469,7 +537,12 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
         shown = ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else "")
         scope += f" (selected but outside the blocks: {shown}; use RTN for them)"
     ctx.note(scope)
-    if stats["sparse"]:
+    if config.sparsity > 0:
+        what = config.pattern or f"{config.sparsity:.0%} unstructured"
+        ctx.note(f"GPTQ: pruned while quantizing ({what}, SparseGPT's joint mode): "
+                 f"{stats['pruned_min']:.2%}–{stats['pruned_max']:.2%} exact zeros per layer (the pruned weights, "
+                 "and kept ones that round to 0)")
+    if stats["sparse"] and config.sparsity == 0:
         ctx.note(f"GPTQ: {stats['sparse']} layer(s) were ≥ 10% exact zeros (an earlier pruning step); "
                  + (f"their {stats['zeros']:,} zeros stay exact zeros (keep_zeros)" if config.keep_zeros else
                     "keep_zeros=false: their zeros were quantized like any weight, so the sparsity is lost"))

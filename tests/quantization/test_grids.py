@@ -237,3 +237,91 @@ def test_gptq_fp16_scales_are_float16_values_and_still_beat_rtn():
     rtn = quantize_weight(W, 4, group_size=32, symmetric=True)  # round-to-nearest on the same grid
     assert err(half) < err(rtn) and err(half) < 1.05 * err(plain)
     assert GPTQ(fp16_scales=True).fp16_scales and GPTQ().to_dict()["fp16_scales"] is False
+
+
+# --- GPTQ pruning while it quantizes (SparseGPT's joint mode) ------------------------------
+
+
+def _ref_joint(W, H, bits, gs, sparsity, block):
+    """Column by column in float64: each block's lowest w²/U_jj² pruned (its exact share), kept weights rounded on
+    slimkit's symmetric grid from the group's kept range, every error fed forward (SparseGPT §3.5)."""
+    from slimkit.quantization.primitives import scale_zero_from_range
+
+    W = W.clone().double()
+    H = H.clone().double()
+    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    rows, cols = W.shape
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    out = torch.zeros_like(W)
+    qmax = 2 ** (bits - 1) - 1
+    for c in range(cols):
+        if c % block == 0:
+            k = round(sparsity * rows * (c + block)) - round(sparsity * rows * c)
+            sal = (W[:, c:c + block] / torch.diag(U)[c:c + block]).pow(2)
+            flat = torch.sort(sal.T.reshape(-1), stable=True).indices[:k]  # column-major as (block, rows)
+            p = torch.zeros(block * rows, dtype=torch.bool)
+            p[flat] = True
+            pruned[:, c:c + block] = p.reshape(block, rows).T
+        if c % gs == 0:
+            g = W[:, c:c + gs].masked_fill(pruned[:, c:c + gs], 0.0)
+            s, _ = scale_zero_from_range(g.amin(1), g.amax(1), bits, True)
+            s = s.double()
+        q = torch.clamp(torch.round(W[:, c] / s), -qmax, qmax)
+        q = torch.where(pruned[:, c], torch.zeros_like(q), q)
+        out[:, c] = q * s
+        e = (W[:, c] - out[:, c]) / U[c, c]
+        W[:, c + 1:] -= e.unsqueeze(1) * U[c, c + 1:].unsqueeze(0)
+    return out, pruned
+
+
+def test_gptq_joint_pruning_matches_float64_reference_and_is_exact():
+    g = torch.Generator().manual_seed(7)
+    cols = 128
+    X = torch.randn(500, cols, generator=g, dtype=torch.float64) @ (
+        torch.eye(cols, dtype=torch.float64) + 0.3 * torch.randn(cols, cols, generator=g, dtype=torch.float64) / 11.3)
+    H = 2 * X.T @ X / 500
+    W = torch.randn(12, cols, generator=g, dtype=torch.float64)
+    result = gptq_quantize(W, H, bits=4, group_size=32, symmetric=True, block_size=64, sparsity=0.5)
+    ref, pruned = _ref_joint(W, H, 4, 32, 0.5, 64)
+    got = result.weight.dequantize().double()
+    assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5)
+    assert bool((got[pruned] == 0).all()) and int(pruned.sum()) == 12 * cols // 2
+
+
+def test_gptq_joint_two_of_four_and_config():
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(300, 64, generator=g)
+    H = 2 * X.T @ X / 300
+    W = torch.randn(8, 64, generator=g)
+    qw = gptq_quantize(W, H, bits=4, group_size=32, symmetric=True, nm=(2, 4), sparsity=0.5).weight
+    zeros = (qw.dequantize() == 0).reshape(8, 16, 4).sum(-1)
+    assert bool((zeros >= 2).all())
+    cfg = GPTQ(pattern="2:4")
+    assert cfg.sparsity == 0.5 and GPTQ.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="sparsity"):
+        GPTQ(pattern="2:4", sparsity=0.3)
+    with pytest.raises(ConfigError, match="act_order"):
+        GPTQ(sparsity=0.5, act_order=True)
+
+
+def test_gptq_joint_on_a_decoder_prunes_every_block_layer_exactly():
+    import warnings
+
+    import slimkit as sk
+    from slimkit.core.registry import Context
+    from slimkit.quantization.modules import QuantLinear
+    from tests.llm_archs import tiny_causal_lm, token_batches
+
+    model = tiny_causal_lm("llama")
+    data = sk.CalibrationData.from_tensors(token_batches(8, 32), batch_size=4, key="input_ids")
+    ctx = Context()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.quantize_(model, sk.GPTQ(bits=4, group_size=32, sparsity=0.5), data=data, ctx=ctx)
+    layers = [m for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert layers
+    for layer in layers:
+        w = layer.dense_weight()
+        assert int((w == 0).sum()) >= w.numel() // 2
+    assert any("pruned while quantizing (50% unstructured" in n for n in ctx.notes)
