@@ -183,7 +183,9 @@ class SparseGPT(BlockPruneConfig):
 
     Only Linear layers inside the repeated decoder blocks are touched, as in the paper and
     llm-compressor: lm_head and the embeddings stay dense. Pruned weights are exact zeros
-    in the layers' ordinary weights, the kept ones updated.
+    in the layers' ordinary weights, the kept ones updated. To prune and quantize in one
+    pass (the paper's joint mode), use ``GPTQ(sparsity=..., pattern=..., bits=...)``; to
+    quantize afterwards keeping these zeros, any GPTQ (``keep_zeros``), RTN or AWQ step.
     """
 
     block_size: int = 128
