@@ -53,6 +53,7 @@ from slimkit.export.gguf_blocks import (
     EncodedTensor,
     encode_dense,
     encode_module,
+    write_gguf_file,
 )
 from slimkit.quantization.modules import QuantEmbedding, QuantLinear, TiedQuantLinear
 
@@ -582,22 +583,14 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, qtype: str = "q8_0
                      "quantize them in slimkit first (e.g. RTN/GPTQ with grid=) to choose how")
 
     model_name = _model_name(model, config, tokenizer_kv[gguf.Keys.Tokenizer.LIST][0], notes)
-    part = Path(f"{path}.part")
-    try:
-        writer = gguf.GGUFWriter(part, arch)
+    def fill(writer: Any) -> None:
         _write_hparams(writer, config, arch, n_vocab, qtype, rope, model_name, notes)
         for key, (value, vtype, sub) in tokenizer_kv.items():
             writer.add_key_value(key, value, vtype, sub_type=sub)
         for name, data, raw in tensors:
             writer.add_tensor(name, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(part, path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
+
+    write_gguf_file(path, arch, fill)
     return GGUFExportResult(path=path, size_bytes=path.stat().st_size, arch=arch, tensor_types=counts,
                             copied=copied, requantized=requantized, notes=notes,
                             seconds=time.perf_counter() - start)

@@ -147,39 +147,15 @@ def pack_q6_k(q: np.ndarray, D: np.ndarray, sc: np.ndarray) -> np.ndarray:
 # --- from slimkit's (codes, scale, zero) to block parameters ------------------------------
 
 
-def _factor(values: torch.Tensor, max_int: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``values`` (n, k) as D (n,) fp16 values times integers I (n, k) with |I| <= max_int, exactly; None if impossible.
+def _factor(values: torch.Tensor, max_int: int, signed: bool, rel: float = 0.0
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``values`` (n, k) as D (n,) fp16 values times integers I (n, k) with |I| <= max_int; None if impossible.
 
-    Tries D = max|v| / j for j = max_int, ..., 1 per row and keeps the first j that makes D a
-    float16 value and every v / D a whole number. An all-zero row gets D = 0, I = 0.
+    Tries D = fp16(max|v| / j) for j = max_int, ..., 1 per row and keeps the first j for which
+    D·j gives back max|v| and every v / D is a whole number (non-negative unless ``signed``), all
+    within ``rel`` relative (0: exactly; offsets that went through a float32 division z = o / s
+    need a little). An all-zero row gets D = 0, I = 0.
     """
-    v = values.double()
-    top = v.abs().amax(dim=1)
-    D = torch.zeros_like(top)
-    ints = torch.zeros_like(v)
-    todo = top > 0
-    for j in range(max_int, 0, -1):
-        if not bool(todo.any()):
-            break
-        cand = top / j
-        ok = todo & (cand.float().double() == cand) & (fp16_value(cand.float()).double() == cand)
-        if not bool(ok.any()):
-            continue
-        ratio = v / cand.unsqueeze(1)
-        whole = (ratio.round() == ratio).all(dim=1) & (ratio.round().abs() <= max_int).all(dim=1)
-        if not signed:
-            whole &= (ratio.round() >= 0).all(dim=1)
-        take = ok & whole
-        D = torch.where(take, cand, D)
-        ints = torch.where(take.unsqueeze(1), ratio.round(), ints)
-        todo &= ~take
-    if bool(todo.any()):
-        return None
-    return D.float(), ints
-
-
-def _factor_approx(values: torch.Tensor, max_int: int, rel: float = 2e-6) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """As ``_factor`` for offsets that went through a float32 division (z = o / s): whole within ``rel``."""
     v = values.double()
     top = v.abs().amax(dim=1)
     D = torch.zeros_like(top)
@@ -191,9 +167,10 @@ def _factor_approx(values: torch.Tensor, max_int: int, rel: float = 2e-6) -> tup
         cand = fp16_value((top / j).float()).double()
         ratio = v / torch.where(cand > 0, cand, torch.ones_like(cand)).unsqueeze(1)
         r = ratio.round()
-        close = ((ratio - r).abs() <= rel * ratio.abs().clamp(min=1.0)).all(dim=1) & (r <= max_int).all(dim=1) \
-            & (r >= 0).all(dim=1) & ((cand * j - top).abs() <= rel * top)
-        take = todo & close & (cand > 0)
+        whole = ((ratio - r).abs() <= rel * ratio.abs().clamp(min=1.0)).all(dim=1) & (r.abs() <= max_int).all(dim=1)
+        if not signed:
+            whole &= (r >= 0).all(dim=1)
+        take = todo & whole & (cand > 0) & ((cand * j - top).abs() <= rel * top)
         D = torch.where(take, cand, D)
         ints = torch.where(take.unsqueeze(1), r, ints)
         todo &= ~take
@@ -269,7 +246,7 @@ def _encode_copy(layer: _Layer, grid: BlockGrid) -> tuple[np.ndarray, bool] | st
         if bool((s <= 0).any()) or bool((o < 0).any()):
             return "its scales or offsets are not q4_k's (positive scales, non-negative offsets)"
         fs = _factor(s, 63, signed=False)
-        fo = _factor_approx(o, 63)
+        fo = _factor(o, 63, signed=False, rel=2e-6)
         if fs is None or fo is None or bool((fs[1] < 1).any()):
             return "its scales are not q4_k's fp16 super-block scale times 6-bit sub-scales"
         (D, sc), (M, m) = fs, fo
@@ -285,6 +262,29 @@ def _encode_copy(layer: _Layer, grid: BlockGrid) -> tuple[np.ndarray, bool] | st
         D, sc = f
         return pack_q6_k(layer.codes.reshape(-1, QK_K).numpy(), D.numpy(), sc.numpy()).reshape(rows, -1), False
     raise ValueError(f"no block layout for {name}")
+
+
+def write_gguf_file(path: Any, arch: str, fill: Any) -> None:
+    """Write a GGUF file atomically: a ``gguf.GGUFWriter`` on ``path + ".part"`` is given to ``fill(writer)`` to
+    add keys and tensors, then written out and renamed onto ``path``; on any failure the part file is removed
+    and an existing ``path`` is left as it was."""
+    import os
+    from pathlib import Path
+
+    import gguf
+
+    part = Path(f"{path}.part")
+    try:
+        writer = gguf.GGUFWriter(part, arch)
+        fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def _encode_quantized(qw: Any, grid: BlockGrid) -> np.ndarray:

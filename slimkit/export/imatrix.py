@@ -35,10 +35,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimkit.core.calibration import CalibrationData, _model_device, _to, run_model, trim_padding
+from slimkit.core.calibration import (
+    CalibrationData,
+    _model_device,
+    _to,
+    run_model,
+    trim_padding,
+)
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.linear_like import linear_kind
 from slimkit.core.modules import SlimkitModule
+from slimkit.export.gguf_blocks import write_gguf_file
 
 
 @dataclass
@@ -185,9 +192,8 @@ def write_imatrix(stats: ImatrixStats, path: str | os.PathLike, name_of: Callabl
     datasets = [dataset] if isinstance(dataset, str) else list(dataset)
 
     path = Path(path)
-    part = path.with_name(f".{path.name}.part-{os.getpid()}")
-    try:
-        writer = gguf.GGUFWriter(part, arch="")
+
+    def fill(writer: Any) -> None:
         writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # imatrix.cpp writes no architecture
         writer.add_type(gguf.GGUFType.IMATRIX)
         writer.add_array(gguf.Keys.IMatrix.DATASETS, datasets)
@@ -197,14 +203,8 @@ def write_imatrix(stats: ImatrixStats, path: str | os.PathLike, name_of: Callabl
             module_name = entries[name]
             writer.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(stats.sums[module_name], dtype=np.float32))
             writer.add_tensor(f"{name}.counts", np.array([stats.counts[module_name]], dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(part, path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
+
+    write_gguf_file(path, "", fill)
     return path
 
 

@@ -63,7 +63,7 @@ from slimkit.core.calibration import (
     find_blocks,
 )
 from slimkit.core.config import Config
-from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.errors import DataError
 from slimkit.core.linear_like import (
     LinearLike,
     in_features,
@@ -73,7 +73,7 @@ from slimkit.core.linear_like import (
 )
 from slimkit.core.registry import Context, register
 from slimkit.core.targets import select_modules, set_submodule
-from slimkit.quantization.grids import GRIDS, BlockGrid, grid_for_columns
+from slimkit.quantization.grids import GRIDS, BlockGrid, grid_for_columns, grid_problem
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import QuantizedWeight, quantize_weight
 from slimkit.quantization.range_search import clip_factors, mse_clip_scales
@@ -367,11 +367,8 @@ def _skip_reason(module: nn.Module, config: AWQ) -> str | None:
         return problem
     cols = in_features(module)
     if config.grid is not None:
-        try:
-            grid_for_columns(config.grid, cols)
-        except ConfigError as exc:
-            return str(exc)
-    elif config.group_size is not None and cols % config.group_size:
+        return grid_problem(config.grid, cols)
+    if config.group_size is not None and cols % config.group_size:
         return f"in_features {cols} is not divisible by group_size {config.group_size}"
     return None
 

@@ -212,3 +212,12 @@ def grid_for_columns(name: str, cols: int) -> BlockGrid:
     raise ConfigError(f"a row of {cols} values fits no {name} block (blocks of {grid.span}"
                       + (f", fallback {grid.fallback} blocks of {GRIDS[grid.fallback].span}" if grid.fallback else "")
                       + "); GGUF block types need rows that are a multiple of 32")
+
+
+def grid_problem(name: str, cols: int) -> str | None:
+    """Why a layer of ``cols`` inputs cannot be quantized onto grid ``name`` (not even its fallback), or None."""
+    try:
+        grid_for_columns(name, cols)
+    except ConfigError as exc:
+        return str(exc)
+    return None

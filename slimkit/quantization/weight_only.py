@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from slimkit.core.config import Config
-from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.errors import DataError
 from slimkit.core.linear_like import (
     LinearLike,
     embedding_problem,
@@ -35,7 +35,7 @@ from slimkit.core.targets import (
     tie_notes,
     value_for,
 )
-from slimkit.quantization.grids import GRIDS, grid_for_columns
+from slimkit.quantization.grids import GRIDS, grid_for_columns, grid_problem
 from slimkit.quantization.modules import QuantEmbedding, QuantLinear, TiedQuantLinear
 from slimkit.quantization.primitives import BITS, QuantizedWeight
 from slimkit.quantization.range_search import hqq_quantize, mse_clip_scales
@@ -134,11 +134,8 @@ def _skip_reason(module: nn.Module, config: RTN) -> str | None:
     if module.weight.is_meta:
         return "its weight is on the meta device (not loaded)"
     if config.grid is not None:
-        try:
-            grid_for_columns(config.grid, cols)
-        except ConfigError as exc:
-            return str(exc)
-    elif config.group_size is not None and cols % config.group_size:
+        return grid_problem(config.grid, cols)
+    if config.group_size is not None and cols % config.group_size:
         return f"{what} {cols} is not divisible by group_size {config.group_size}"
     return None
 
