@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -37,8 +38,11 @@ def check_order(model: nn.Module, recipe: Recipe) -> None:
             done.append(step)
 
 
+AfterStage = Callable[[str, nn.Module, Context], None]  # (stage name, the model after it, the run's context)
+
+
 def run_recipe(model: nn.Module, recipe: Recipe, data: CalibrationData | None = None,
-               ctx: Context | None = None) -> Context:
+               ctx: Context | None = None, after_stage: AfterStage | None = None) -> Context:
     """Apply every step of ``recipe`` to ``model`` through the public verbs; returns the context (notes).
 
     Every step goes through ``steps.apply_step`` (the verbs' dispatcher, with its checks). Steps change the
@@ -46,6 +50,8 @@ def run_recipe(model: nn.Module, recipe: Recipe, data: CalibrationData | None = 
     a new model from the current one and trains it, and later steps work on that model.
     ``ctx.model`` is the model the recipe ended with. A distillation step's teacher is the
     model as it was before the first step (an uncompressed copy, kept only when needed).
+    ``after_stage(stage_name, model, ctx)``, when given, is called after each stage's last step
+    with the model as it is then (a distillation stage's student), e.g. to measure every stage.
     """
     import copy
 
@@ -64,5 +70,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, data: CalibrationData | None = 
                 model = apply_step(step.build_student(model), step, None, ctx)
                 continue
             apply_step(model, step, data, ctx)
+        if after_stage is not None:
+            after_stage(stage.name, model, ctx)
     ctx.model = model
     return ctx
