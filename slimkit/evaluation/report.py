@@ -1,8 +1,9 @@
 """The measured report that ends every compression run.
 
 A ``CompressionReport`` holds two ``ModelMeasurement``s (baseline and compressed), the
-recipe steps applied, notes (e.g. layers skipped and why) and the environment it was
-measured in. It renders to a rich table (terminal), Markdown, JSON and one self-contained
+recipe steps applied, notes (e.g. layers skipped and why), the environment it was
+measured in and, for a recipe of several stages, the model measured after each stage
+(``StageMeasurement``s, shown as an "After each stage" table and a size-vs-quality path). It renders to a rich table (terminal), Markdown, JSON and one self-contained
 HTML file with plots. A figure that was not measured is shown as "n/a": no number is
 ever invented, and derived ratios are None when an input is missing.
 """
@@ -37,7 +38,8 @@ QUALITY_DIRECTIONS = {
     "top1_agreement": "higher",
 }
 
-REPORT_FORMAT_VERSION = 1
+REPORT_FORMAT_VERSION = 2  # 2: "stages" (the model measured after each stage)
+READABLE_FORMAT_VERSIONS = (1, 2)  # a version-1 report (no "stages") still loads
 NA = "n/a"
 
 
@@ -103,6 +105,26 @@ class ModelMeasurement:
         for key in ("quality", "layer_sparsity", "layer_bits", "details"):
             values[key] = dict(values.get(key) or {})
         return cls(**values)
+
+
+@dataclasses.dataclass
+class StageMeasurement:
+    """The model measured after one stage of a recipe (the last stage's is the compressed model's)."""
+
+    stage: str
+    measurement: ModelMeasurement
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``from_dict`` rebuilds an equal object."""
+        return {"stage": self.stage, "measurement": self.measurement.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageMeasurement:
+        """Rebuild from ``to_dict`` output; unknown or missing keys are a DataError."""
+        _check_keys("StageMeasurement", data, ["stage", "measurement"], ["stage", "measurement"])
+        if not isinstance(data["stage"], str):
+            raise DataError(f"StageMeasurement: 'stage' must be a string, got {type(data['stage']).__name__}")
+        return cls(stage=data["stage"], measurement=ModelMeasurement.from_dict(data["measurement"]))
 
 
 def environment_info() -> dict[str, Any]:
@@ -217,6 +239,7 @@ class CompressionReport:
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     environment: dict[str, Any] = dataclasses.field(default_factory=environment_info)
+    stages: list[StageMeasurement] = dataclasses.field(default_factory=list)  # after each stage, in order
 
     # --- derived figures (None when an input is missing) ---------------------------------
 
@@ -316,6 +339,105 @@ class CompressionReport:
             )
         return table
 
+    # --- after each stage -----------------------------------------------------------------
+
+    def _quality_names(self) -> list[str]:
+        names = list(self.baseline.quality)
+        for m in [s.measurement for s in self.stages] + [self.compressed]:
+            names += [k for k in m.quality if k not in names]
+        return names
+
+    def _stage_table(self) -> tuple[list[str], list[list[str]]]:
+        """The "After each stage" table, formatted: (header, rows), the baseline first, then each stage.
+
+        A cell is the value then its change vs the baseline (ratio for size, parameters and
+        latency; signed difference for quality). Columns nobody measured are left out."""
+        if not self.stages:
+            return [], []
+        b = self.baseline
+        sparsity = lambda m: None if not m.params_total else 1.0 - m.params_nonzero / m.params_total  # noqa: E731
+        columns: list[tuple[str, Any, str]] = [  # (header, getter, change kind)
+            ("Size on disk (MB)", lambda m: None if m.size_bytes is None else m.size_bytes / 1e6, "ratio"),
+            ("Parameters", lambda m: m.params_total, "ratio"),
+            ("Sparsity", sparsity, "none"),
+            ("Latency median (ms)", _median, "ratio"),
+        ]
+        columns += [(name, lambda m, name=name: m.quality.get(name), "delta") for name in self._quality_names()]
+        models = [("baseline", b)] + [(s.stage, s.measurement) for s in self.stages]
+        columns = [c for c in columns if any(c[1](m) is not None for _, m in models)]
+        if not any(m.layer_sparsity for _, m in models) and all(not sparsity(m) for _, m in models):
+            columns = [c for c in columns if c[0] != "Sparsity"]  # nothing pruned, sparsity not measured
+        header = ["Stage"] + [c[0] for c in columns]
+        rows = []
+        for label, m in models:
+            cells = [label]
+            for name, get, kind in columns:
+                value, base = get(m), get(b)
+                if name == "Parameters":
+                    text = _fmt_int(value)
+                elif name == "Sparsity":
+                    text = NA if value is None else f"{value:.1%}"
+                else:
+                    text = _fmt(value, 5 if kind == "delta" else 4)
+                if m is not b and value is not None and base is not None:
+                    if kind == "ratio" and base:
+                        text += f" ({value / base:.2f}x)" if value / base >= 0.1 else f" ({value / base:.2g}x)"
+                    elif kind == "delta":
+                        text += f" ({value - base:+.3g})"
+                cells.append(text)
+            rows.append(cells)
+        return header, rows
+
+    def stage_notes(self) -> list[str]:
+        """Which stage cost most: one note per stage that made a quality figure worse than the stage
+        before it by more than the whole recipe changed it (either way; so a later stage won part of it
+        back) and by more than 1% of its value (not noise)."""
+        notes = []
+        chain = [("baseline", self.baseline)] + [(s.stage, s.measurement) for s in self.stages]
+        for metric in self._quality_names():
+            direction = QUALITY_DIRECTIONS.get(metric)
+            values = [(label, m.quality.get(metric)) for label, m in chain]
+            if direction is None or any(v is None for _, v in values) or len(values) < 3:
+                continue
+            sign = 1.0 if direction == "lower" else -1.0  # positive = worse
+            total = sign * (values[-1][1] - values[0][1])
+            for (_, before), (label, after) in zip(values, values[1:]):
+                cost = sign * (after - before)
+                if cost > abs(total) and cost > 0.01 * abs(before):
+                    notes.append(f"stage {label!r} made {metric} worse by {after - before:+.3g} (vs the stage before), "
+                                 f"more than the whole recipe's {values[-1][1] - values[0][1]:+.3g}: "
+                                 "the other stages won part of it back")
+        return notes
+
+    def to_rich_stage_table(self):
+        """A ``rich.table.Table`` of the "After each stage" table, or None without stage measurements."""
+        from rich.table import Table
+        from rich.text import Text
+
+        header, rows = self._stage_table()
+        if not rows:
+            return None
+        table = Table(title="After each stage",
+                      caption="(change vs baseline: ratio for size, parameters, latency; difference for quality)")
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        return table
+
+    def _stage_markdown(self) -> list[str]:
+        header, rows = self._stage_table()
+        if not rows:
+            return []
+        esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+        out = ["", "## After each stage", "", "| " + " | ".join(header) + " |",
+               "|---|" + "---:|" * (len(header) - 1)]
+        out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+        out += ["", "In parentheses: the change vs the baseline (ratio for size, parameters and latency; "
+                "difference for quality)."]
+        out += [f"- {note}" for note in self.stage_notes()]
+        return out
+
     # --- markdown ------------------------------------------------------------------------
 
     def to_markdown(self) -> str:
@@ -334,6 +456,7 @@ class CompressionReport:
             "Change: compressed/baseline ratio for size, parameters, FLOPs, latency and throughput; "
             "compressed − baseline for quality metrics.",
         ]
+        out += self._stage_markdown()
 
         layers = self._layer_names()
         if layers:
@@ -382,22 +505,30 @@ class CompressionReport:
             "steps": [dict(s) for s in self.steps],
             "notes": list(self.notes),
             "environment": dict(self.environment),
+            "stages": [s.to_dict() for s in self.stages],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
-        """Rebuild from ``to_dict`` output; unknown keys or a newer format are a DataError."""
+        """Rebuild from ``to_dict`` output (or a version-1 report); unknown keys or a newer format are a DataError."""
+        version = data.get("format_version", REPORT_FORMAT_VERSION) if isinstance(data, dict) else None
         allowed = ["format_version", "baseline", "compressed", "steps", "notes", "environment"]
+        if version != 1:
+            allowed.append("stages")
         _check_keys("CompressionReport", data, allowed, ["baseline", "compressed"])
-        version = data.get("format_version", REPORT_FORMAT_VERSION)
-        if version != REPORT_FORMAT_VERSION:
-            raise DataError(f"CompressionReport: format_version {version} is not supported (expected {REPORT_FORMAT_VERSION})")
+        if version not in READABLE_FORMAT_VERSIONS:
+            raise DataError(f"CompressionReport: format_version {version} is not supported "
+                            f"(expected one of {list(READABLE_FORMAT_VERSIONS)})")
+        stages = data.get("stages", [])
+        if not isinstance(stages, list):
+            raise DataError(f"CompressionReport: 'stages' must be a list, got {type(stages).__name__}")
         return cls(
             baseline=ModelMeasurement.from_dict(data["baseline"]),
             compressed=ModelMeasurement.from_dict(data["compressed"]),
             steps=[dict(s) for s in data.get("steps", [])],
             notes=list(data.get("notes", [])),
             environment=dict(data.get("environment", {})),
+            stages=[StageMeasurement.from_dict(s) for s in stages],
         )
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -445,6 +576,43 @@ class CompressionReport:
             ax.set_xlabel("size on disk (MB)")
             ax.set_ylabel(metric + (f" ({direction} is better)" if direction else ""))
             ax.ticklabel_format(axis="y", useOffset=False)  # show real values, not "+2.88e2" offsets
+            ax.margins(y=0.25)
+            ax.set_xlim(0, x_max)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        return _png(fig)
+
+    def _stage_plot(self) -> str | None:
+        """PNG (base64) of size vs each quality metric after every stage, the points joined in stage order
+        from the baseline (marked), or None without stage measurements or a plottable point."""
+        chain = [("baseline", self.baseline)] + [(s.stage, s.measurement) for s in self.stages]
+        if not self.stages:
+            return None
+        points = {
+            k: [(m.size_bytes / 1e6, m.quality[k], label) for label, m in chain
+                if m.size_bytes is not None and m.quality.get(k) is not None]
+            for k in self._quality_names()
+        }
+        points = {k: v for k, v in points.items() if len(v) > 1 or (v and v[0][2] != "baseline")}
+        if not points:
+            return None
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(4.2 * len(points), 3.4), layout="constrained")
+        axes = fig.subplots(1, len(points), squeeze=False)[0]
+        x_max = max(x for pts in points.values() for x, *_ in pts) * 1.2 or 1.0
+        for ax, (metric, pts) in zip(axes, points.items()):
+            ax.plot([x for x, *_ in pts], [y for _, y, _ in pts], "-o", color="tab:orange", zorder=2,
+                    label="after each stage")
+            for i, (x, y, label) in enumerate(pts):
+                if label == "baseline" and i == 0:
+                    ax.scatter([x], [y], s=120, marker="*", color="tab:blue", zorder=3, label="baseline")
+                ax.annotate(label if label == "baseline" else f"{i}. {label}", (x, y), textcoords="offset points",
+                            xytext=(6, 6), fontsize=8)
+            direction = QUALITY_DIRECTIONS.get(metric)
+            ax.set_xlabel("size on disk (MB)")
+            ax.set_ylabel(metric + (f" ({direction} is better)" if direction else ""))
+            ax.ticklabel_format(axis="y", useOffset=False)
             ax.margins(y=0.25)
             ax.set_xlim(0, x_max)
             ax.grid(alpha=0.3)
@@ -509,6 +677,23 @@ class CompressionReport:
             "</tbody></table><p>Change: compressed/baseline ratio for size, parameters, FLOPs, latency and "
             "throughput; compressed − baseline for quality metrics.</p>"
         )
+
+        header, rows = self._stage_table()
+        if rows:
+            parts.append('<h2 id="after-each-stage">After each stage</h2><table id="stage-table"><thead><tr>'
+                         + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
+            for row in rows:
+                parts.append(f"<tr><td>{e(row[0])}</td>" + "".join(f'<td class="num">{e(c)}</td>' for c in row[1:])
+                             + "</tr>")
+            parts.append("</tbody></table><p>In parentheses: the change vs the baseline (ratio for size, parameters "
+                         "and latency; difference for quality).</p>")
+            notes = self.stage_notes()
+            if notes:
+                parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+            stage_plot = self._stage_plot()
+            if stage_plot is not None:
+                parts.append(f'<img id="stage-plot" alt="size on disk vs quality after each stage" '
+                             f'src="data:image/png;base64,{stage_plot}">')
 
         plot = self._size_quality_plot()
         parts.append("<h2>Size vs quality</h2>")

@@ -37,7 +37,7 @@ from slimkit.tasks.causal_lm import DEFAULT_EVAL_TOKENS, PPL_CONTEXT, PPL_STRIDE
 Progress = Callable[[str, float], None]  # (what is being measured, fraction done)
 QUALITY_METRICS = {"perplexity", "accuracy", "fidelity"}
 __all__ = ["DEFAULT_EVAL_TOKENS", "PPL_CONTEXT", "PPL_STRIDE", "EvalData", "bits_per_weight", "compare",
-           "latency_inputs", "layer_bits", "measure_model", "resolve_eval_data"]
+           "latency_inputs", "layer_bits", "measure_model", "measure_stage", "quality_reference", "resolve_eval_data"]
 
 
 def resolve_eval_data(model: nn.Module, data: Any = None, max_tokens: int | None = None) -> EvalData:
@@ -145,20 +145,45 @@ def measure_model(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | N
     return m
 
 
+def quality_reference(baseline: nn.Module, data: EvalData, metrics: tuple[str, ...] | None = None) -> Any:
+    """What a compressed model's quality is measured against (e.g. an encoder's fidelity: the baseline's own
+    embeddings of the same texts), or None when no quality figure is asked for."""
+    if set(metrics or task_of(baseline).default_metrics) & QUALITY_METRICS:
+        return task_of(baseline).reference(baseline, data)
+    return None
+
+
+def _steps_name(model: nn.Module, default: str) -> str:
+    return " + ".join(s.get("type", "?") for s in model_info(model).get("steps", [])) or default
+
+
+def measure_stage(model: nn.Module, data: EvalData, metrics: tuple[str, ...] | None = None,
+                  reference: Any = None, progress: Progress | None = None) -> ModelMeasurement:
+    """``measure_model`` of a model a recipe is still working on, measured in place (no copy; the size is
+    that of a checkpoint saved to a temporary folder, as for an unsaved model): every module's
+    training flag is put back afterwards, so a later stage (distillation) finds the model as it left it."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        return measure_model(model, data, metrics, name=_steps_name(model, "unchanged"), reference=reference,
+                             progress=progress)
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def compare(baseline: nn.Module, model: nn.Module, data: EvalData, metrics: tuple[str, ...] | None = None,
             saved_dir: str | os.PathLike | None = None, notes: list[str] | None = None,
-            progress: Progress | None = None) -> CompressionReport:
-    """Measure ``baseline`` and ``model`` on the same data and return their CompressionReport."""
+            progress: Progress | None = None, reference: Any = None) -> CompressionReport:
+    """Measure ``baseline`` and ``model`` on the same data and return their CompressionReport.
+
+    ``reference``: ``quality_reference(baseline, data, metrics)`` when the caller already computed it."""
     progress = progress or (lambda detail, fraction: None)
     base_name = str(model_info(baseline).get("source") or type(baseline).__name__)
-    steps = [s.get("type", "?") for s in model_info(model).get("steps", [])]
     base = measure_model(baseline, data, metrics, name=base_name,
                          progress=lambda detail, f: progress(f"baseline {detail}", f))
-    reference = None
-    if set(metrics or task_of(baseline).default_metrics) & QUALITY_METRICS:
-        # e.g. an encoder's fidelity is measured against the baseline's own embeddings of the same texts
-        reference = task_of(baseline).reference(baseline, data)
-    comp = measure_model(model, data, metrics, name=" + ".join(steps) or "compressed", saved_dir=saved_dir,
+    if reference is None:
+        reference = quality_reference(baseline, data, metrics)
+    comp = measure_model(model, data, metrics, name=_steps_name(model, "compressed"), saved_dir=saved_dir,
                          reference=reference, progress=lambda detail, f: progress(f"compressed {detail}", f))
     return CompressionReport(baseline=base, compressed=comp, steps=list(model_info(model).get("steps", [])),
                              notes=list(notes or []) + generation_notes(base, comp), environment=environment_info())
