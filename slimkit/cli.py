@@ -115,6 +115,7 @@ def compress(
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Accept a step that changes less than a tenth of the weights it targets."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated figures to measure instead of the recipe's (size, params, sparsity, flops, latency, perplexity, accuracy, fidelity)."),
     out: Path = typer.Option(Path("slimkit-out"), "--out", "-o", help="Output folder: DIR/model and DIR/report.{md,json,html}."),
+    per_stage: Optional[bool] = typer.Option(None, "--per-stage/--no-per-stage", help="Measure the model after every stage too (default: on for a recipe of two or more stages)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
 ) -> None:
@@ -132,7 +133,7 @@ def compress(
     if data is not None:
         changes["data"] = data_spec_from(data, "--data")
     rec = dataclasses.replace(rec, **changes)
-    _run_recipe_command(_Ui(quiet, as_json), model or rec.model or _default_model(), rec, out)
+    _run_recipe_command(_Ui(quiet, as_json), model or rec.model or _default_model(), rec, out, per_stage)
 
 
 def _parse_metrics(text: str) -> tuple[str, ...]:
@@ -148,12 +149,16 @@ def _parse_metrics(text: str) -> tuple[str, ...]:
     return names
 
 
-def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path) -> None:
-    """Load, apply the recipe to a copy, save it and measure it beside the original: compress and distill."""
+def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path, per_stage: bool | None = None) -> None:
+    """Load, apply the recipe to a copy, save it and measure it beside the original: compress and distill.
+
+    ``per_stage`` (default: when the recipe has two or more stages): also measure the model after every
+    stage but the last (whose figures are the compressed model's), the same way, on the same data."""
     from slimkit.core.atomic import atomic_dir
     from slimkit.core.io import load, save
     from slimkit.core.registry import Context
-    from slimkit.evaluation.suite import compare, resolve_eval_data
+    from slimkit.evaluation.report import StageMeasurement
+    from slimkit.evaluation.suite import compare, measure_stage, quality_reference, resolve_eval_data
     from slimkit.recipe.runner import run_recipe
 
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes and measures
@@ -161,17 +166,33 @@ def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path) -> None:
         _check_out_dir(out)
     else:
         ui.quiet = True  # one progress display per run, not one per process
+    per_stage = (len(rec.stages) >= 2 if per_stage is None else per_stage) and main_process
     with ui.step(f"loading {model_name}"):
         baseline = load(model_name)
         compressed = copy.deepcopy(baseline)
+    data = reference = None
+    if per_stage:
+        with ui.step("loading evaluation data"):
+            data = resolve_eval_data(baseline, rec.data)
+            reference = quality_reference(baseline, data, rec.evaluate or None)
+    stages: list = []
     with ui.step(f"applying {', '.join(type(s).__name__ for s in rec.steps)}") as update:
+
+        def after_stage(name: str, model, ctx) -> None:
+            if len(stages) + 1 < len(rec.stages):  # the last stage's figures are the compressed model's
+                stages.append(StageMeasurement(name, measure_stage(
+                    model, data, rec.evaluate or None, reference,
+                    progress=lambda detail, f: update(f"measuring after stage {name!r}: {detail}", f))))
+
         # The untouched baseline doubles as a distillation step's teacher (no third copy in memory).
-        ctx = run_recipe(compressed, rec, ctx=Context(progress=update, teacher=baseline))
+        ctx = run_recipe(compressed, rec, ctx=Context(progress=update, teacher=baseline),
+                         after_stage=after_stage if per_stage else None)
         compressed = ctx.model
     if not main_process:
         return
-    with ui.step("loading evaluation data"):
-        data = resolve_eval_data(baseline, rec.data)
+    if data is None:
+        with ui.step("loading evaluation data"):
+            data = resolve_eval_data(baseline, rec.data)
     if ctx.data_description:
         ctx.notes.insert(0, f"calibration data: {ctx.data_description}")
     with atomic_dir(out, kind=_output_kinds()[0], hint="choose another --out") as tmp:
@@ -179,8 +200,10 @@ def _run_recipe_command(ui: _Ui, model_name: str, rec, out: Path) -> None:
             save(compressed, tmp / "model")
         with ui.step("measuring baseline and compressed model") as update:
             report = compare(baseline, compressed, data, metrics=rec.evaluate or None, saved_dir=tmp / "model",
-                             notes=ctx.notes, progress=update)
+                             notes=ctx.notes, progress=update, reference=reference)
             report.environment.update({"model": model_name, "recipe": rec.source or "", "output": str(out)})
+        if per_stage:
+            report.stages = [*stages, StageMeasurement(rec.stages[-1].name, report.compressed)]
         report.write(tmp)
     _print_report(ui, report, out)
 
@@ -197,6 +220,7 @@ def distill(
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="Folder for training checkpoints (default: OUT.checkpoints)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --checkpoints after an interruption."),
     out: Path = typer.Option(Path("slimkit-distill"), "--out", "-o", help="Output folder: DIR/model (the student) and DIR/report.{md,json,html}."),
+    per_stage: Optional[bool] = typer.Option(None, "--per-stage/--no-per-stage", help="Measure the model after every stage too (default: on for a recipe of two or more stages)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final table."),
 ) -> None:
@@ -236,7 +260,7 @@ def distill(
     stages = tuple(Stage(st.name, tuple(override(s) for s in st.steps)) for st in rec.stages)
     rec = dataclasses.replace(rec, stages=stages, data=data_spec_from(data, "--data") if data else rec.data,
                               calibration=data_spec_from(calib, "--calib") if calib else rec.calibration)
-    _run_recipe_command(_Ui(quiet, as_json), teacher or rec.model or _default_model(), rec, out)
+    _run_recipe_command(_Ui(quiet, as_json), teacher or rec.model or _default_model(), rec, out, per_stage)
 
 
 def _print_report(ui: _Ui, report, out: Path | None) -> None:
@@ -244,7 +268,10 @@ def _print_report(ui: _Ui, report, out: Path | None) -> None:
         print(report.to_json())
         return
     ui.out.print(report.to_rich_table())
-    for note in report.notes:
+    stage_table = report.to_rich_stage_table()
+    if stage_table is not None:
+        ui.out.print(stage_table)
+    for note in [*report.stage_notes(), *report.notes]:
         ui.out.print(f"  note: {note}")
     if out is not None:
         ui.out.print(f"wrote {out / 'model'} and {out}/report.{{md,json,html}}")
