@@ -23,7 +23,9 @@ Files (every 2-D weight, token embedding and output included; norms stay F32 eve
   codes of every quantized layer and encodes float weights (token embedding; lm_head after GPTQ/AWQ) with
   the type's own rounding. Calibration: 64 windows of 256 tokens (seed 0) of the stdlib *calibration* split.
   Also slimkit's own importance matrix (``slimkit.export.imatrix`` on those 64 windows) handed to
-  ``llama-quantize`` (a check of the file), and slimkit's f32 export (a check of the exporter).
+  ``llama-quantize`` (a check of the file), and slimkit's f32 export (a check of the exporter). Two diagnostic
+  files quantize the decoder blocks only (RTN on the blocks, GPTQ; token_embd and output written F32 with
+  ``embedding_type`` / ``output_type="f32"``), to show where the q4_0 gap lies and how much of it GPTQ can reach.
 - Like with like (same tensor types, same bytes): slimkit's exporter writes one type for every weight unless
   told otherwise, so its q4_0 file holds what llama.cpp's ``--pure`` Q4_0 holds and its q4_k file what
   ``--pure`` Q4_K holds (both fall back to Q5_0 where a row is not a multiple of 256 long: ffn_down's 640).
@@ -44,7 +46,9 @@ the ``gguf`` package; both writers permute q/k rows alike).
 Speed (Q2): decode tokens/s of slimkit's GPTQ q4_0 file and llama.cpp's Q4_0 files in llama-cpp-python
 (``LlamaCppRunner``: 128-token prompt from the eval split, 128 new greedy tokens, tokens/s over the 127 one-token
 steps after the first, 2 threads), in interleaved rounds (order reversed every other round; one warm-up
-generation each); the median of 5 runs per file (``--quick``: 1). The machine is shared: single runs vary a lot.
+generation each); the median of 11 runs per file (``--quick``: 1), with the fastest run beside it: on this shared
+2-core machine a run during which another process takes a core can be 10–100× slower (llama.cpp's two threads
+wait for each other at every op), so single runs vary a lot.
 
 Export time (P8): wall seconds of ``export_gguf`` on the float model for every type it writes, and on each
 quantized model above (its codes copied).
@@ -93,7 +97,7 @@ class Settings:
     new_tokens: int
 
 
-FULL = Settings(quick=False, eval_tokens=32768, pip_tokens=32768, n_calib=64, imatrix_chunks=64, decode_runs=5,
+FULL = Settings(quick=False, eval_tokens=32768, pip_tokens=32768, n_calib=64, imatrix_chunks=64, decode_runs=11,
                 prompt_len=128, new_tokens=128)
 QUICK = Settings(quick=True, eval_tokens=2048, pip_tokens=2048, n_calib=8, imatrix_chunks=8, decode_runs=1,
                  prompt_len=32, new_tokens=16)
@@ -114,6 +118,7 @@ class Row:
     imatrix: str | None = None  # "llama" or "slimkit": whose importance matrix llama-quantize gets
     config: Any = None  # slimkit rows: the quantize config (None: the float model)
     output_type: str | None = None  # slimkit rows: export_gguf's output_type (llama.cpp's mixes: q6_k)
+    embedding_type: str | None = None  # slimkit rows: export_gguf's embedding_type
     path: Path | None = None
     file_bytes: int | None = None
     types: str | None = None
@@ -137,6 +142,11 @@ def build_rows() -> list[Row]:
         Row("sk-gptq-q4_0", "slimkit GPTQ(grid=q4_0) → q4_0", "slimkit", "q4_0", config=sk.GPTQ(grid="q4_0")),
         Row("sk-gptq-q4_0-mix", "slimkit GPTQ(grid=q4_0) → q4_0, output q6_k", "slimkit", "q4_0",
             config=sk.GPTQ(grid="q4_0"), output_type="q6_k"),
+        Row("sk-rtn-q4_0-blocks", "slimkit RTN(grid=q4_0) → q4_0 blocks only (token_embd, output F32)", "slimkit",
+            "q4_0", config=sk.RTN(grid="q4_0", include=(r"re:model\.layers\..*",)), output_type="f32",
+            embedding_type="f32"),
+        Row("sk-gptq-q4_0-blocks", "slimkit GPTQ(grid=q4_0) → q4_0 blocks only (token_embd, output F32)", "slimkit",
+            "q4_0", config=sk.GPTQ(grid="q4_0"), output_type="f32", embedding_type="f32"),
         Row("sk-awq-q4_0", "slimkit AWQ(grid=q4_0) → q4_0", "slimkit", "q4_0", config=sk.AWQ(grid="q4_0")),
         Row("lc-q4_k_s-imx", "llama.cpp Q4_K_S (default mix) + llama-imatrix", "peer", "q4_k", "Q4_K_S",
             imatrix="llama"),
@@ -230,19 +240,26 @@ def llama_quantize(r: Row, f32: Path, out: Path, imatrices: dict[str, Path]) -> 
         r.notes.append(f"{m.group(1)} imatrix entries loaded")
 
 
-def slimkit_file(r: Row, base: Any, calib: Any, out: Path) -> None:
+def slimkit_file(r: Row, base: Any, calib: Any, out: Path, made: dict[str, tuple[Any, str]]) -> None:
+    """Quantize a copy of ``base`` with the row's config (once per config: ``made``) and export it."""
     import slimkit as sk
     from slimkit.export.gguf import export_gguf
 
-    model = copy.deepcopy(base)
+    key = repr(r.config)
+    if key in made:
+        model, first = made[key]
+        r.notes.append(f"the model of \"{first}\"")
+    else:
+        model = copy.deepcopy(base)
+        t = time.perf_counter()
+        if r.config is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sk.quantize_(model, r.config, data=calib if r.config.needs_data else None)
+        r.make_s = time.perf_counter() - t
+        made[key] = (model, r.label)
     t = time.perf_counter()
-    if r.config is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sk.quantize_(model, r.config, data=calib if r.config.needs_data else None)
-    r.make_s = time.perf_counter() - t
-    t = time.perf_counter()
-    res = export_gguf(model, out, qtype=r.qtype, output_type=r.output_type)
+    res = export_gguf(model, out, qtype=r.qtype, output_type=r.output_type, embedding_type=r.embedding_type)
     r.export_s = time.perf_counter() - t
     if r.config is not None:
         r.notes.append(f"{res.copied} layers' codes copied, {res.requantized} re-quantized")
@@ -426,6 +443,7 @@ def run(rows: list[Row], s: Settings, work: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         info["slimkit_imatrix_error"] = harness.why("slimkit imatrix", exc)
 
+    made: dict[str, tuple[Any, str]] = {}  # quantized models by config, shared by rows exporting them differently
     for r in rows:
         if r is f32:
             continue
@@ -437,7 +455,7 @@ def run(rows: list[Row], s: Settings, work: Path) -> dict[str, Any]:
                 continue
             harness.guard(r, "llama-quantize", lambda r=r, out=out: llama_quantize(r, f32.path, out, imatrices))
         else:
-            harness.guard(r, "quantize/export", lambda r=r, out=out: slimkit_file(r, base, calib, out))
+            harness.guard(r, "quantize/export", lambda r=r, out=out: slimkit_file(r, base, calib, out, made))
         if not r.error:
             r.path = out
     for r in rows:
@@ -532,6 +550,20 @@ def target_lines(rows: list[Row], info: dict[str, Any]) -> list[str]:
             lines.append(f"- Q1 q4_0, {text}, against llama.cpp's best q4_0 here (--pure with llama-imatrix, same "
                          f"bytes): slimkit GPTQ closes {100 * g:.0f}% of its gap to f32.")
     for text in TEXTS:
+        f32, pure, mix = row(rows, "f32"), row(rows, "lc-q4_0-pure"), row(rows, "lc-q4_0")
+        rb, gb = row(rows, "sk-rtn-q4_0-blocks"), row(rows, "sk-gptq-q4_0-blocks")
+        if all(text in r.ppl for r in (f32, pure, mix, rb, gb)):
+            gap = pure.ppl[text] - f32.ppl[text]
+            out_share = (pure.ppl[text] - mix.ppl[text]) / gap
+            blk_share = (rb.ppl[text] - f32.ppl[text]) / gap
+            closed = gap_closed(rows, "sk-gptq-q4_0-blocks", "sk-rtn-q4_0-blocks", text)
+            lines.append(f"- Where the q4_0 gap lies, {text}: of llama.cpp Q4_0 --pure's {gap:.3f} ppl, output.weight "
+                         f"at Q4_0 rather than Q6_K accounts for {100 * out_share:.0f}%, the decoder blocks (RTN grid, "
+                         f"token_embd and output F32) for {100 * blk_share:.0f}%, token_embd for the rest; GPTQ, "
+                         "which quantizes the blocks only, closes "
+                         f"{'—' if closed is None else f'{100 * closed:.0f}%'} of the blocks' own gap "
+                         "(blocks-only files).")
+    for text in TEXTS:
         s, p, q = row(rows, "sk-gptq-q4_k"), row(rows, "lc-q4_k-pure-imx"), row(rows, "lc-q4_k_s-imx")
         if text not in s.ppl or text not in p.ppl:
             lines.append(f"- Q1 q4_k, {text}: no number ({s.error or p.error}).")
@@ -557,7 +589,9 @@ def target_lines(rows: list[Row], info: dict[str, Any]) -> list[str]:
         med = {k: statistics.median(v) for k, v in dec.items()}
         n = len(next(iter(dec.values())))
         pairs2 = (("sk-gptq-q4_0", "lc-q4_0-pure", "all Q4_0"), ("sk-gptq-q4_0-mix", "lc-q4_0", "Q4_0 + output Q6_K"))
-        parts = [f"{what}: slimkit {med[a]:.0f} vs llama.cpp {med[b]:.0f} tok/s (ratio {med[a] / med[b]:.2f})"
+        best = {k: max(v) for k, v in dec.items()}
+        parts = [f"{what}: slimkit {med[a]:.0f} vs llama.cpp {med[b]:.0f} tok/s (ratio {med[a] / med[b]:.2f}; fastest "
+                 f"runs {best[a]:.0f} vs {best[b]:.0f}, ratio {best[a] / best[b]:.2f})"
                  for a, b, what in pairs2 if a in med and b in med]
         lines.append(f"- Q2 decode (llama-cpp-python, 2 threads, median of {n}; same tensor types, expected equal "
                      f"within noise): " + "; ".join(parts) + ". Runs (tok/s): "
