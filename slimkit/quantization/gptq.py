@@ -310,6 +310,9 @@ class GPTQ(Config):
     quantization does: ``sparsity`` of each layer's weights (exact per layer), or an N:M
     ``pattern`` such as "2:4" (sparsity then 1 − N/M); the pruned weights' error is corrected
     by the later columns together with the rounding errors. 0 / None: quantize only.
+    lm_head: also GPTQ the output layer, on the final hidden states of the calibration data
+    (measured through the quantized blocks), as AutoGPTQ's ``lm_head=True``; a tied output
+    layer is left float with a note. It is never pruned.
     """
 
     family: ClassVar[str] = "quantize"
@@ -328,6 +331,7 @@ class GPTQ(Config):
     fp16_scales: bool = False
     sparsity: float = 0.0
     pattern: str | None = None
+    lm_head: bool = False
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
 
@@ -346,7 +350,7 @@ class GPTQ(Config):
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 8):
             self.fail("group_size",
                       f"must be None (per output channel) or a positive multiple of 8 such as 32, 64 or 128, got {gs!r}")
-        for name in ("symmetric", "act_order", "true_sequential", "keep_zeros", "fp16_scales"):
+        for name in ("symmetric", "act_order", "true_sequential", "keep_zeros", "fp16_scales", "lm_head"):
             if not isinstance(getattr(self, name), bool):
                 self.fail(name, f"must be true or false, got {getattr(self, name)!r}")
         d = self.damp
@@ -528,11 +532,20 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
             return_freed_memory()
 
     run_blockwise(model, data, process, ctx, "GPTQ")
+    if config.lm_head:
+        head = _quantize_output_layer(model, data, config, ctx, layer_grid)
+        if head:
+            stats["layers"] += 1
+            stats["params"] += head
 
     for line in notes:
         ctx.note(line)
     scope = (f"GPTQ: only Linear layers inside {blocks_name}.* are quantized, as in AutoGPTQ and llm-compressor; "
              "lm_head and embeddings stay float")
+    if config.lm_head:
+        scope = f"GPTQ: the Linear layers inside {blocks_name}.* and the output layer are quantized; embeddings stay float"
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        outside = [n for n in outside if model.get_submodule(n) is not head]
     if outside:
         shown = ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else "")
         scope += f" (selected but outside the blocks: {shown}; use RTN for them)"
@@ -562,6 +575,61 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
         f"true_sequential={config.true_sequential}, damp={config.damp:g}), {stats['rtn']} by RTN fallback, "
         f"in {seconds:.1f} s ({per_m:.2f} s per million parameters)"
     )
+
+
+def _quantize_output_layer(model: nn.Module, data, config: GPTQ, ctx: Context, layer_grid) -> int:
+    """GPTQ the model's output layer (lm_head) on its inputs, the final hidden states of the calibration data
+    measured through the already-quantized blocks; returns its weight count (0 when skipped, with a note)."""
+    from slimkit.core.calibration import _model_device, _to, run_model, trim_padding
+
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    path = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    problem = None if head is None else linear_problem(head, "a QuantLinear")
+    if head is None or path is None or problem:
+        ctx.note(f"GPTQ: lm_head=true, but {'the model has no output layer' if head is None else problem}; left as it is")
+        return 0
+    inputs = getattr(model, "get_input_embeddings", lambda: None)()
+    if inputs is not None and getattr(inputs, "weight", None) is head.weight:
+        ctx.note(f"GPTQ: {path} is tied to the input embedding; left float (quantize both with "
+                 "RTN(embeddings=True) to keep the tie)")
+        return 0
+    if ctx.stream is not None or head.weight.is_meta:
+        ctx.note(f"GPTQ: lm_head=true is not applied while streaming a checkpoint; {path} left float")
+        return 0
+    acc: list = [None, 0]
+    mask: list = [None]
+
+    def hook(_module, args):
+        x = args[0]
+        if mask[0] is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask[0].shape):
+            x = x[mask[0].bool()]
+        acc[0], acc[1] = accumulate_hessian(acc[0], acc[1], x.detach().reshape(-1, x.shape[-1]))
+
+    handle = head.register_forward_pre_hook(hook)
+    device = _model_device(model)
+    try:
+        with torch.no_grad():
+            for batch in data:
+                batch = trim_padding(_to(batch, device))
+                mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                run_model(model, batch)
+    finally:
+        handle.remove()
+    if acc[0] is None:
+        ctx.note(f"GPTQ: {path} received no calibration tokens; left float")
+        return 0
+    try:
+        factor = factor_hessian(acc[0], damp=config.damp)
+    except HessianError as exc:
+        raise DataError(f"Hessian of {path} {exc.detail}") from None
+    w = linear_weight(head).detach()
+    result = gptq_quantize_factored(w, factor, bits=config.bits, group_size=config.group_size,
+                                    symmetric=config.symmetric, block_size=config.block_size,
+                                    keep_zeros=config.keep_zeros, grid=layer_grid(head),
+                                    fp16_scales=config.fp16_scales)
+    set_submodule(model, path, QuantLinear.from_linear(head, weight=result.weight))
+    return w.numel()
 
 
 def _stand_in(linear: nn.Module, qlinear: QuantLinear, ctx: Context) -> nn.Module:

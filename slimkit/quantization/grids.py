@@ -73,6 +73,11 @@ class BlockGrid:
     fallback: str | None = None  # the grid llama.cpp uses for rows not a multiple of span
 
     @property
+    def searchable(self) -> bool:
+        """True for the grids with one scale per block and no offset (q8_0, q5_0, q4_0)."""
+        return self.symmetric and self.span == self.group_size
+
+    @property
     def float_zero(self) -> bool:
         """True when groups carry a fractional zero point (an offset the int grid cannot hold)."""
         return not self.symmetric
@@ -104,8 +109,12 @@ class BlockGrid:
             return 0
         return torch.round(zero).clamp(self.qmin, self.qmax)
 
-    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        """Round-to-nearest quantization of a 2-D weight onto this grid, block by block."""
+    def quantize(self, w: torch.Tensor, search: bool = False) -> QuantizedWeight:
+        """Round-to-nearest quantization of a 2-D weight onto this grid, block by block.
+
+        ``search`` (the one-scale grids q8_0, q5_0, q4_0): each block's scale is the one of
+        ``mse_scale_search`` instead of llama.cpp's extreme-value rule (still a valid block).
+        """
         if w.dim() != 2:
             raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
         if not bool(torch.isfinite(w).all()):
@@ -116,6 +125,10 @@ class BlockGrid:
         wf = w.detach().float()
         blocks = wf.reshape(rows * (cols // self.span), self.span)
         scale, zero = self.params(blocks)
+        if search:
+            if not self.searchable:
+                raise ConfigError(f"a scale search is offered on the one-scale grids (q8_0, q5_0, q4_0), not {self.name}")
+            scale = mse_scale_search(blocks, scale, self)
         n = self.span // self.group_size
         g = blocks.reshape(-1, n, self.group_size)
         q = self.quantize_codes(g, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1))
@@ -127,6 +140,22 @@ class BlockGrid:
             group_size=self.group_size,
             symmetric=self.symmetric,
         )
+
+
+SEARCH_FACTORS = torch.linspace(1.0, 0.7, 31)  # fractions of the extreme-value scale tried by the search
+
+
+def mse_scale_search(blocks: torch.Tensor, scale: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
+    """Per block (rows of ``blocks``, (n, span)), the fp16 scale among fp16(``scale``·f), f in ``SEARCH_FACTORS``,
+    whose rounding onto ``grid`` has the least squared error (the first on ties: f = 1, llama.cpp's own, when
+    nothing is better). A smaller scale clips the extreme value but rounds the rest more finely."""
+    x = blocks.float().unsqueeze(1)  # (n, 1, span)
+    cand = fp16_value(scale.reshape(-1, 1) * SEARCH_FACTORS.unsqueeze(0))  # (n, F)
+    cand = torch.where(cand != 0, cand, torch.ones_like(cand))
+    q = torch.round(x / cand.unsqueeze(-1)).clamp(grid.qmin, grid.qmax)
+    err = (q * cand.unsqueeze(-1) - x).pow(2).sum(-1)  # (n, F)
+    best = err.argmin(dim=1, keepdim=True)  # argmin returns the first minimum
+    return cand.gather(1, best).reshape(scale.shape)
 
 
 def _nonzero_scale(d: torch.Tensor) -> torch.Tensor:

@@ -87,8 +87,9 @@ class RTN(Config):
         if self.grid is not None:
             if self.grid not in GRIDS:
                 self.fail("grid", f"must be one of {', '.join(GRIDS)} (a GGUF block type) or None, got {self.grid!r}")
-            if self.range_opt is not None:
-                self.fail("range_opt", f"a grid ({self.grid!r}) fixes how each block's range is chosen; use range_opt: null")
+            if self.range_opt not in (None, "mse") or (self.range_opt == "mse" and not GRIDS[self.grid].searchable):
+                self.fail("range_opt", f"on grid {self.grid!r} only range_opt 'mse' on the one-scale grids "
+                                       "(q8_0, q5_0, q4_0) is offered; use range_opt: null")
             if isinstance(self.bits, dict):
                 self.fail("bits", f"a per-layer bits map cannot be combined with grid {self.grid!r}")
         if isinstance(self.bits, dict):
@@ -238,7 +239,8 @@ def apply_rtn(model: nn.Module, config: RTN, ctx: Context) -> None:
 def _range_optimized(weight: torch.Tensor, bits: int, config: RTN) -> QuantizedWeight | None:
     """The range-searched (or grid) codes of ``weight`` under ``config``, or None for plain min/max RTN."""
     if config.grid is not None:
-        return grid_for_columns(config.grid, weight.shape[1]).quantize(weight)
+        grid = grid_for_columns(config.grid, weight.shape[1])
+        return grid.quantize(weight, search=config.range_opt == "mse" and grid.searchable)
     if config.range_opt == "mse":
         return mse_clip_scales(weight, bits, config.group_size, config.symmetric)
     if config.range_opt == "hqq":

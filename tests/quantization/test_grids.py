@@ -163,7 +163,10 @@ def test_configs_validate_grid():
     with pytest.raises(ConfigError, match="act_order"):
         GPTQ(grid="q4_0", act_order=True)
     with pytest.raises(ConfigError, match="range_opt"):
-        RTN(grid="q4_0", range_opt="mse")
+        RTN(grid="q4_k", range_opt="mse")
+    with pytest.raises(ConfigError, match="range_opt"):
+        RTN(grid="q4_0", range_opt="hqq")
+    assert RTN(grid="q4_0", range_opt="mse").range_opt == "mse"
     assert GPTQ(grid="q4_k").to_dict()["grid"] == "q4_k"
 
 
@@ -325,3 +328,44 @@ def test_gptq_joint_on_a_decoder_prunes_every_block_layer_exactly():
         w = layer.dense_weight()
         assert int((w == 0).sum()) >= w.numel() // 2
     assert any("pruned while quantizing (50% unstructured" in n for n in ctx.notes)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0"])
+def test_scale_search_never_loses_to_llama_cpp_rule_and_stays_on_the_grid(name):
+    grid = GRIDS[name]
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(9))
+    plain, searched = grid.quantize(w), grid.quantize(w, search=True)
+    e_plain = (plain.dequantize() - w).pow(2).reshape(-1, 32).sum(1)
+    e_search = (searched.dequantize() - w).pow(2).reshape(-1, 32).sum(1)
+    assert bool((e_search <= e_plain + 1e-9).all())
+    if name != "q8_0":  # at 8 bits clipping never pays on 32 values; at 4 and 5 bits it does somewhere
+        assert float(e_search.sum()) < float(e_plain.sum())
+    assert torch.equal(fp16_value(searched.scale), searched.scale)
+    assert int(searched.q.min()) >= grid.qmin and int(searched.q.max()) <= grid.qmax
+    with pytest.raises(ConfigError, match="one-scale grids"):
+        GRIDS["q4_k"].quantize(w, search=True)
+
+
+def test_gptq_lm_head_option_quantizes_the_output_layer_on_the_grid():
+    import warnings
+
+    import slimkit as sk
+    from slimkit.core.registry import Context
+    from slimkit.quantization.modules import QuantLinear
+    from tests.llm_archs import tiny_causal_lm, token_batches
+
+    model = tiny_causal_lm("llama")
+    data = sk.CalibrationData.from_tensors(token_batches(8, 32), batch_size=4, key="input_ids")
+    ctx = Context()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.quantize_(model, sk.GPTQ(grid="q4_0", lm_head=True), data=data, ctx=ctx)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.group_size == 32
+    assert any("and the output layer are quantized" in n for n in ctx.notes)
+    tied = tiny_causal_lm("llama")
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    ctx = Context()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.quantize_(tied, sk.GPTQ(grid="q4_0", lm_head=True), data=data, ctx=ctx)
+    assert not isinstance(tied.lm_head, QuantLinear) and any("tied to the input embedding" in n for n in ctx.notes)
