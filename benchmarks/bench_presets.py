@@ -7,7 +7,7 @@
 
 Presets (shipped recipes, run as shipped through ``recipe.runner.run_recipe``):
 - ``mobile-int8-structured-kd`` (MiniLM): StructuredPrune 30% of heads and MLP neurons (L2) → Distill recovery
-  against the unpruned model (cosine + last-layer hint) → StaticQuant int8 (int8-static-minilm's settings);
+  against the unpruned model (cosine + a hint on every layer's token states) → StaticQuant int8 (int8-static-minilm's settings);
 - ``mobile-int8-structured-kd-digits`` (digits-cnn): StructuredPrune 30% of the filters (L1, widths rounded down
   to multiples of 8, BatchNorm re-estimated) → KD recovery against the unpruned model → StaticQuant int8;
 - ``distill-quantize-prune`` (stdlib-coder): Distill into stdlib-coder-student → GPTQ int8 per channel pruning
