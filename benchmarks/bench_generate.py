@@ -44,7 +44,12 @@ Rows (ids for ``--rows``; shell-style patterns, comma separated):
   torchao 0.18's CPU int4 layout, bf16), each eager and ``-compile`` (static cache, as above);
   ``ort-peer-int4`` (``MatMulNBitsQuantizer`` block 128, accuracy_level 4, on slimkit's fp32 with-past
   graph, run by ``OrtDecoder``); ``llamacpp-f32/f16/q8_0/q4_0`` (llama-cpp-python; files from llama.cpp's
-  own ``convert_hf_to_gguf.py`` and quantizer, cached under /work/bench-tools/gguf; same prompt ids).
+  own ``convert_hf_to_gguf.py`` and quantizer, cached under /work/bench-tools/gguf; same prompt ids);
+- ``slimkit-gguf-q8_0/q4_0``: slimkit's weights on llama.cpp's block grid, written by ``export_gguf`` and run by
+  llama-cpp-python like the llamacpp rows: ``sk.GPTQ(grid=...)`` on stdlib-coder (32 windows of 256 calibration
+  tokens), ``sk.RTN(grid=...)`` on the random models (GPTQ's file would have the same types, hence the same
+  speed); the tensor types of llama.cpp's own file of that type (Q4_0: output.weight Q6_K); random models take
+  llama.cpp's llama-spm vocabulary (``vocab_from``). Made in a process of its own, as the ORT rows' files.
 All rows pick tokens greedily from the last position's logits and never stop at EOS.
 """
 
@@ -158,9 +163,14 @@ ROWS = [
     RowSpec("llamacpp-f16", "llama.cpp f16", "peer", "llama.cpp", 16),
     RowSpec("llamacpp-q8_0", "llama.cpp Q8_0", "peer", "llama.cpp", 8),
     RowSpec("llamacpp-q4_0", "llama.cpp Q4_0", "peer", "llama.cpp", 4),
+    RowSpec("slimkit-gguf-q8_0", "slimkit GPTQ→GGUF q8_0 (llama.cpp; RTN grid on random models)", "slimkit",
+            "llama.cpp", 8),
+    RowSpec("slimkit-gguf-q4_0", "slimkit GPTQ→GGUF q4_0 + output q6_k (llama.cpp; RTN grid on random models)",
+            "slimkit", "llama.cpp", 4),
     RowSpec("eager-fp32-again", "fp32, PyTorch eager, again at the end (drift check)", "reference", "pytorch eager", 32),
 ]
 ROW_BY_ID = {r.id: r for r in ROWS}
+GGUF_ROWS = ("llamacpp-", "slimkit-gguf-")  # rows run by llama-cpp-python
 COMPILE_ROWS = {"compile-fp32", "compile-int8", "compile-int4", "torchao-int8-compile", "torchao-int4-compile"}
 
 
@@ -468,13 +478,14 @@ def build_runner(spec: dict[str, Any]) -> tuple[Any, int | None, str]:
     """The row's runner, bytes of weights read per decode step, and what was built (worker process)."""
     row = spec["row"]
     max_len = spec["prefill_len"] + spec["new_tokens"] + 8
-    if row.startswith("llamacpp-"):
-        path = Path(spec["gguf"])
+    if row.startswith(GGUF_ROWS):
+        path = Path(spec["gguf"] if row.startswith("llamacpp-") else spec["artifact"])
         r = LlamaCppRow(path, n_ctx=max(512, max_len), n_batch=spec["prefill_len"])
-        return r, pg.gguf_weight_bytes_per_token(path), f"{path.name}: {pg.gguf_tensor_types(path)}"
+        made = "" if row.startswith("llamacpp-") else spec["export_what"] + " → "
+        return r, pg.gguf_weight_bytes_per_token(path), f"{made}{path.name}: {pg.gguf_tensor_types(path)}"
     if row.startswith("ort-"):
         _onnx_decoder_api()
-        path = Path(spec["onnx"])
+        path = Path(spec["artifact"])
         return OrtRunner(path), pg.onnx_weight_bytes_per_token(path), spec["export_what"]
     # PyTorch rows
     kind = row.split("-")[1]  # fp32 / int8 / int4 / gptq4
@@ -507,12 +518,41 @@ def build_onnx(spec: dict[str, Any]) -> tuple[Path, str]:
     return _onnx_path(dst.parent), what + " → export_decoder_onnx"
 
 
+def build_gguf(spec: dict[str, Any]) -> tuple[Path, str]:
+    """A slimkit-gguf row's file (export phase): the model on the row's GGUF grid, written with the tensor types of
+    llama.cpp's own file of that type (its Q4_0 keeps output.weight at Q6_K)."""
+    import slimkit as sk
+    from slimkit.export.gguf import export_gguf
+
+    qtype = spec["row"].rsplit("-", 1)[1]
+    model = _load_torch(spec)
+    vocab = None
+    if spec["model"] == "coder":
+        from slimkit.zoo.corpus import load_split
+
+        calib = sk.CalibrationData.from_texts(load_split("calibration"), sk.tokenizer_of(model), seq_len=256, n=32)
+        sk.quantize_(model, sk.GPTQ(grid=qtype), data=calib)
+        what = f"sk.GPTQ(grid={qtype!r}) on 32×256 calibration tokens"
+    else:
+        sk.quantize_(model, sk.RTN(grid=qtype))
+        what = f"sk.RTN(grid={qtype!r}) (random weights: GPTQ would give the same types, hence the same speed)"
+        root = pg.llama_cpp_dir()
+        vocab = None if root is None else root / "models" / "ggml-vocab-llama-spm.gguf"
+    output_type = "q6_k" if qtype == "q4_0" else None
+    dst = Path(spec["work"]) / spec["row"] / "model.gguf"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    res = export_gguf(model, dst, qtype=qtype, vocab_from=vocab, output_type=output_type)
+    return dst, (f"{what}, export_gguf(qtype={qtype!r}" + (f", output_type={output_type!r}" if output_type else "")
+                 + f") in {res.seconds:.1f} s")
+
+
 def run_worker(spec_path: Path) -> int:
     """One row in this process: build, warm up, time decode and prefill, write the result JSON."""
     spec = json.loads(spec_path.read_text())
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[key] = str(THREADS)
-    if not spec["row"].startswith("llamacpp-"):  # llama.cpp rows never import torch: its pages would count in RSS
+    if spec.get("phase") == "export" or not spec["row"].startswith(GGUF_ROWS):
+        # llama.cpp rows never import torch when they run: its pages would count in RSS
         import torch
 
         torch.set_num_threads(THREADS)
@@ -526,8 +566,8 @@ def run_worker(spec_path: Path) -> int:
     if spec.get("phase") == "export":
         try:
             t = time.perf_counter()
-            path, what = build_onnx(spec)
-            out.update(onnx=str(path), export_what=what, export_s=time.perf_counter() - t)
+            path, what = build_gguf(spec) if spec["row"].startswith("slimkit-gguf-") else build_onnx(spec)
+            out.update(artifact=str(path), export_what=what, export_s=time.perf_counter() - t)
         except NotYetAvailable as exc:
             out["skipped"] = str(exc)
         except Exception as exc:  # noqa: BLE001
@@ -621,11 +661,11 @@ def run_row(model: ModelSpec, row: RowSpec, s: Settings, prompt: list[int], work
 
     log_path = work / f"{row.id}.run.log"
     export_s = 0.0
-    if row.id.startswith("ort-"):
+    if row.id.startswith(("ort-", "slimkit-gguf-")):
         exp = dict(spec, phase="export", result=str(work / f"{row.id}.export.json"))
         rc = spawn("export", exp)
         done = json.loads(Path(exp["result"]).read_text()) if Path(exp["result"]).exists() else {}
-        if rc != 0 or "onnx" not in done:
+        if rc != 0 or "artifact" not in done:
             res.wall_s = time.perf_counter() - t0
             res.skipped = done.get("skipped")
             if not res.skipped:
@@ -633,7 +673,7 @@ def run_row(model: ModelSpec, row: RowSpec, s: Settings, prompt: list[int], work
                 res.error = done.get("error") or (f"export timed out after {s.row_timeout_s:.0f} s" if rc == "timeout"
                                                   else f"export worker exit {rc}: {' / '.join(tail)[:240]}")
             return res
-        spec.update(onnx=done["onnx"], export_what=done["export_what"])
+        spec.update(artifact=done["artifact"], export_what=done["export_what"])
         export_s = done["export_s"]
     rc = spawn("run", spec)
     res.wall_s = time.perf_counter() - t0
@@ -718,7 +758,9 @@ def model_table(results: list[Result], bw: float, prefill_len: int) -> Any:
 
 
 def _best(results: list[Result], family: str, bits: int) -> Result | None:
-    rows = [r for r in results if r.family == family and r.bits == bits and r.decode_tok_s and not r.error]
+    """The fastest row of ``family`` and ``bits``; slimkit's GGUF files run by llama.cpp are not slimkit's runtime."""
+    rows = [r for r in results if r.family == family and r.bits == bits and r.decode_tok_s and not r.error
+            and not r.row.startswith("slimkit-gguf-")]
     return max(rows, key=lambda r: r.decode_tok_s) if rows else None
 
 
@@ -753,6 +795,13 @@ def verdicts(results: list[Result], bw: float) -> list[str]:
                        f"{base.prefill_ms:.0f} ms (target ≤ {G3_PREFILL}×: {'met' if pr <= G3_PREFILL else 'MISSED'}); "
                        f"fastest slimkit int{bits} prefill: \"{best_pre.label}\" "
                        f"{best_pre.prefill_ms / base.prefill_ms:.2f}×.")
+    for qtype in ("q8_0", "q4_0"):
+        own = next((r for r in results if r.row == f"slimkit-gguf-{qtype}" and r.decode_tok_s), None)
+        peer = next((r for r in results if r.row == f"llamacpp-{qtype}" and r.decode_tok_s), None)
+        if own and peer:
+            out.append(f"- GGUF {qtype}: slimkit's file in llama.cpp {own.decode_tok_s:.2f} tok/s = "
+                       f"{own.decode_tok_s / base.decode_tok_s:.2f}× fp32 eager, {own.decode_tok_s / peer.decode_tok_s:.2f}× "
+                       f"llama.cpp's own {qtype.upper()} file (same tensor types: expected 1.0× within noise).")
     again = next((r for r in results if r.row == "eager-fp32-again" and r.decode_tok_s), None)
     if again:
         first = next(r for r in results if r.row == "eager-fp32")
@@ -796,7 +845,10 @@ def render(by_model: dict[str, list[Result]], env: dict[str, Any], s: Settings, 
         "keeps output.weight at Q6_K); random models carry llama.cpp's bundled 32000-token llama-spm vocabulary "
         "(the converter's `_set_vocab_builtin`, as for Mamba/OpenELM folders without a tokenizer), stdlib-coder "
         "its own byte-level BPE written with pre-tokenizer `gpt-2`; token ids are fed directly, so the vocabulary "
-        "only has to load. torchao int4 on CPU in 0.18 is `PrototypeInt4WeightOnlyConfig` (Int4OpaqueTensor, bf16 "
+        "only has to load. slimkit-gguf rows: slimkit's weights on llama.cpp's block grid (`sk.GPTQ(grid=...)` on "
+        "stdlib-coder, `sk.RTN(grid=...)` on random models), written by `slimkit.export.gguf.export_gguf` with the "
+        "tensor types of llama.cpp's own file (Q4_0: output.weight Q6_K) and run like the llama.cpp rows; they "
+        "are not counted as slimkit's runtime in the G1 verdicts. torchao int4 on CPU in 0.18 is `PrototypeInt4WeightOnlyConfig` (Int4OpaqueTensor, bf16 "
         "model): `Int4WeightOnlyConfig`'s packing formats are GPU/XPU kernels. The \"tokens = fp32\" column counts the "
         "greedy tokens equal to fp32 eager's before the first difference, of the first 32 (a plumbing check; on "
         "random weights nearly flat logits make any rounding flip a token, so it says nothing of quality).")
