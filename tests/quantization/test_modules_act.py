@@ -93,6 +93,6 @@ def test_bad_act_settings_refused():
     with pytest.raises(ValueError):
         QuantLinear(4, 4, act_mode="static", act_bits=4)
     with pytest.raises(ValueError):
-        QuantLinear(4, 4, bits=5)
+        QuantLinear(4, 4, bits=7)  # 5 and 6 are stored now (GGUF q5_0 / q6_k grids); 7 is not
     with pytest.raises(ValueError):
         QuantLinear.from_linear(nn.Linear(4, 4), 8).set_input_qparams(torch.tensor(1.0), torch.tensor(0))
