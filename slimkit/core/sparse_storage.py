@@ -454,15 +454,23 @@ class StoredTensor:
     shape: tuple[int, ...]
 
 
-def _pop_pair(stored: dict[str, StoredTensor], name: str, suffix: str, what: str, n_bits: int) -> StoredTensor:
-    """Remove ``name``'s bitmask and ``name + suffix`` entries from ``stored``; check both exist, that ``name`` is
-    not also stored densely, and that the bitmask holds ``n_bits`` bits; return the ``suffix`` entry."""
-    bitmask, other = stored.pop(name + BITMASK_SUFFIX, None), stored.pop(name + suffix, None)
-    if bitmask is None or other is None:
-        missing = name + (BITMASK_SUFFIX if bitmask is None else suffix)
+def _pop_two(stored: dict[str, StoredTensor], name: str, first: str, second: str, what: str
+             ) -> tuple[StoredTensor, StoredTensor]:
+    """Remove the entries ``name + first`` and ``name + second`` of a compact form from ``stored``, checking both
+    exist and that ``name`` is not also stored densely."""
+    a, b = stored.pop(name + first, None), stored.pop(name + second, None)
+    if a is None or b is None:
+        missing = name + (first if a is None else second)
         raise ValueError(f"{what} {name!r}: {missing!r} is missing from the file")
     if name in stored:
         raise ValueError(f"tensor {name!r} is stored both densely and compactly")
+    return a, b
+
+
+def _pop_pair(stored: dict[str, StoredTensor], name: str, suffix: str, what: str, n_bits: int) -> StoredTensor:
+    """Remove ``name``'s bitmask and ``name + suffix`` entries from ``stored`` (``_pop_two``), check that the
+    bitmask holds ``n_bits`` bits; return the ``suffix`` entry."""
+    bitmask, other = _pop_two(stored, name, BITMASK_SUFFIX, suffix, what)
     if bitmask.dtype != torch.uint8 or bitmask.shape != (math.ceil(n_bits / 8),):
         raise ValueError(f"{what} {name!r}: a bitmask of {n_bits} bits must be uint8 of shape "
                          f"({math.ceil(n_bits / 8)},), the file has {bitmask.dtype} of shape {bitmask.shape}")
@@ -472,12 +480,7 @@ def _pop_pair(stored: dict[str, StoredTensor], name: str, suffix: str, what: str
 def _pop_nm(stored: dict[str, StoredTensor], name: str, n_codes: int, layout: CodeLayout) -> StoredTensor:
     """Remove ``name``'s 2:4 index and codes entries from ``stored``, checking both exist with the sizes
     ``n_codes`` codes need; return the codes entry."""
-    index, codes = stored.pop(name + NM_INDEX_SUFFIX, None), stored.pop(name + CODES_SUFFIX, None)
-    if index is None or codes is None:
-        missing = name + (NM_INDEX_SUFFIX if index is None else CODES_SUFFIX)
-        raise ValueError(f"sparse codes {name!r}: {missing!r} is missing from the file")
-    if name in stored:
-        raise ValueError(f"tensor {name!r} is stored both densely and compactly")
+    index, codes = _pop_two(stored, name, NM_INDEX_SUFFIX, CODES_SUFFIX, "sparse codes")
     groups = n_codes // 4
     if n_codes % 4 or index.dtype != torch.uint8 or index.shape != (math.ceil(groups * 3 / 8),):
         raise ValueError(f"sparse codes {name!r}: {n_codes} codes in 2:4 groups need a uint8 index of shape "

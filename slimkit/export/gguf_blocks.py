@@ -208,6 +208,17 @@ def _fits_codes(codes: torch.Tensor, lo: int, hi: int) -> bool:
     return codes.numel() == 0 or (int(codes.min()) >= lo and int(codes.max()) <= hi)
 
 
+def _unsigned_4bit(layer: _Layer, name: str) -> tuple[torch.Tensor, torch.Tensor, int] | str:
+    """``(codes 0..15, zero points, shift)`` for the offset types: symmetric codes shifted by 8 (zero 0, offset 8·s),
+    unsigned ones as they are; or the reason they do not fit 16 levels."""
+    shift = 8 if layer.offset_codes is None else 0
+    u = layer.codes + shift
+    if not _fits_codes(u, 0, 15):
+        return f"its codes do not fit {name}'s 16 levels"
+    z = torch.zeros_like(layer.scale) if layer.offset_codes is None else layer.offset_codes
+    return u, z, shift
+
+
 def _encode_copy(layer: _Layer, grid: BlockGrid) -> tuple[np.ndarray, bool] | str:
     """Blocks holding ``layer``'s codes unchanged, and whether its scales had to be rounded to fp16; else a reason."""
     rows = layer.codes.shape[0]
@@ -225,22 +236,20 @@ def _encode_copy(layer: _Layer, grid: BlockGrid) -> tuple[np.ndarray, bool] | st
         return packer(q, d).reshape(rows, -1), rounded
     if name == "q4_1":
         # x = (q - z)·s = s·q' + b with q' = q + shift (symmetric codes shifted to unsigned), b = -(z + shift)·s
-        shift = 8 if layer.offset_codes is None else 0
-        u = layer.codes + shift
-        if not _fits_codes(u, 0, 15):
-            return "its codes do not fit q4_1's 16 levels"
-        z = torch.zeros_like(layer.scale) if layer.offset_codes is None else layer.offset_codes
+        unsigned = _unsigned_4bit(layer, name)
+        if isinstance(unsigned, str):
+            return unsigned
+        u, z, shift = unsigned
         d16 = fp16_value(layer.scale)
         b = -(z + shift) * layer.scale
         b16 = fp16_value(b)
         rounded = not (torch.equal(d16, layer.scale) and torch.allclose(b16, b, rtol=2e-6, atol=0.0))
         return pack_q4_1(u.reshape(-1, 32).numpy(), d16.reshape(-1).numpy(), b16.reshape(-1).numpy()).reshape(rows, -1), rounded
     if name == "q4_k":
-        shift = 8 if layer.offset_codes is None else 0
-        u = layer.codes + shift
-        if not _fits_codes(u, 0, 15):
-            return "its codes do not fit q4_k's 16 levels"
-        z = torch.zeros_like(layer.scale) if layer.offset_codes is None else layer.offset_codes
+        unsigned = _unsigned_4bit(layer, name)
+        if isinstance(unsigned, str):
+            return unsigned
+        u, z, shift = unsigned
         s = layer.scale.reshape(-1, 8)  # (super-blocks, 8)
         o = ((z + shift) * layer.scale).reshape(-1, 8)  # offsets M·m_j (>= 0 on the grid)
         if bool((s <= 0).any()) or bool((o < 0).any()):
