@@ -76,7 +76,7 @@ from slimkit.core.nm import (
 from slimkit.core.registry import Context, register
 from slimkit.core.streaming import return_freed_memory
 from slimkit.core.targets import select_modules, set_submodule
-from slimkit.quantization.grids import GRIDS, BlockGrid, fp16_value, grid_for_columns
+from slimkit.quantization.grids import GRIDS, BlockGrid, fp16_value, grid_for_columns, grid_problem
 from slimkit.quantization.modules import QuantLinear
 from slimkit.quantization.primitives import (
     BITS,
@@ -403,10 +403,8 @@ def apply_gptq(model: nn.Module, config: GPTQ, ctx: Context) -> None:
         elif (problem := linear_problem(module, "a QuantLinear")) is not None:
             ctx.note(f"GPTQ: skipped {name}: {problem}")
         elif config.grid is not None:
-            try:
-                grid_for_columns(config.grid, in_features(module))
-            except ConfigError as exc:
-                raise ConfigError(f"GPTQ.grid: {name}: {exc}; leave the layer out with ignore=[{name!r}]") from None
+            if (problem := grid_problem(config.grid, in_features(module))) is not None:
+                raise ConfigError(f"GPTQ.grid: {name}: {problem}; leave the layer out with ignore=[{name!r}]")
             chosen.add(name)
         elif gs is not None and in_features(module) % gs:
             cols = in_features(module)
