@@ -11,7 +11,7 @@ Presets (shipped recipes, run as shipped through ``recipe.runner.run_recipe``):
 - ``mobile-int8-structured-kd-digits`` (digits-cnn): StructuredPrune 30% of the filters (L1, widths rounded down
   to multiples of 8, BatchNorm re-estimated) → KD recovery against the unpruned model → StaticQuant int8;
 - ``distill-quantize-prune`` (stdlib-coder): Distill into stdlib-coder-student → GPTQ int8 per channel pruning
-  2:4 in the same pass (SparseGPT's joint mode); lm_head and the embedding stay fp32.
+  2:4 in the same pass (SparseGPT's joint mode) → RTN int8 of lm_head and the embedding rows.
 
 Single-technique rows, each one step (or one step plus the same recovery) on the uncompressed model:
 - MiniLM: fp32; StaticQuant int8 alone (recipe int8-static-minilm); structured 30% alone and 30% + recovery (the
@@ -25,9 +25,7 @@ Single-technique rows, each one step (or one step plus the same recovery) on the
 - stdlib-coder: fp32; the KD student alone (the preset's model after its distill stage, i.e. recipe
   distill-stdlib-coder); GPTQ int8 alone, GPTQ int8 pruning 2:4 in the same pass, SparseGPT 2:4 alone (recipe
   sparsegpt-2of4) and GPTQ int4 g128 (recipe w4-gptq), all on the teacher's 42 block layers with lm_head and the
-  embedding fp32; RTN int8 of every weight, the embedding table and lm_head included (recipe int8-weight-only);
-  and, not a shipped recipe, the preset's model with its fp32 embedding and lm_head also RTN int8 (what the
-  preset would gain by quantizing them; C2 is judged on the recipe as shipped).
+  embedding fp32; RTN int8 of every weight, the embedding table and lm_head included (recipe int8-weight-only).
 
 Quality: MiniLM, mean (and min) cosine of mean-pooled sentence embeddings to the fp32 model's, both from ONNX
 Runtime, on 256 eval-split sentences padded to 128 tokens (bench_int8_minilm's measure); digits-cnn, top-1 accuracy
@@ -329,10 +327,9 @@ def coder_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
     sp24 = Row("SparseGPT 2:4 alone (sparsegpt-2of4)", "single", "2:4 zeros in the teacher's block layers, fp32")
     g4 = Row("GPTQ int4 g128 alone (w4-gptq)", "single", "4-bit codes in the teacher's block layers")
     rtn8 = Row("RTN int8 of every weight, embedding and lm_head included (int8-weight-only)", "single",
-               "it quantizes the token embedding and lm_head too — half of the teacher's 6.2M weights and "
-               "two thirds of the student's 2.4M — which every GPTQ/SparseGPT row, the preset included, keeps "
-               "in fp32; the 6-layer teacher at int8 is about as small as the 2-layer student with fp32 "
-               "embeddings, and far better (the student's loss is distillation's, not quantization's)")
+               "it quantizes the token embedding and lm_head too — half of the teacher's 6.2M weights — "
+               "which every GPTQ/SparseGPT row keeps in fp32; the 6-layer teacher at int8 is far better than "
+               "the 2-layer student (the student's loss is distillation's, not quantization's)")
     ours = Row(f"preset {PRESETS['coder']}", "preset")
     run(ours, teacher, preset, {"distill": student})
     run(g8, teacher, one_step(preset, dataclasses.replace(gptq, pattern=None, sparsity=0.0)))
@@ -340,16 +337,7 @@ def coder_rows(settings: Settings, work: Path) -> tuple[list[Row], dict[str, Any
     run(sp24, teacher, shipped("sparsegpt-2of4", settings))
     run(g4, teacher, shipped("w4-gptq", settings))
     run(rtn8, teacher, shipped("int8-weight-only", settings))
-    more = Row("preset + RTN int8 of the student's embedding and lm_head (not in the recipe)", "variant")
-
-    def quantize_rest() -> None:
-        more.model = copy.deepcopy(ours.model)
-        sk.quantize_(more.model, sk.RTN(bits=8, include=("lm_head", "model.embed_tokens"), embeddings=True))
-
-    if ours.error:
-        more.error = ours.error
-    harness.guard(more, "compress", lambda: harness.timed_row(more, quantize_rest))
-    rows = [fp32, student, g8, g8_24, sp24, g4, rtn8, ours, more]
+    rows = [fp32, student, g8, g8_24, sp24, g4, rtn8, ours]
     for r in rows:
         if not r.error:
             r.size = harness.guard(r, "save", lambda r=r: harness.saved_size(r.model))

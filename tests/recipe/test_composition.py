@@ -126,6 +126,7 @@ def test_llm_sparse_int4_recipe_keeps_half_zeros_through_recovery_and_gptq(tmp_p
     assert len(layers) == 42
     for name, m in layers.items():
         assert 0.5 <= _zero_fraction(m) < 0.6, name
+        assert torch.equal(m.scale, m.scale.half().float()), name  # fp16_scales: stored in 16 bits losslessly
     assert any("stay exact zeros" in n for n in ctx.notes)
     slimkit.save(ctx.model, tmp_path / "m")
     from safetensors import safe_open

@@ -21,6 +21,7 @@ from slimkit.pruning.structured import StructuredPrune
 from slimkit.quantization.gptq import GPTQ
 from slimkit.quantization.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quantization.ptq import StaticQuant
+from slimkit.quantization.weight_only import RTN
 from slimkit.recipe.runner import check_order, needs_data, run_recipe
 from slimkit.recipe.schema import Recipe, Stage, resolve_recipe
 from slimkit.recipe.steps import order_problem
@@ -30,7 +31,7 @@ torch.set_num_threads(1)
 PRESETS = {
     "mobile-int8-structured-kd": ("minilm", [StructuredPrune, Distill, StaticQuant]),
     "mobile-int8-structured-kd-digits": ("digits-cnn", [StructuredPrune, Distill, StaticQuant]),
-    "distill-quantize-prune": ("stdlib-coder", [Distill, GPTQ]),
+    "distill-quantize-prune": ("stdlib-coder", [Distill, GPTQ, RTN]),
 }
 
 
@@ -143,18 +144,22 @@ def test_distill_quantize_prune_leaves_an_int8_2of4_student(tmp_path):
                                             seq_len=32, eval_every=0), data=calib)
     student = ctx.model
     assert student is not teacher and student.config.num_hidden_layers == 2 and student.config.hidden_size == 192
-    assert _step_types(student) == ["Distill", "GPTQ"]
+    assert _step_types(student) == ["Distill", "GPTQ", "RTN"]
     blocks = {n: m for n, m in student.named_modules() if ".layers." in n and isinstance(m, (nn.Linear, QuantLinear))}
     assert len(blocks) == 14 and all(isinstance(m, QuantLinear) and m.bits == 8 for m in blocks.values())
     for name, m in blocks.items():  # exactly 2 zeros in every run of 4 input weights
         w = m.dense_weight()
         assert torch.all((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2), name
         assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01), name
-    assert type(student.lm_head) is nn.Linear and type(student.model.embed_tokens) is nn.Embedding
+    # the rest of the student's weights: int8 rows, dense (the 2:4 pass is the blocks' only)
+    head, emb = student.lm_head, student.model.embed_tokens
+    assert isinstance(head, QuantLinear) and isinstance(emb, QuantEmbedding) and head.bits == emb.bits == 8
+    assert float((head.dense_weight() == 0).float().mean()) < 0.05
+    assert not [n for n, m in student.named_modules() if type(m) in (nn.Linear, nn.Embedding)]
     ids = calib.batches[0]["input_ids"][:2]
     sk.save(student, tmp_path / "m")
     again = sk.load(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, student(input_ids=ids).logits)
-    for name, m in blocks.items():
+    for name, m in {**blocks, "lm_head": head}.items():
         assert torch.equal(again.get_submodule(name).dense_weight(), m.dense_weight())
