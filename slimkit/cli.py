@@ -277,6 +277,48 @@ def _print_report(ui: _Ui, report, out: Path | None) -> None:
         ui.out.print(f"wrote {out / 'model'} and {out}/report.{{md,json,html}}")
 
 
+@app.command()
+def advise(
+    model: str = typer.Argument(None, help="Zoo name or model folder (default: the zoo's default model)."),
+    target: str = typer.Option("latency", "--target", "-t", help="What to minimise: latency, size or memory."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Largest relative drop of the headline quality "
+                                             "figure a recommendation may cost, e.g. 0.01 for 1% (measured on the "
+                                             "calibration split: each candidate's steps run on a copy)."),
+    keep_architecture: bool = typer.Option(False, "--keep-architecture", help="Quantization only: no structured "
+                                           "pruning or low-rank factorization."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data: " + _DATA_HELP + "."),
+    write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="Write the recommendation as a recipe "
+                                                "YAML here (run it with slimkit compress --recipe FILE)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the advice as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the advice."),
+) -> None:
+    """Recommend compression recipes for this model on this machine, ranked by measured kernel probes."""
+    from slimkit.auto.advise import TARGETS
+    from slimkit.auto.advise import advise as run_advise
+    from slimkit.core.atomic import atomic_write_text
+    from slimkit.core.io import load
+
+    if target not in TARGETS:
+        raise typer.BadParameter(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}", param_hint="--target")
+    name = model or _default_model()
+    ui = _Ui(quiet, as_json)
+    with ui.step(f"loading {name}"):
+        m = load(name)
+    with ui.step("inspecting and probing") as update:
+        advice = run_advise(m, target, max_drop, keep_architecture=keep_architecture, model_name=name,
+                            calibration=calib, progress=lambda text: update(text, 0.0))
+    if write_recipe is not None:
+        if advice.best is None:
+            _fail("no candidate is recommendable, so no recipe was written (see the table)", 2)
+        atomic_write_text(write_recipe, advice.best.recipe(name).to_yaml())
+    if as_json:
+        print(json.dumps(advice.to_dict(), indent=2))
+        return
+    print(advice.to_markdown())  # plain Markdown: a wide table stays readable and can be pasted as it is
+    if write_recipe is not None:
+        ui.out.print(f"recipe written: {write_recipe}")
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Zoo name or model folder."),

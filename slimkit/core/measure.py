@@ -221,6 +221,25 @@ class LatencyStats:
             raise MeasureError(f"LatencyStats: {exc}") from None
 
 
+def fastest_ms(fn: Callable[[], Any], budget_s: float = 0.25, runs: int = 9) -> float:
+    """The fastest of a few timed runs of ``fn`` in milliseconds, after one warm-up.
+
+    For probes that compare paths (a kernel choice, ``slimkit advise``): the minimum is what
+    a busy machine (other processes, preemption) distorts least. Stops after ``runs`` calls,
+    or earlier once ``budget_s`` is spent and at least 5 calls were timed.
+    """
+    fn()  # warm-up
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < runs and (spent < budget_s or len(times) < 5):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        times.append(elapsed)
+        spent += elapsed
+    return min(times) * 1e3
+
+
 def measure_latency(
     fn: Callable[[], Any],
     *,

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from slimkit.core.errors import ConfigError
 from slimkit.core.machine import cpu_isa, has_native_bf16
+from slimkit.core.measure import fastest_ms
 from slimkit.quantization.primitives import quantize, scale_zero_from_range
 
 POLICIES = ("auto", "reference", "force")
@@ -373,24 +374,9 @@ def _signature(layer: Any) -> tuple:
             layer.act_symmetric, layer.input_multiplier is not None, torch.get_num_threads(), cpu_isa())
 
 
-def _fastest_ms(fn: Callable[[], Any], budget_s: float = 0.25, runs: int = 9) -> float:
-    """The fastest of a few timed runs: a probe compares paths, and the minimum is what a busy machine
-    (other processes, preemption) distorts least."""
-    fn()  # warm-up
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < runs and (spent < budget_s or len(times) < 5):
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        times.append(elapsed)
-        spent += elapsed
-    return min(times) * 1e3
-
-
 def _time_path(label: str, fn: Callable[[], Any]) -> float:
     """Median milliseconds of one path (``label`` names it; tests replace this to fix the timings)."""
-    return _fastest_ms(fn)
+    return fastest_ms(fn)
 
 
 def _agrees(y: torch.Tensor, ref: torch.Tensor, act_dtype: torch.dtype) -> bool:

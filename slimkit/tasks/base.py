@@ -156,8 +156,13 @@ class Task:
         raise UnsupportedError(f"no built-in way to feed a {self.kind} model ({type(model).__name__}): pass "
                                "CalibrationData yourself, or attach a GenericTask with example inputs")
 
-    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None) -> EvalData:
-        """Held-out evaluation data for ``model``: ``data`` (a spec, EvalData) or the eval split of its corpus."""
+    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None,
+                  split: str = "eval") -> EvalData:
+        """Held-out evaluation data for ``model``: ``data`` (a spec, EvalData) or the eval split of its corpus.
+
+        ``split``: the built-in corpus split to read ("calibration" for figures that must never
+        see the eval split, such as ``slimkit advise``'s quality probes); a user's source is read whole.
+        """
         if isinstance(data, EvalData):
             return data
         return EvalData(self.kind, "no quality data for a generic module")

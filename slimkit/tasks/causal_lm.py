@@ -131,12 +131,13 @@ class CausalLMTask(Task):
         return CalibrationData(batches, description=f"{description}: {len(chosen)} x {seq_len} tokens{short} "
                                                     f"(seed {seed})")
 
-    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None) -> EvalData:
+    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None,
+                  split: str = "eval") -> EvalData:
         """The first ``max_tokens`` (default 65,536) tokens of the held-out text (default: the corpus's eval split)."""
         if isinstance(data, EvalData):
             return data
         max_tokens = max_tokens or DEFAULT_EVAL_TOKENS
-        records, description = self.records(model, data, "eval")
+        records, description = self.records(model, data, split)
         ids = token_stream(_texts(records, "evaluation data"), _tokenizer(model), max_tokens)
         if len(ids) < MIN_EVAL_TOKENS:
             raise DataError(f"evaluation data {description} gives {len(ids)} tokens; a perplexity needs at least "

@@ -74,11 +74,12 @@ class ClassifierTask(Task):
         batches = [self.wrap(b) for b in torch.split(x[idx], 64)]
         return CalibrationData(batches, description=f"{len(idx)} samples of {description} (seed {seed})")
 
-    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None) -> EvalData:
+    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None,
+                  split: str = "eval") -> EvalData:
         """Held-out inputs and labels (default: the eval split of the model's corpus)."""
         if isinstance(data, EvalData):
             return data
-        records, description = self.records(model, data, "eval")
+        records, description = self.records(model, data, split)
         found = _tensors(records, "evaluation data")
         return EvalData(self.kind, f"{description}, {len(found.labels)} samples", inputs=found.inputs,
                         labels=found.labels)

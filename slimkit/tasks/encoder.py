@@ -73,11 +73,12 @@ class EncoderTask(Task):
                                   return_tensors="pt")) for i in range(0, len(texts), 16)]
         return CalibrationData(batches, description=f"{len(texts)} texts of {description}")
 
-    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None) -> EvalData:
+    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None,
+                  split: str = "eval") -> EvalData:
         """Up to 512 held-out texts (default: 256 sentences of the corpus's eval split, seed 0)."""
         if isinstance(data, EvalData):
             return data
-        records, description = self.records(model, data, "eval", n=256)
+        records, description = self.records(model, data, split, n=256)
         texts = _texts(records, "evaluation data")[:MAX_EVAL_TEXTS]
         if len(texts) < 2:
             raise DataError(f"evaluation data {description} has {len(texts)} text(s); embedding fidelity compares "

@@ -73,7 +73,8 @@ class GenericTask(Task):
             return super().calibration(model, spec)
         return self._calibration
 
-    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None) -> EvalData:
+    def eval_data(self, model: nn.Module, data: Any = None, max_tokens: int | None = None,
+                  split: str = "eval") -> EvalData:
         """The user's evaluation data (``data`` when given), passed to ``metric`` untouched."""
         if isinstance(data, EvalData):
             return data
