@@ -187,6 +187,10 @@ def expected_bytes(facts: ModelFacts, linear_bits: float, group: int | None = No
     if linear_bits < 32:
         linear += _linear_scale_bytes(facts, group, scale_bytes) * keep
     emb = facts.embedding_params * embedding_bits / 8
+    if embedding_bits == 8:  # one fp32 scale per row
+        emb += 4 * facts.embedding_rows
+    elif embedding_bits < 8:  # one fp32 scale per group of a row (RTN's group_size, 32 here)
+        emb += 4 * facts.embedding_params / 32
     return int(linear + emb + 4 * (facts.conv_params + facts.other_params))
 
 
@@ -225,32 +229,37 @@ def build_candidates(facts: ModelFacts, machine: MachineFacts, keep_architecture
     accel = machine.int8_accelerator is not None
     smooth = 0.5 if facts.outlier_layers else None
     recovery = Distill(student="", steps=RECOVERY_STEPS, lr=5e-4, warmup_steps=30, batch_size=16, eval_every=100)
-    four_bit = (GPTQ(bits=4, group_size=g, symmetric=True) if facts.generates else RTN(bits=4, group_size=g))
+    # GPTQ (blocks, calibrated) for a decoder; RTN elsewhere, with int4 embedding rows too
+    four_bit = (GPTQ(bits=4, group_size=g, symmetric=True) if facts.generates
+                else RTN(bits=4, group_size=g, embeddings=emb))
+    emb8, emb4 = (8 if emb else 32), (4 if emb and not facts.generates else 32)
     cands = [
         Candidate("int8 weight-only", "torch", (RTN(bits=8, embeddings=emb),), "low", "torch int8 weight-only",
                   reason="8-bit codes of every weight, computed by torch's int8 weight kernel where it won the probe",
-                  expected_bytes=expected_bytes(facts, 8, embedding_bits=8 if emb else 32)),
+                  expected_bytes=expected_bytes(facts, 8, embedding_bits=emb8)),
         Candidate(f"int4 weight-only ({type(four_bit).__name__}, group {g})", "torch", (four_bit,), "medium",
                   "torch int4 weight-only", reason="4-bit codes of every Linear"
                   + (", GPTQ's error correction (calibrated)" if facts.generates else ""),
-                  expected_bytes=expected_bytes(facts, 4, g)),
+                  expected_bytes=expected_bytes(facts, 4, g, embedding_bits=emb4)),
     ]
     if not facts.generates:
-        cands.append(Candidate("W8A8 dynamic (torch)", "torch", (DynamicQuant(bits=8),), "low", "torch W8A8 dynamic",
-                               reason="int8 weights and per-batch int8 activations through torch._int_mm",
-                               expected_bytes=expected_bytes(facts, 8)))
+        cands.append(Candidate("W8A8 dynamic (torch)", "torch", (DynamicQuant(bits=8, embeddings=emb),), "low",
+                               "torch W8A8 dynamic", reason="int8 weights and per-batch int8 activations through "
+                               "torch._int_mm", expected_bytes=expected_bytes(facts, 8, embedding_bits=emb8)))
     if "onnxruntime" in machine.runtimes and not facts.generates:
         static = StaticQuant(bits=8, reduce_range=not accel, smooth_alpha=smooth, embeddings=emb)
         cands += [
-            Candidate("int8 dynamic (ONNX Runtime)", "onnxruntime", (DynamicQuant(bits=8, reduce_range=not accel),),
-                      "low", "ORT int8 dynamic", reason="ORT's MatMulInteger with activations quantized per call",
-                      expected_bytes=expected_bytes(facts, 8)),
+            Candidate("int8 dynamic (ONNX Runtime)", "onnxruntime",
+                      (DynamicQuant(bits=8, reduce_range=not accel, embeddings=emb),), "low", "ORT int8 dynamic",
+                      reason="ORT's MatMulInteger with activations quantized per call",
+                      expected_bytes=expected_bytes(facts, 8, embedding_bits=emb8)),
             Candidate("int8 static (ONNX Runtime)", "onnxruntime", (static,), "low", "ORT int8 static",
                       reason="calibrated int8 activations: ORT's QLinear kernels"
                       + (", SmoothQuant for the outlier channels" if smooth else ""),
-                      expected_bytes=expected_bytes(facts, 8, embedding_bits=8 if emb else 32)),
-            Candidate("int4 weight-only (ONNX Runtime)", "onnxruntime", (RTN(bits=4, group_size=32),), "medium",
-                      "ORT int4 weight-only", reason="ORT's MatMulNBits", expected_bytes=expected_bytes(facts, 4, 32)),
+                      expected_bytes=expected_bytes(facts, 8, embedding_bits=emb8)),
+            Candidate("int4 weight-only (ONNX Runtime)", "onnxruntime", (RTN(bits=4, group_size=32, embeddings=emb),),
+                      "medium", "ORT int4 weight-only", reason="ORT's MatMulNBits",
+                      expected_bytes=expected_bytes(facts, 4, 32, embedding_bits=emb4)),
         ]
     if not keep_architecture:
         prune = StructuredPrune(ratio=0.3, importance="l2")
@@ -263,7 +272,7 @@ def build_candidates(facts: ModelFacts, machine: MachineFacts, keep_architecture
             cands.append(Candidate("structured 30% + recovery + int8 static (ONNX Runtime)", "onnxruntime",
                                    (prune, recovery, static), "high", "ORT int8 static", (TORCH_FP32, STRUCTURED),
                                    reason="less work and int8 kernels for what remains",
-                                   expected_bytes=expected_bytes(facts, 8, embedding_bits=8 if emb else 32,
+                                   expected_bytes=expected_bytes(facts, 8, embedding_bits=emb8,
                                                                  keep=STRUCTURED_KEEP_WEIGHTS)))
         cands.append(Candidate("low-rank ½ (SVD) + recovery", "torch", (SVD(param_ratio=0.5), recovery), "high",
                                TORCH_FP32, (TORCH_FP32, LOWRANK),

@@ -109,6 +109,7 @@ class ModelFacts:
     conv_params: int
     other_params: int  # norms, biases of other layers, parameters of layers no technique handles
     linear_layers: int
+    embedding_rows: int
     shapes: list[tuple[tuple[int, int], int]]  # (out, in) -> how many layers, most weights first
     outliers: dict[str, float] = field(default_factory=dict)  # layer -> max/median channel |x| (measured only)
 
@@ -131,6 +132,7 @@ def model_facts(model: nn.Module, batches: list[Any] | None = None) -> ModelFact
     """Count ``model``'s parameters by layer type; with calibration ``batches``, measure activation outliers."""
     task = task_of(model)
     counts = {"linear": 0, "embedding": 0, "conv": 0, "other": 0}
+    embedding_rows = 0
     shapes: Counter[tuple[int, int]] = Counter()
     seen: set[int] = set()
     linears: dict[str, nn.Module] = {}
@@ -144,6 +146,7 @@ def model_facts(model: nn.Module, batches: list[Any] | None = None) -> ModelFact
             linears[name] = module
         elif isinstance(module, nn.Embedding):
             counts["embedding"] += n
+            embedding_rows += module.num_embeddings if n else 0
         elif isinstance(module, nn.modules.conv._ConvNd):
             counts["conv"] += n
         else:
@@ -154,7 +157,7 @@ def model_facts(model: nn.Module, batches: list[Any] | None = None) -> ModelFact
                        fp32_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
                        linear_params=counts["linear"], embedding_params=counts["embedding"],
                        conv_params=counts["conv"], other_params=counts["other"], linear_layers=len(linears),
-                       shapes=by_weight)
+                       embedding_rows=embedding_rows, shapes=by_weight)
     if batches:
         facts.outliers = activation_outliers(model, linears, batches)
     return facts

@@ -69,7 +69,7 @@ def test_model_facts_count_parameters_by_layer_type_and_tied_weights_once():
             return self.head(self.emb(ids))
 
     f = model_facts(set_task(Tied(), GenericTask(example_inputs=torch.zeros(2, 3, dtype=torch.long))))
-    assert f.embedding_params == 3200 and f.linear_params == 32 * 48 + 48 and f.other_params == 96
+    assert f.embedding_params == 3200 and f.embedding_rows == 100 and f.linear_params == 32 * 48 + 48 and f.other_params == 96
     assert f.params == 3200 + 32 * 48 + 48 + 96 and f.conv_params == 0
     # most weights first; the tied head is a Linear the probes time though its weight is the embedding's
     assert f.shapes == [((100, 32), 1), ((48, 32), 1)] and f.linear_layers == 2
@@ -113,6 +113,10 @@ def test_expected_bytes_by_hand():
     scales = 4 * (256 * 2 + 256 * 8 + 10 * 8)
     assert A.expected_bytes(f, 4, 32) == int((weights + biases) / 2 + scales)
     assert A.expected_bytes(f, 32) == 4 * f.params
+    # embedding rows: int8 with one scale per row, int4 with one per 32 values
+    f.embedding_params, f.embedding_rows = 1000 * 64, 1000
+    assert A.expected_bytes(f, 32, embedding_bits=8) - A.expected_bytes(f, 32) == 1000 * 64 + 4 * 1000 - 4 * 64000
+    assert A.expected_bytes(f, 32, embedding_bits=4) - A.expected_bytes(f, 32) == 32000 + 4 * 2000 - 4 * 64000
 
 
 def _cand(name, ms, size, risk="low", excluded=None):
