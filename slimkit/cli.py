@@ -289,6 +289,10 @@ def advise(
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data: " + _DATA_HELP + "."),
     write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="Write the recommendation as a recipe "
                                                 "YAML here (run it with slimkit compress --recipe FILE)."),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="Also measure each Linear's sensitivity to "
+                                     "8/4/3/2-bit codes, 25/50/75% pruning and 75/50/25% of its rank (calibration data)."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write the advice as one HTML page here "
+                                            "(with the sensitivity plot when measured)."),
     as_json: bool = typer.Option(False, "--json", help="Print the advice as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the advice."),
 ) -> None:
@@ -306,10 +310,14 @@ def advise(
         m = load(name)
     with ui.step("inspecting and probing") as update:
         advice = run_advise(m, target, max_drop, keep_architecture=keep_architecture, model_name=name,
-                            calibration=calib, progress=lambda text: update(text, 0.0))
+                            calibration=calib, sensitivity=sensitivity, progress=lambda text: update(text, 0.0))
+    if html_out is not None:
+        atomic_write_text(html_out, advice.to_html())
     if write_recipe is not None:
         if advice.best is None:
             _fail("no candidate is recommendable, so no recipe was written (see the table)", 2)
+        if advice.best.uncompressed:
+            _fail(f"the recommendation is {advice.best.name}: no compression step to write as a recipe", 2)
         atomic_write_text(write_recipe, advice.best.recipe(name).to_yaml())
     if as_json:
         print(json.dumps(advice.to_dict(), indent=2))

@@ -43,6 +43,7 @@ from torch import nn
 
 from slimkit.auto.facts import MachineFacts, ModelFacts, machine_facts, model_facts
 from slimkit.auto.probes import ProbePath, ShapeTimes, expected_ms, probe_shapes
+from slimkit.auto.sensitivity import Sensitivity, layer_sensitivity
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError
 from slimkit.core.measure import model_latency
@@ -60,6 +61,9 @@ TARGETS = ("latency", "size", "memory")
 #: the shapes probed: the fewest, most-weights-first, holding this share of the Linear weights
 PROBE_COVERAGE = 0.9
 RECOVERY_STEPS = 300
+#: a compression must be expected below this fraction of fp32's time to rank above no compression
+#: (one-layer probes predict whole-model times to within about ±20% on a 2-core VM: A3 in BENCHMARKS.md)
+NO_GAIN = 0.95
 
 
 @dataclass
@@ -80,6 +84,11 @@ class Candidate:
     excluded: str | None = None  # why it is not recommended (a path failed, over max_drop)
 
     @property
+    def uncompressed(self) -> bool:
+        """Whether this is the model as it is (fp32 in its runtime): the choice compression must beat."""
+        return not self.steps
+
+    @property
     def needs_training(self) -> bool:
         """Whether the recipe trains (a recovery step)."""
         return any(isinstance(s, Distill) for s in self.steps)
@@ -98,7 +107,7 @@ class Candidate:
                 "expected_bytes": self.expected_bytes, "expected_memory_bytes": self.expected_memory,
                 "expected_ms": None if self.expected_ms is None else round(self.expected_ms, 3),
                 "needs_training": self.needs_training, "quality": self.quality, "excluded": self.excluded,
-                "recipe": self.recipe(model).to_yaml()}
+                "recipe": None if self.uncompressed else self.recipe(model).to_yaml()}
 
 
 @dataclass
@@ -117,6 +126,7 @@ class Advice:
     model_name: str | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    sensitivity: Sensitivity | None = None
 
     @property
     def best(self) -> Candidate | None:
@@ -133,7 +143,8 @@ class Advice:
                             "failures": p.failures} for p in self.probes],
                 "candidates": [c.to_dict(self.model_name) for c in self.candidates],
                 "recommendation": None if self.best is None else self.best.name,
-                "seconds": round(self.seconds, 1), "notes": self.notes}
+                "seconds": round(self.seconds, 1), "notes": self.notes,
+                "sensitivity": None if self.sensitivity is None else self.sensitivity.to_dict()}
 
     def to_markdown(self) -> str:
         """The advice as Markdown: the machine, the tree, the ranked table, the recommendation."""
@@ -160,7 +171,21 @@ class Advice:
         lines += ["", ("**Recommendation:** " + best.name + f" ({best.reason})") if best else
                   "**No recommendation:** every candidate was excluded (see the table)."]
         lines += [f"- {n}" for n in self.notes]
+        if self.sensitivity is not None:
+            lines += ["", "## Per-layer sensitivity", "", self.sensitivity.to_markdown()]
         return "\n".join(lines) + "\n"
+
+    def to_html(self) -> str:
+        """One self-contained page: the advice as Markdown text and, when measured, the sensitivity plot."""
+        import html
+
+        parts = ["<!doctype html><meta charset='utf-8'><title>slimkit advise</title>",
+                 "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}pre{white-space:pre-wrap}</style>",
+                 f"<pre>{html.escape(self.to_markdown())}</pre>"]
+        if self.sensitivity is not None:
+            parts.append('<h2>Per-layer sensitivity</h2><img id="sensitivity-plot" alt="per-layer sensitivity" '
+                         f'src="data:image/png;base64,{self.sensitivity.plot_png()}">')
+        return "\n".join(parts) + "\n"
 
 
 def _quality_text(q: dict[str, Any]) -> str:
@@ -288,6 +313,15 @@ def build_candidates(facts: ModelFacts, machine: MachineFacts, keep_architecture
         # torch's int4 kernel computes from a repacked copy of the codes, held beside them (+0.5 B per weight)
         c.expected_memory = c.expected_bytes + (facts.linear_params // 2 if c.path == "torch int4 weight-only" else 0)
     return cands
+
+
+def uncompressed(runtime: str, facts: ModelFacts) -> Candidate:
+    """The model as it is, in ``runtime`` (for ONNX Runtime: exported, not compressed)."""
+    how = "as it is" if runtime == "torch" else "exported to ONNX Runtime (slimkit export onnx), not compressed"
+    return Candidate(f"no compression (fp32, {'torch' if runtime == 'torch' else 'ONNX Runtime'})", runtime, (), "low",
+                     TORCH_FP32 if runtime == "torch" else ORT_FP32, reason=f"the fp32 model {how}; a compression "
+                     f"must be expected at least {1 - NO_GAIN:.0%} faster to rank above it",
+                     expected_bytes=facts.fp32_bytes, expected_memory=facts.fp32_bytes)
 
 
 #: structured 30% removes rows of half the Linears and columns of the other half: 70% of their weights stay
@@ -418,7 +452,8 @@ def _quality_probe(model: nn.Module, cand: Candidate, data: Any, reference: Any,
 
 def advise(model: nn.Module, target: str = "latency", max_drop: float | None = None, *,
            keep_architecture: bool = False, model_name: str | None = None,
-           machine: MachineFacts | None = None, calibration: Any = None, progress: Any = None) -> Advice:
+           machine: MachineFacts | None = None, calibration: Any = None, sensitivity: bool = False,
+           progress: Any = None) -> Advice:
     """Inspect ``model`` and this machine, probe the kernels, walk the tree, rank the candidates.
 
     ``target``: "latency", "size" or "memory". ``max_drop``: the largest relative drop of the
@@ -452,9 +487,12 @@ def advise(model: nn.Module, target: str = "latency", max_drop: float | None = N
     say("kernel probes")
     probes = probe_shapes(_probe_shapes(facts), rows, probe_paths(facts, machine), set(baselines))
     cands = build_candidates(facts, machine, keep_architecture)
+    if target == "latency":  # no compression is a choice too: what the others must beat by more than the noise
+        cands += [uncompressed(rt, facts) for rt in baselines]
     fp32_of = {"torch": TORCH_FP32, "onnxruntime": ORT_FP32}
     for c in cands:
-        c.expected_ms = expected_ms(baselines[c.runtime], probes, fp32_of[c.runtime], c.path, c.shrink)
+        c.expected_ms = (baselines[c.runtime] if c.uncompressed else
+                         expected_ms(baselines[c.runtime], probes, fp32_of[c.runtime], c.path, c.shrink))
         if c.expected_ms is None:
             failed = sorted({f"{k}: {v}" for p in probes for k, v in p.failures.items() if k in (c.path, *(c.shrink or ()))})
             c.excluded = "its probe did not run (" + ("; ".join(failed) or "no time") + ")"
@@ -469,9 +507,18 @@ def advise(model: nn.Module, target: str = "latency", max_drop: float | None = N
     cands = rank(cands, target, max_drop)
     advice = Advice(machine, facts, target, max_drop, decision_tree(facts, machine, target, keep_architecture),
                     baselines, unit, probes, cands, model_name=model_name)
+    best = advice.best
+    if target == "latency" and best is not None and best.uncompressed:
+        advice.notes.append(f"No compression is expected to be at least {1 - NO_GAIN:.0%} faster than fp32 on "
+                            f"{machine.isa}: at this model's layer sizes the kernels' fixed costs eat what fewer "
+                            "bytes or operations save. Compression buys size here, not speed (--target size).")
     if any(c.needs_training for c in cands):
         advice.notes.append("Candidates with a recovery step are timed as their final shapes; with max_drop, their "
                             "quality is measured before recovery (training is left out of advise), so it is a floor.")
+    if sensitivity:
+        say("per-layer sensitivity")
+        advice.sensitivity = layer_sensitivity(model, calib.batches[:4],
+                                               data_description=f"{min(4, len(calib.batches))} batch(es) of {calib.description}")
     advice.seconds = time.perf_counter() - start
     return advice
 
@@ -487,6 +534,8 @@ def rank(cands: list[Candidate], target: str, max_drop: float | None = None) -> 
     """
     def key(c: Candidate) -> tuple:
         figure = {"latency": c.expected_ms, "size": c.expected_bytes, "memory": c.expected_memory}[target]
+        if c.uncompressed and figure is not None:
+            figure *= NO_GAIN  # a compression must be expected clearly better than none to be worth its risk
         unverified = max_drop is not None and c.quality is not None and c.quality["drop"] > max_drop
         return (c.excluded is not None, unverified, math.inf if figure is None else figure, RISK_ORDER[c.risk])
 

@@ -117,6 +117,8 @@ class Task:
     token_inputs: ClassVar[bool] = False
     #: whether the model keeps a KV cache that export and calibration must switch off
     uses_cache: ClassVar[bool] = False
+    #: what ``divergence`` measures, for tables and plots
+    divergence_name: ClassVar[str] = "KL(original ‖ new) of the output distribution"
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:

@@ -44,6 +44,7 @@ class EncoderTask(Task):
     """A transformers encoder whose sentence embedding is the mean of its last hidden states."""
 
     kind = "encoder"
+    divergence_name = "1 − cosine of the sentence embedding"
     default_metrics = ("size", "params", "sparsity", "flops", "latency", "fidelity")
     default_loss = "cosine"
     has_loss = False

@@ -165,7 +165,8 @@ def test_advise_measures_ranks_and_writes_a_recipe_that_runs(tmp_path):
     advice = A.advise(model, "latency", machine=machine_facts(runtimes={"torch": torch.__version__}))
     names = [c.name for c in advice.candidates]
     assert advice.best is advice.candidates[0] and advice.best.excluded is None
-    timed = [c for c in advice.candidates if c.expected_ms is not None]
+    assert "no compression (fp32, torch)" in names
+    timed = [c for c in advice.candidates if c.expected_ms is not None and not c.uncompressed]
     assert [c.expected_ms for c in timed] == sorted(c.expected_ms for c in timed)  # ranked by expected time
     assert "int8 weight-only" in names and "structured 30% + recovery" in names
     for p in advice.probes:
@@ -175,9 +176,21 @@ def test_advise_measures_ranks_and_writes_a_recipe_that_runs(tmp_path):
     assert d["recommendation"] == advice.best.name and d["baselines_ms"]["torch"] > 0
     text = advice.to_markdown()
     assert "Decision tree" in text and advice.best.name in text
+    sens = A.advise(model, "size", keep_architecture=True, sensitivity=True,
+                    machine=machine_facts(runtimes={"torch": torch.__version__}))
+    assert not [c for c in sens.candidates if c.uncompressed]  # a size target never keeps fp32
+    assert [s.name for s in sens.sensitivity.layers] == ["0", "2", "4"]
+    assert "Per-layer sensitivity" in sens.to_markdown() and 'id="sensitivity-plot"' in sens.to_html()
     # each candidate's recipe parses back, and the recommendation's runs on the model
     for c in advice.candidates:
+        if c.uncompressed:
+            assert c.expected_ms == advice.baselines_ms[c.runtime] and d["candidates"][names.index(c.name)]["recipe"] is None
+            continue
         assert Recipe.from_yaml_text(c.recipe("m").to_yaml()).steps == list(c.steps)
+    # no compression ranks above a compression expected less than 5% faster
+    fp32 = next(c for c in advice.candidates if c.uncompressed)
+    for c in advice.candidates[:names.index(fp32.name)]:
+        assert c.expected_ms < A.NO_GAIN * fp32.expected_ms
 
 
 def test_max_drop_excludes_candidates_whose_measured_drop_is_too_large():

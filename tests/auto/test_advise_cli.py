@@ -38,6 +38,16 @@ def _advice(excluded: str | None):
                     [c], model_name="stdlib-coder")
 
 
+def test_write_recipe_refuses_when_the_recommendation_is_no_compression(tmp_path, monkeypatch):
+    advice = _advice(None)
+    facts = advice.model
+    advice.candidates = [A.uncompressed("torch", facts), *advice.candidates]
+    monkeypatch.setattr(A, "advise", lambda *a, **k: advice)
+    out = tmp_path / "advised.yaml"
+    r = _run("stdlib-coder", "--write-recipe", str(out))
+    assert r.returncode == 2 and "no compression step to write" in r.output and not out.exists()
+
+
 @pytest.mark.parametrize("excluded", [None, "drop 5% > max_drop 1%"])
 def test_write_recipe_writes_the_recommendation_or_exits_2_when_there_is_none(tmp_path, monkeypatch, excluded):
     monkeypatch.setattr(A, "advise", lambda *a, **k: _advice(excluded))
