@@ -14,7 +14,7 @@ candidate it lists is built for real and timed where it runs:
   skipped (training changes no shape, so it changes no latency; the quality of those
   candidates is not what A3 asks);
 - stdlib-coder (it generates): decode ms per token with a KV cache (``measure_generation``:
-  32 new tokens after a 64-token prompt of the calibration split), each candidate measured in
+  128 new tokens after a 64-token prompt of the calibration split, median of 3), each candidate measured in
   turn for 5 rounds (order reversed every other round), the median of the rounds' medians;
 - MiniLM (batch 32 × 128): torch candidates as ``model_latency`` calls, ONNX Runtime candidates
   exported with slimkit's exporter and run in an ORT session; all rows interleaved
@@ -45,6 +45,7 @@ from benchmarks import harness
 SECTION = "a3-advise"
 THREADS = 2
 MODELS = ("stdlib-coder", "minilm")
+NEW_TOKENS = 128  # per decode measurement: a tiny model decodes in ~7 ms per token, so fewer tokens are mostly noise
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _decode_rows(model, advice, calib, rounds: int) -> list[Row]:
         for name in built if r % 2 == 0 else reversed(list(built)):
             row = next(x for x in rows if x.label == name)
             stats = harness.guard(row, "decode", lambda name=name: measure_generation(built[name], prompt,
-                                                                                      new_tokens=32, runs=3))
+                                                                                      new_tokens=NEW_TOKENS, runs=3))
             if stats is not None:
                 samples[name].append(1e3 / stats.decode_tokens_per_s)
     for row in rows:

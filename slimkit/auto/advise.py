@@ -398,7 +398,7 @@ def _time_baselines(model: nn.Module, facts: ModelFacts, machine: MachineFacts, 
         from slimkit.evaluation.generation import measure_generation
 
         prompt = task.generation_prompt(model, data, 64)
-        stats = measure_generation(model, prompt, new_tokens=32, runs=3)
+        stats = measure_generation(model, prompt, new_tokens=48, runs=3)
         return {"torch": 1e3 / stats.decode_tokens_per_s}, "ms per decoded token (batch 1, KV cache)", 1
     inputs, batch, seq = task.latency_inputs(model, data)
     rows = batch * (seq or 1)

@@ -30,14 +30,19 @@ from torch import nn
 
 from slimkit.core.calibration import trim_padding
 from slimkit.core.errors import ConfigError, DataError
-from slimkit.core.linear_like import as_linear, is_linear_like, linear_problem
+from slimkit.core.linear_like import (
+    as_linear,
+    embedding_problem,
+    is_linear_like,
+    linear_problem,
+)
 from slimkit.factorization.allocation import LayerChoices, measure_sensitivity
 from slimkit.factorization.svd import (
     FactorizedLinear,
     rank_for_param_ratio,
     truncated_svd,
 )
-from slimkit.quantization.modules import QuantLinear
+from slimkit.quantization.modules import QuantEmbedding, QuantLinear
 
 FAMILIES = ("quantize", "prune", "factorize")
 #: the settings tried per family: weight bits, fraction of weights pruned, fraction of parameters kept
@@ -168,13 +173,27 @@ def _options(linear: nn.Linear, grid: dict[str, Sequence[float]]) -> list[tuple[
     return opts
 
 
+#: the code widths QuantEmbedding stores (its rows are looked up, never multiplied: no 3-bit path)
+EMBEDDING_BITS = (8, 4, 2)
+
+
+def _embedding_options(emb: nn.Embedding, grid: dict[str, Sequence[float]]) -> list[tuple[str, float, int, Callable[[], nn.Module]]]:
+    rows, dim = emb.weight.shape
+    g = sensitivity_group(dim)
+    return [("quantize", bits, quantized_bytes(rows, dim, int(bits), g),
+             lambda b=int(bits): QuantEmbedding.from_embedding(emb, b, g, True))
+            for bits in grid.get("quantize", ()) if int(bits) in EMBEDDING_BITS]
+
+
 def layer_sensitivity(model: nn.Module, batches: list[Any], families: Sequence[str] = FAMILIES,
                       grid: dict[str, Sequence[float]] | None = None, layers: Sequence[str] | None = None,
-                      data_description: str = "calibration data") -> Sensitivity:
+                      data_description: str = "calibration data", embeddings: bool = True) -> Sensitivity:
     """Measure every (layer, family, setting) of ``model`` on calibration ``batches``.
 
-    ``layers``: names of Linear-like layers to try (default: every one a quantizer would
-    take). ``grid``: settings per family (default ``DEFAULT_GRID``).
+    ``layers``: names of Linear-like layers (or embeddings) to try (default: every one a
+    quantizer would take). ``grid``: settings per family (default ``DEFAULT_GRID``).
+    ``embeddings``: also try each embedding table's rows as 8/4/2-bit codes (quantize family
+    only; a table tied to an output layer is changed on the input side alone).
     """
     from slimkit.tasks import task_of
 
@@ -185,23 +204,34 @@ def layer_sensitivity(model: nn.Module, batches: list[Any], families: Sequence[s
         raise DataError("per-layer sensitivity needs calibration batches (at least one)")
     grid = {f: tuple((grid or DEFAULT_GRID).get(f, DEFAULT_GRID[f])) for f in families}
     found = {n: m for n, m in model.named_modules() if is_linear_like(m) and linear_problem(m) is None}
-    names = list(found) if layers is None else list(layers)
-    missing = [n for n in names if n not in found]
+    tables = {n: m for n, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and embedding_problem(m) is None and m.max_norm is None}
+    if layers is None:
+        names = list(found) + (list(tables) if embeddings and "quantize" in grid else [])
+    else:
+        names = list(layers)
+    missing = [n for n in names if n not in found and n not in tables]
     if missing:
-        raise ConfigError(f"{missing[0]!r} is not a Linear-like layer of this model")
+        raise ConfigError(f"{missing[0]!r} is not a Linear-like layer or embedding of this model")
     if not names:
         raise ConfigError("the model has no Linear-like layer to measure")
     choices, meta = [], []
     for name in names:
-        linear = as_linear(found[name])
-        opts = _options(linear, grid)
-        choices.append(LayerChoices(name, linear.weight.numel(), [(k, b, build) for _, k, b, build in opts]))
-        meta.append((name, linear, opts))
+        if name in found:
+            module = as_linear(found[name])
+            opts = _options(module, grid)
+        else:
+            module = tables[name]
+            opts = _embedding_options(module, grid)
+        if not opts:
+            continue
+        choices.append(LayerChoices(name, module.weight.numel(), [(k, b, build) for _, k, b, build in opts]))
+        meta.append((name, module, opts))
     sample = [trim_padding(b) for b in batches]
     costs = measure_sensitivity(model, choices, sample)
     out = []
-    for (name, linear, opts), row in zip(meta, costs):
-        s = LayerSensitivity(name, (linear.out_features, linear.in_features), 4 * linear.weight.numel())
+    for (name, module, opts), row in zip(meta, costs):
+        s = LayerSensitivity(name, tuple(module.weight.shape), 4 * module.weight.numel())
         for (fam, k, nbytes, _), cost in zip(opts, row):
             s.curves.setdefault(fam, {})[k] = (nbytes, float(cost))
         out.append(s)

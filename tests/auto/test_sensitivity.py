@@ -122,3 +122,30 @@ def test_bad_requests_name_what_to_fix():
     only = layer_sensitivity(model, x, families=("prune",), grid={"prune": (0.5,)}, layers=["2"])
     assert [s.name for s in only.layers] == ["2"] and list(only.layers[0].curves) == ["prune"]
     assert list(only.layers[0].curves["prune"]) == [0.5]
+
+
+def test_embedding_rows_get_quantize_curves_at_the_widths_they_store():
+    from slimkit.quantization.modules import QuantEmbedding
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 32)
+            self.head = nn.Linear(32, 50)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    torch.manual_seed(0)
+    model = set_task(Tiny().eval(), GenericTask(example_inputs=torch.zeros(2, 5, dtype=torch.long)))
+    batches = [torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    sens = layer_sensitivity(model, batches)
+    emb = next(s for s in sens.layers if s.name == "emb")
+    assert list(emb.curves) == ["quantize"] and sorted(emb.curves["quantize"]) == [2, 4, 8]  # no 3-bit rows
+    with torch.no_grad():
+        ref = [model(b) for b in batches]
+    for bits in (8, 4, 2):
+        new = QuantEmbedding.from_embedding(model.emb, bits, sensitivity_group(32), True)
+        assert emb.curves["quantize"][bits][1] == pytest.approx(_replaced_kl(model, "emb", new, batches, ref), rel=1e-9)
+        assert emb.curves["quantize"][bits][0] == quantized_bytes(50, 32, bits, 32)
+    assert [s.name for s in layer_sensitivity(model, batches, embeddings=False).layers] == ["head"]
