@@ -96,7 +96,9 @@ def _output_kinds():
     zoo = OutputKind("trained zoo model", "training.json",
                      ("model.safetensors", "config.json", "generation_config.json", "training.json", *TOKENIZER_FILES),
                      lambda content: isinstance(content, dict))
-    return report, zoo
+    auto = OutputKind("auto output", "auto.json", ("auto.json", "auto.md", "recipe.yaml", "report.html"),
+                      lambda content: isinstance(content, dict) and "budget" in content and "plans" in content)
+    return report, zoo, auto
 
 
 def _check_out_dir(out: Path, option: str = "--out") -> None:
@@ -325,6 +327,51 @@ def advise(
     print(advice.to_markdown())  # plain Markdown: a wide table stays readable and can be pasted as it is
     if write_recipe is not None:
         ui.out.print(f"recipe written: {write_recipe}")
+
+
+@app.command("auto")
+def auto_cmd(
+    model: str = typer.Argument(None, help="Zoo name or model folder (default: the zoo's default model)."),
+    budget: str = typer.Option(..., "--budget", help="size=F (the saved folder at most F × fp32's, e.g. size=0.25) "
+                               "or bits=B (stored bits per weight of the compressed layers, e.g. bits=4.5)."),
+    out: Path = typer.Option(Path("slimkit-auto"), "--out", "-o", help="Folder for recipe.yaml, auto.json, auto.md "
+                             "and report.html."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Largest relative drop of the headline quality "
+                                             "figure the winner may cost (calibration split), e.g. 0.01."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data: " + _DATA_HELP + "."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the table."),
+) -> None:
+    """Choose per-layer bits, sparsity and rank under one budget from measured sensitivity; write the best as a recipe."""
+    from slimkit.auto.plan import Budget, auto
+    from slimkit.core.atomic import atomic_dir, check_output_dir
+    from slimkit.core.io import load
+
+    parsed = Budget.parse(budget)  # a bad budget or folder fails before the model loads
+    kind = _output_kinds()[2]
+    check_output_dir(out, kind, hint="choose another --out")
+    name = model or _default_model()
+    ui = _Ui(quiet, as_json)
+    with ui.step(f"loading {name}"):
+        m = load(name)
+    with ui.step("measuring sensitivity and plans") as update:
+        result = auto(m, parsed, max_drop, calibration=calib, model_name=name,
+                      progress=lambda text: update(text, 0.0))
+    if result.winner is None:
+        print(result.to_markdown(), file=sys.stderr)
+        _fail("no plan fits the budget" + (" within --max-drop" if max_drop is not None else "")
+              + "; raise it (the table above lists every plan measured)", 2)
+    with atomic_dir(out, kind=kind, hint="choose another --out") as tmp:
+        (tmp / "recipe.yaml").write_text(result.winner.recipe(name).to_yaml(), encoding="utf-8")
+        (tmp / "auto.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+        (tmp / "auto.md").write_text(result.to_markdown(), encoding="utf-8")
+        (tmp / "report.html").write_text(result.to_html(), encoding="utf-8")
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print(result.to_markdown())
+    print(f"winner: {result.winner.name}; recipe written to {out / 'recipe.yaml'} "
+          f"(slimkit compress --model {name} --recipe {out / 'recipe.yaml'})")
 
 
 @app.command("eval")

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from slimkit.auto import advise as A
-from slimkit.auto.facts import OUTLIER_RATIO, activation_outliers, int8_accelerator, machine_facts, model_facts
+from slimkit.auto.facts import (
+    OUTLIER_RATIO,
+    activation_outliers,
+    int8_accelerator,
+    machine_facts,
+    model_facts,
+)
 from slimkit.auto.probes import ShapeTimes, expected_ms
 from slimkit.core.calibration import CalibrationData
 from slimkit.core.errors import ConfigError

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from slimkit.auto import advise as A
 from slimkit.auto.facts import machine_facts, model_facts
 from slimkit.quantization.weight_only import RTN

@@ -14,6 +14,7 @@ from torch import nn
 
 from slimkit.auto.sensitivity import (
     DEFAULT_GRID,
+    first_rows,
     layer_sensitivity,
     magnitude_pruned,
     pruned_bytes,
@@ -60,7 +61,7 @@ def _kl(ref: torch.Tensor, new: torch.Tensor) -> float:
 def test_each_divergence_is_the_hand_run_kl_with_that_layer_alone_replaced():
     model = _model()
     batches = [torch.randn(8, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    sens = layer_sensitivity(model, batches)
+    sens = layer_sensitivity(model, batches, max_rows=24)
     with torch.no_grad():
         ref = [model(b) for b in batches]
     assert [s.name for s in sens.layers] == ["0", "2", "4"]
@@ -139,7 +140,7 @@ def test_embedding_rows_get_quantize_curves_at_the_widths_they_store():
     torch.manual_seed(0)
     model = set_task(Tiny().eval(), GenericTask(example_inputs=torch.zeros(2, 5, dtype=torch.long)))
     batches = [torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    sens = layer_sensitivity(model, batches)
+    sens = layer_sensitivity(model, batches, max_rows=8)
     emb = next(s for s in sens.layers if s.name == "emb")
     assert list(emb.curves) == ["quantize"] and sorted(emb.curves["quantize"]) == [2, 4, 8]  # no 3-bit rows
     with torch.no_grad():
@@ -149,3 +150,15 @@ def test_embedding_rows_get_quantize_curves_at_the_widths_they_store():
         assert emb.curves["quantize"][bits][1] == pytest.approx(_replaced_kl(model, "emb", new, batches, ref), rel=1e-9)
         assert emb.curves["quantize"][bits][0] == quantized_bytes(50, 32, bits, 32)
     assert [s.name for s in layer_sensitivity(model, batches, embeddings=False).layers] == ["head"]
+
+
+def test_first_rows_cuts_tensor_tuple_and_dict_batches():
+    t = [torch.arange(10).reshape(5, 2), torch.arange(10, 20).reshape(5, 2)]
+    got = first_rows(t, 7)
+    assert [b.shape[0] for b in got] == [5, 2] and torch.equal(got[1], t[1][:2])
+    d = [{"input_ids": torch.ones(4, 3), "attention_mask": torch.ones(4, 3)}] * 3
+    assert [b["input_ids"].shape[0] for b in first_rows(d, 6)] == [4, 2]
+    tup = [(torch.ones(4, 3), torch.zeros(4))]
+    (cut,) = first_rows(tup, 1)
+    assert isinstance(cut, tuple) and cut[0].shape == (1, 3) and cut[1].shape == (1,)
+    assert first_rows(t, 100) == t
