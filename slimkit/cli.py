@@ -279,6 +279,15 @@ def _print_report(ui: _Ui, report, out: Path | None) -> None:
         ui.out.print(f"wrote {out / 'model'} and {out}/report.{{md,json,html}}")
 
 
+def _load_step(ui: _Ui, model: str | None):
+    """(name, model): ``model`` (the zoo default when None) loaded under a progress step."""
+    from slimkit.core.io import load
+
+    name = model or _default_model()
+    with ui.step(f"loading {name}"):
+        return name, load(name)
+
+
 @app.command()
 def advise(
     model: str = typer.Argument(None, help="Zoo name or model folder (default: the zoo's default model)."),
@@ -302,14 +311,11 @@ def advise(
     from slimkit.auto.advise import TARGETS
     from slimkit.auto.advise import advise as run_advise
     from slimkit.core.atomic import atomic_write_text
-    from slimkit.core.io import load
 
     if target not in TARGETS:
         raise typer.BadParameter(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}", param_hint="--target")
-    name = model or _default_model()
     ui = _Ui(quiet, as_json)
-    with ui.step(f"loading {name}"):
-        m = load(name)
+    name, m = _load_step(ui, model)
     with ui.step("inspecting and probing") as update:
         advice = run_advise(m, target, max_drop, keep_architecture=keep_architecture, model_name=name,
                             calibration=calib, sensitivity=sensitivity, progress=lambda text: update(text, 0.0))
@@ -345,15 +351,12 @@ def auto_cmd(
     """Choose per-layer bits, sparsity and rank under one budget from measured sensitivity; write the best as a recipe."""
     from slimkit.auto.plan import Budget, auto
     from slimkit.core.atomic import atomic_dir, check_output_dir
-    from slimkit.core.io import load
 
     parsed = Budget.parse(budget)  # a bad budget or folder fails before the model loads
     kind = _output_kinds()[2]
     check_output_dir(out, kind, hint="choose another --out")
-    name = model or _default_model()
     ui = _Ui(quiet, as_json)
-    with ui.step(f"loading {name}"):
-        m = load(name)
+    name, m = _load_step(ui, model)
     with ui.step("measuring sensitivity and plans") as update:
         result = auto(m, parsed, max_drop, calibration=calib, model_name=name,
                       progress=lambda text: update(text, 0.0))
