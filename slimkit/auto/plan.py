@@ -105,6 +105,7 @@ class Plan:
     seconds: float | None = None
     error: str | None = None
     on_front: bool = False
+    note: str = ""
 
     def recipe(self, model: str | None) -> Recipe:
         """The plan as a recipe: one stage per family, in the order steps compose."""
@@ -125,6 +126,7 @@ class Plan:
                 "expected_bytes": self.expected_bytes, "expected_divergence": self.expected_divergence,
                 "size_bytes": self.size_bytes, "bits_per_weight": self.bits, "quality": self.quality,
                 "drop": self.drop, "seconds": self.seconds, "error": self.error, "on_front": self.on_front,
+                "note": self.note,
                 "recipe": self.recipe(model).to_yaml() if self.steps else None}
 
 
@@ -278,7 +280,7 @@ class AutoResult:
                          f"| {size} | {ratio} | {'' if p.bits is None else f'{p.bits:.2f}'} | "
                          f"{'' if p.quality is None else f'{p.quality:.5g}'} | "
                          f"{'' if p.drop is None else f'{p.drop:.2%}'} | {'yes' if p.on_front else ''} | "
-                         f"{p.error or ''} |")
+                         f"{p.error or p.note} |")
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
@@ -341,6 +343,14 @@ def _itemsize(dtype: str) -> int:
     from slimkit.core.sparse_storage import SAFETENSORS_DTYPES
 
     return SAFETENSORS_DTYPES[dtype].itemsize
+
+
+def _same_as(plan: Plan, label: str) -> Plan:
+    """A copy of ``plan`` under another family mix's name (its allocation chose the same options)."""
+    twin = copy.copy(plan)
+    twin.name = label
+    twin.note = f"the same choices as {plan.name}: the added families won no layer"
+    return twin
 
 
 def _pareto(plans: list[Plan], lower_better: bool) -> None:
@@ -423,6 +433,10 @@ def auto(model: nn.Module, budget: Budget | str, max_drop: float | None = None, 
             choices, nbytes, cost = allocate(sens, target, families)
         except ConfigError as exc:
             notes.append(f"{label}: {exc}")
+            continue
+        same = next((p for p in plans if p.allocated and p.choices == choices), None)
+        if same is not None:  # the extra families won no layer: the same plan, measured once
+            plans.append(_same_as(same, label))
             continue
         plan = Plan(label, choices, plan_steps(model, choices), True, nbytes, cost)
         measure(plan)

@@ -125,6 +125,11 @@ def test_auto_measures_plans_within_the_budget_and_marks_the_front(tmp_path):
         if p.on_front:
             assert not any(q.size_bytes <= p.size_bytes and q.quality >= p.quality
                            and (q.size_bytes < p.size_bytes or q.quality > p.quality) for q in measured)
+    allocated = [p for p in r.plans if p.allocated]
+    assert len(allocated) == len(P.FAMILY_SETS)
+    for a, b in itertools.combinations(allocated, 2):  # an identical allocation is measured once
+        if a.choices == b.choices:
+            assert a.size_bytes == b.size_bytes and a.quality == b.quality and "the same choices as" in a.note + b.note
     d = r.to_dict()
     json.dumps(d)
     assert d["winner"] == r.winner.name and "recipe" in d["plans"][0]
