@@ -422,11 +422,18 @@ def _ort_baseline(model: nn.Module, inputs: Any) -> dict[str, float]:
         return {"onnxruntime": fastest_ms(lambda: run_onnx(session, feed), budget_s=1.0, runs=7)}
 
 
-def _headline(quality: dict[str, float]) -> tuple[str, float] | None:
+def headline(quality: dict[str, float]) -> tuple[str, float] | None:
+    """The first figure of a task's quality dict whose direction is known, as (name, value); None if none is."""
     for k, v in quality.items():
         if k in QUALITY_DIRECTIONS and v is not None:
             return k, float(v)
     return None
+
+
+def relative_drop(metric: str, before: float, after: float) -> float:
+    """How much worse ``after`` is than ``before`` as a fraction of it (a perplexity rise, an accuracy fall)."""
+    worse = after - before if QUALITY_DIRECTIONS.get(metric) == "lower" else before - after
+    return worse / abs(before)
 
 
 def _quality_probe(model: nn.Module, cand: Candidate, data: Any, reference: Any, base: tuple[str, float],
@@ -444,9 +451,7 @@ def _quality_probe(model: nn.Module, cand: Candidate, data: Any, reference: Any,
     quality, _ = task.measure_quality(work, data, reference)
     metric, before = base
     after = float(quality[metric])
-    lower_better = QUALITY_DIRECTIONS.get(metric) == "lower"
-    drop = (after - before) / abs(before) if lower_better else (before - after) / abs(before)
-    return {"metric": metric, "baseline": before, "value": after, "drop": drop,
+    return {"metric": metric, "baseline": before, "value": after, "drop": relative_drop(metric, before, after),
             "before_recovery": cand.needs_training}
 
 
@@ -478,7 +483,7 @@ def advise(model: nn.Module, target: str = "latency", max_drop: float | None = N
     if max_drop is not None:  # checked before the probes: a model without a quality figure fails fast
         say("baseline quality")
         reference = task.reference(model, data)
-        base = _headline(task.measure_quality(model, data, reference)[0])
+        base = headline(task.measure_quality(model, data, reference)[0])
         if base is None:
             raise ConfigError(f"max_drop needs a quality figure, and a {task.kind} model's task measures none; "
                               "attach a task with a metric (GenericTask(metric=...)) or leave max_drop out")

@@ -37,6 +37,7 @@ from typing import Any
 
 from torch import nn
 
+from slimkit.auto.advise import headline, relative_drop
 from slimkit.auto.sensitivity import Sensitivity, layer_sensitivity, sensitivity_group
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError
@@ -378,8 +379,7 @@ def auto(model: nn.Module, budget: Budget | str, max_drop: float | None = None, 
     calib = task.calibration(model, calibration)
     data = task.eval_data(model, calibration, max_tokens=8192, split="calibration")
     reference = task.reference(model, data)
-    base = next(((k, float(v)) for k, v in task.measure_quality(model, data, reference)[0].items()
-                 if k in QUALITY_DIRECTIONS and v is not None), None)
+    base = headline(task.measure_quality(model, data, reference)[0])
     if base is None:
         raise ConfigError(f"auto compares plans by quality, and a {task.kind} model's task measures none; attach a "
                           "task with a metric (GenericTask(metric=...))")
@@ -420,7 +420,7 @@ def auto(model: nn.Module, budget: Budget | str, max_drop: float | None = None, 
                 p.bits = _measured_layer_bits(names, n_weights, folder)
             value = float(task.measure_quality(work, data, reference)[0][metric])
             p.quality = value
-            p.drop = (value - base_value) / abs(base_value) if lower_better else (base_value - value) / abs(base_value)
+            p.drop = relative_drop(metric, base_value, value)
         except Exception as exc:  # noqa: BLE001 - a plan that cannot run is reported, the others still count
             p.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
         p.seconds = time.perf_counter() - t
