@@ -338,28 +338,44 @@ def advise(
 @app.command("auto")
 def auto_cmd(
     model: str = typer.Argument(None, help="Zoo name or model folder (default: the zoo's default model)."),
-    budget: str = typer.Option(..., "--budget", help="size=F (the saved folder at most F × fp32's, e.g. size=0.25) "
-                               "or bits=B (stored bits per weight of the compressed layers, e.g. bits=4.5)."),
+    budget: str = typer.Option(..., "--budget", help="size=F (the saved folder at most F × fp32's, e.g. size=0.25), "
+                               "bits=B (stored bits per weight of the compressed layers, e.g. bits=4.5) or latency=F "
+                               "(at most F × the fp32 model's measured time, e.g. latency=0.5)."),
     out: Path = typer.Option(Path("slimkit-auto"), "--out", "-o", help="Folder for recipe.yaml, auto.json, auto.md "
                              "and report.html."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Largest relative drop of the headline quality "
                                              "figure the winner may cost (calibration split), e.g. 0.01."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data: " + _DATA_HELP + "."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="Where a latency budget is timed: onnxruntime or "
+                                          "torch (default: onnxruntime for a model that does not generate)."),
+    recover: int = typer.Option(0, "--recover", help="Distillation steps for the winner when it prunes or factorizes "
+                                "(0: none); the recovered plan replaces it when it still fits."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Trials run at once, in forked processes (times are still "
+                             "measured one plan at a time)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run the trials as Ray tasks on the cluster at this address "
+                                      "('local' starts one here; needs pip install 'slimkit[ray]')."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the table."),
 ) -> None:
-    """Choose per-layer bits, sparsity and rank under one budget from measured sensitivity; write the best as a recipe."""
+    """Choose per-layer bits, sparsity and rank (or structured ratios and kernels for a latency budget) under one
+    budget from measured sensitivity; write the best as a recipe."""
     from slimkit.auto.plan import Budget, auto
     from slimkit.core.atomic import atomic_dir, check_output_dir
 
-    parsed = Budget.parse(budget)  # a bad budget or folder fails before the model loads
+    parsed = Budget.parse(budget)  # a bad budget, setting or folder fails before the model loads
+    if runtime is not None and (runtime not in ("torch", "onnxruntime") or parsed.kind != "latency"):
+        _fail(f"--runtime {runtime}: " + ("choose torch or onnxruntime" if runtime not in ("torch", "onnxruntime")
+                                         else f"it says where a latency budget is timed; --budget {parsed} needs none"), 2)
+    if recover < 0 or jobs < 1:
+        _fail(f"--recover {recover} / --jobs {jobs}: recover is a number of steps >= 0, jobs a count >= 1", 2)
     kind = _output_kinds()[2]
     check_output_dir(out, kind, hint="choose another --out")
     ui = _Ui(quiet, as_json)
     name, m = _load_step(ui, model)
     with ui.step("measuring sensitivity and plans") as update:
         result = auto(m, parsed, max_drop, calibration=calib, model_name=name,
-                      progress=lambda text: update(text, 0.0))
+                      progress=lambda text: update(text, 0.0), runtime=runtime, recover_steps=recover, jobs=jobs,
+                      ray_address=ray)
     if result.winner is None:
         print(result.to_markdown(), file=sys.stderr)
         _fail("no plan fits the budget" + (" within --max-drop" if max_drop is not None else "")

@@ -17,8 +17,16 @@
 5. The winner is the best-quality plan within the budget (and ``max_drop``); the front is the
    Pareto set of (bytes, quality) over every measured plan.
 
-Budgets: ``size=F`` (the saved folder at most F × the fp32 folder) or ``bits=B`` (the measured
-layers' stored bits per weight at most B, scales included).
+Budgets: ``size=F`` (the saved folder at most F × the fp32 folder), ``bits=B`` (the measured
+layers' stored bits per weight at most B, scales included) or ``latency=F`` (at most F × the
+fp32 model's time in the runtime: structured ratios per group and int8 kernels, allocated
+from measured time per Linear shape; see ``auto.latency``).
+
+Trials (the plans' measurements) run in this process, in ``jobs`` forked processes, or as
+Ray tasks (``auto.trials``); times are measured afterwards, one plan at a time. With
+``recover_steps``, the winning plan, when it prunes or factorizes, is run once more with a
+distillation recovery of that many steps between its pruning and its quantization, and
+replaces the winner when it still fits.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ import math
 import re
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,26 +45,50 @@ from typing import Any
 from torch import nn
 
 from slimkit.auto.advise import headline, relative_drop
-from slimkit.auto.sensitivity import Sensitivity, layer_sensitivity, sensitivity_group
+from slimkit.auto.latency import (
+    RATIOS,
+    GroupSensitivity,
+    LatencyJudge,
+    LatencyModel,
+    allocate_latency,
+    linear_shapes,
+    possible_shapes,
+    probe_modes,
+    prune_step,
+    recovery_features,
+    structural_sensitivity,
+    uniform_shapes,
+)
+from slimkit.auto.probes import ProbePath
+from slimkit.auto.sensitivity import (
+    MAX_ROWS,
+    Sensitivity,
+    batch_rows,
+    first_rows,
+    layer_sensitivity,
+    sensitivity_group,
+)
+from slimkit.auto.trials import TrialSetup, run_trials
+from slimkit.core.calibration import trim_padding
 from slimkit.core.config import Config
 from slimkit.core.errors import ConfigError
 from slimkit.core.io import save
 from slimkit.core.measure import size_on_disk
+from slimkit.distillation.distill import Distill
 from slimkit.evaluation.report import QUALITY_DIRECTIONS
 from slimkit.factorization.svd import SVD
 from slimkit.pruning.magnitude import Magnitude
 from slimkit.quantization.weight_only import RTN
 from slimkit.recipe.schema import Recipe, Stage
-from slimkit.recipe.steps import apply_step
 from slimkit.tasks import task_of
 
-BUDGET_KINDS = ("size", "bits")
+BUDGET_KINDS = ("size", "bits", "latency")
 FAMILY_SETS: tuple[tuple[str, ...], ...] = (("quantize",), ("quantize", "prune"), ("quantize", "factorize"),
                                             ("quantize", "prune", "factorize"))
 #: single-family plans measured beside the allocated ones: (label, family, setting for every layer)
 UNIFORM = (("int8 every layer", "quantize", 8), ("int4 every layer", "quantize", 4),
            ("50% of every layer pruned", "prune", 0.5), ("every layer at half its rank", "factorize", 0.5))
-STAGE_ORDER = ("factorize", "prune", "quantize")
+STAGE_ORDER = ("factorize", "prune", "distill", "quantize")
 
 
 @dataclass(frozen=True)
@@ -69,18 +100,21 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """``"size=0.25"`` or ``"bits=4.5"``."""
+        """``"size=0.25"``, ``"bits=4.5"`` or ``"latency=0.5"``."""
         kind, sep, value = str(text).partition("=")
         kind = kind.strip()
         if not sep or kind not in BUDGET_KINDS:
-            raise ConfigError(f"budget {text!r}: write size=F (a fraction of the fp32 size on disk, e.g. size=0.25) "
-                              "or bits=B (stored bits per weight, e.g. bits=4.5)")
+            raise ConfigError(f"budget {text!r}: write size=F (a fraction of the fp32 size on disk, e.g. size=0.25), "
+                              "bits=B (stored bits per weight, e.g. bits=4.5) or latency=F (a fraction of the fp32 "
+                              "model's time, e.g. latency=0.5)")
         try:
             number = float(value)
         except ValueError:
             raise ConfigError(f"budget {text!r}: {value!r} is not a number") from None
         if kind == "size" and not 0 < number < 1:
             raise ConfigError(f"budget {text!r}: a size budget is a fraction in (0, 1) of the fp32 size")
+        if kind == "latency" and not 0 < number < 1:
+            raise ConfigError(f"budget {text!r}: a latency budget is a fraction in (0, 1) of the fp32 model's time")
         if kind == "bits" and not 1 <= number < 32:
             raise ConfigError(f"budget {text!r}: a bits budget is in [1, 32) bits per weight")
         return cls(kind, number)
@@ -107,6 +141,10 @@ class Plan:
     error: str | None = None
     on_front: bool = False
     note: str = ""
+    mode: str = ""  # latency budgets: how the Linears run (fp32 or an int8 path of the runtime)
+    expected_ms: float | None = None
+    latency_ms: float | None = None
+    latency_ratio: float | None = None  # measured time / fp32's, interleaved
 
     def recipe(self, model: str | None) -> Recipe:
         """The plan as a recipe: one stage per family, in the order steps compose."""
@@ -120,14 +158,15 @@ class Plan:
     def to_dict(self, model: str | None = None) -> dict[str, Any]:
         """JSON-ready, with the recipe as YAML text."""
         counts: dict[str, int] = {}
-        for fam, k in self.choices.values():
+        for fam, k in self.choices.values():  # a layer (or, latency budgets, a structural group) per entry
             key = f"{fam} {k:g}"
             counts[key] = counts.get(key, 0) + 1
         return {"name": self.name, "allocated": self.allocated, "layers_by_choice": counts,
                 "expected_bytes": self.expected_bytes, "expected_divergence": self.expected_divergence,
                 "size_bytes": self.size_bytes, "bits_per_weight": self.bits, "quality": self.quality,
                 "drop": self.drop, "seconds": self.seconds, "error": self.error, "on_front": self.on_front,
-                "note": self.note,
+                "note": self.note, "mode": self.mode or None, "expected_ms": self.expected_ms,
+                "latency_ms": self.latency_ms, "latency_ratio": self.latency_ratio,
                 "recipe": self.recipe(model).to_yaml() if self.steps else None}
 
 
@@ -243,12 +282,12 @@ def uniform_choices(sens: Sensitivity, family: str, setting: float) -> dict[str,
 
 @dataclass
 class AutoResult:
-    """The budget, every measured plan (ranked: the winner first), the front and the sensitivity."""
+    """The budget, every measured plan (ranked: the winner first), the front and the sensitivity measured."""
 
     budget: Budget
     plans: list[Plan]
     winner: Plan | None
-    sensitivity: Sensitivity
+    sensitivity: Sensitivity | None  # per layer (size and bits budgets)
     fp32_bytes: int
     baseline_quality: float
     metric: str
@@ -257,53 +296,88 @@ class AutoResult:
     model_name: str | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    groups: list[GroupSensitivity] = field(default_factory=list)  # per structural group (latency budgets)
+    runtime: str | None = None
+    fp32_ms: float | None = None
+    time_unit: str = ""
+
+    @property
+    def by_latency(self) -> bool:
+        """Whether plans are judged by their measured time (a latency budget) rather than their bytes."""
+        return self.budget.kind == "latency"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return {"budget": str(self.budget), "max_drop": self.max_drop, "fp32_bytes": self.fp32_bytes,
                 "limit_bytes": self.limit_bytes, "metric": self.metric, "baseline_quality": self.baseline_quality,
+                "runtime": self.runtime, "fp32_ms": self.fp32_ms, "time_unit": self.time_unit or None,
                 "winner": None if self.winner is None else self.winner.name, "seconds": round(self.seconds, 1),
                 "plans": [p.to_dict(self.model_name) for p in self.plans], "notes": self.notes,
-                "sensitivity": self.sensitivity.to_dict()}
+                "sensitivity": None if self.sensitivity is None else self.sensitivity.to_dict(),
+                "group_sensitivity": [g.to_dict() for g in self.groups]}
 
     def to_markdown(self) -> str:
         """The plans as a table (the winner first), the budget and the front."""
-        lines = [f"# slimkit auto: {self.model_name or 'model'} at {self.budget}", "",
-                 f"fp32: {self.fp32_bytes / 1e6:.2f} MB on disk, {self.metric} {self.baseline_quality:.5g} on the "
-                 "calibration split" + (f"; budget {self.limit_bytes / 1e6:.2f} MB" if self.limit_bytes else "") + ".",
-                 "", ("| plan | allocated | size on disk | × fp32 | bits/weight (layers) | "
-                 f"{self.metric} (calibration) | drop | Pareto front | notes |"),
-                 "|:---|:---|---:|---:|---:|---:|---:|:---|:---|"]
+        head = (f"fp32: {self.fp32_bytes / 1e6:.2f} MB on disk, {self.metric} {self.baseline_quality:.5g} on the "
+                "calibration split")
+        if self.by_latency:
+            head += (f", {self.fp32_ms:.2f} {self.time_unit} in {self.runtime}; budget {self.budget.value:g}× that "
+                     "time, measured as a ratio to fp32 timed beside each plan.")
+        else:
+            head += (f"; budget {self.limit_bytes / 1e6:.2f} MB." if self.limit_bytes else ".")
+        time_cols = "| mode | expected × fp32 time | measured × fp32 time | ms " if self.by_latency else ""
+        lines = [f"# slimkit auto: {self.model_name or 'model'} at {self.budget}", "", head, "",
+                 (f"| plan | allocated {time_cols}| size on disk | × fp32 | bits/weight (layers) | "
+                  f"{self.metric} (calibration) | drop | Pareto front | notes |"),
+                 "|:---|:---" + ("|:---|---:|---:|---:" if self.by_latency else "") + "|---:|---:|---:|---:|---:|:---|:---|"]
         for p in self.plans:
             size = "" if p.size_bytes is None else f"{p.size_bytes / 1e6:.2f} MB"
             ratio = "" if p.size_bytes is None else f"{p.size_bytes / self.fp32_bytes:.3f}×"
+            timing = ""
+            if self.by_latency:
+                expected = "" if p.expected_ms is None or not self.fp32_ms else f"{p.expected_ms / self.fp32_ms:.3f}×"
+                timing = (f"| {p.mode} | {expected} | {'' if p.latency_ratio is None else f'{p.latency_ratio:.3f}×'} "
+                          f"| {'' if p.latency_ms is None else f'{p.latency_ms:.2f}'} ")
             lines.append(f"| {p.name}{' (winner)' if p is self.winner else ''} | {'yes' if p.allocated else 'uniform'} "
-                         f"| {size} | {ratio} | {'' if p.bits is None else f'{p.bits:.2f}'} | "
+                         f"{timing}| {size} | {ratio} | {'' if p.bits is None else f'{p.bits:.2f}'} | "
                          f"{'' if p.quality is None else f'{p.quality:.5g}'} | "
                          f"{'' if p.drop is None else f'{p.drop:.2%}'} | {'yes' if p.on_front else ''} | "
                          f"{p.error or p.note} |")
         lines += [""] + [f"- {n}" for n in self.notes]
+        if self.groups:
+            lines += ["", ("Structural sensitivity (output divergence with one group pruned alone, calibration "
+                      "split):"), "", "| group | units | " + " | ".join(f"{r:.0%} removed" for r in RATIOS) + " |",
+                      "|:---|---:|" + "---:|" * len(RATIOS)]
+            for g in self.groups:
+                cells = " | ".join("" if r not in g.options else f"{g.options[r].divergence:.4g}" for r in RATIOS)
+                lines.append(f"| {g.root} | {g.units} {g.unit}s | {cells} |")
         return "\n".join(lines) + "\n"
 
+    def _cost(self, p: Plan) -> float | None:
+        if self.by_latency:
+            return p.latency_ratio
+        return None if p.size_bytes is None else p.size_bytes / 1e6
+
     def front_png(self) -> str:
-        """PNG (base64): size vs quality of every plan, allocated and uniform apart, the front joined, the budget."""
+        """PNG (base64): size (or time) vs quality of every plan, allocated and uniform apart, the front joined, the budget."""
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(7, 4.2))
         ax = fig.subplots()
-        for allocated, marker, label in ((True, "o", "allocated per layer"), (False, "s", "uniform, one family")):
-            pts = [(p.size_bytes / 1e6, p.quality, p.name) for p in self.plans
-                   if p.allocated == allocated and p.quality is not None and p.size_bytes]
+        for allocated, marker, label in ((True, "o", "allocated per layer"), (False, "s", "uniform")):
+            pts = [(self._cost(p), p.quality, p.name) for p in self.plans
+                   if p.allocated == allocated and p.quality is not None and self._cost(p) is not None]
             if pts:
                 ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, label=label)
                 for x, y, name in pts:
                     ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        front = sorted((p.size_bytes / 1e6, p.quality) for p in self.plans if p.on_front)
+        front = sorted((self._cost(p), p.quality) for p in self.plans if p.on_front)
         if front:
             ax.plot([x for x, _ in front], [y for _, y in front], "k--", lw=0.8, label="Pareto front")
-        if self.limit_bytes:
-            ax.axvline(self.limit_bytes / 1e6, color="r", lw=0.8, label=f"budget {self.budget}")
-        ax.set_xlabel("size on disk (MB)")
+        limit = self.budget.value if self.by_latency else (self.limit_bytes or 0) / 1e6
+        if limit:
+            ax.axvline(limit, color="r", lw=0.8, label=f"budget {self.budget}")
+        ax.set_xlabel(f"time × fp32 ({self.runtime}, measured)" if self.by_latency else "size on disk (MB)")
         ax.set_ylabel(f"{self.metric} (calibration split)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -316,34 +390,16 @@ class AutoResult:
         """One self-contained page: the table, the front plot and the sensitivity plot."""
         import html
 
-        return ("<!doctype html><meta charset='utf-8'><title>slimkit auto</title>"
+        axis = "time" if self.by_latency else "size"
+        page = ("<!doctype html><meta charset='utf-8'><title>slimkit auto</title>"
                 "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}pre{white-space:pre-wrap}</style>"
                 f"<pre>{html.escape(self.to_markdown())}</pre>"
-                f'<h2>Plans: size vs quality</h2><img id="front-plot" alt="Pareto front" '
-                f'src="data:image/png;base64,{self.front_png()}">'
-                f'<h2>Per-layer sensitivity</h2><img id="sensitivity-plot" alt="per-layer sensitivity" '
-                f'src="data:image/png;base64,{self.sensitivity.plot_png()}">\n')
-
-
-def _measured_layer_bits(names: list[str], weights: int, folder: Path) -> float:
-    """Stored bits per weight of layers ``names`` (``weights`` in all) in the saved file: every entry under their names."""
-    from safetensors import safe_open
-
-    owners = set(names)
-    nbytes = 0
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - a safe_open handle is not a dict
-            owner = key.split(".__")[0].rsplit(".", 1)[0]
-            if owner in owners or owner.rsplit(".", 1)[0] in owners:  # FactorizedLinear: first/second
-                view = f.get_slice(key)
-                nbytes += math.prod(view.get_shape()) * _itemsize(view.get_dtype())
-    return nbytes * 8 / max(weights, 1)
-
-
-def _itemsize(dtype: str) -> int:
-    from slimkit.core.sparse_storage import SAFETENSORS_DTYPES
-
-    return SAFETENSORS_DTYPES[dtype].itemsize
+                f'<h2>Plans: {axis} vs quality</h2><img id="front-plot" alt="Pareto front" '
+                f'src="data:image/png;base64,{self.front_png()}">')
+        if self.sensitivity is not None:
+            page += (f'<h2>Per-layer sensitivity</h2><img id="sensitivity-plot" alt="per-layer sensitivity" '
+                     f'src="data:image/png;base64,{self.sensitivity.plot_png()}">')
+        return page + "\n"
 
 
 def _same_as(plan: Plan, label: str) -> Plan:
@@ -354,24 +410,153 @@ def _same_as(plan: Plan, label: str) -> Plan:
     return twin
 
 
-def _pareto(plans: list[Plan], lower_better: bool) -> None:
-    done = [p for p in plans if p.size_bytes is not None and p.quality is not None]
+def _pareto(plans: list[Plan], lower_better: bool, cost: Any) -> None:
+    """Mark the plans no other plan beats on both ``cost(plan)`` (lower) and quality."""
+    better = (lambda a, b: a < b) if lower_better else (lambda a, b: a > b)
+    done = [p for p in plans if cost(p) is not None and p.quality is not None]
     for p in done:
-        better = (lambda a, b: a < b) if lower_better else (lambda a, b: a > b)
-        p.on_front = not any(q is not p and q.size_bytes <= p.size_bytes and not better(p.quality, q.quality)
-                             and (q.size_bytes < p.size_bytes or better(q.quality, p.quality)) for q in done)
+        p.on_front = not any(q is not p and cost(q) <= cost(p) and not better(p.quality, q.quality)
+                             and (cost(q) < cost(p) or better(q.quality, p.quality)) for q in done)
+
+
+def _size_plans(sens: Sensitivity, model: nn.Module, target: int) -> tuple[list[Plan], list[str]]:
+    """One allocated plan per family mix (the same allocation listed once, measured once) and the uniform ones."""
+    plans: list[Plan] = []
+    notes: list[str] = []
+    for families in FAMILY_SETS:
+        label = "allocated: " + " + ".join(families)
+        try:
+            choices, nbytes, cost = allocate(sens, target, families)
+        except ConfigError as exc:
+            notes.append(f"{label}: {exc}")
+            continue
+        same = next((p for p in plans if p.allocated and p.choices == choices), None)
+        plan = Plan(label, choices, plan_steps(model, choices), True, nbytes, cost)
+        if same is not None:
+            plan.note = f"same as {same.name}"  # resolved after measuring
+        plans.append(plan)
+    for label, family, setting in UNIFORM:
+        choices = uniform_choices(sens, family, setting)
+        if choices:
+            plans.append(Plan(label, choices, plan_steps(model, choices), False,
+                              sum(s.curves[family][setting][0] if s.name in choices else s.dense_bytes
+                                  for s in sens.layers),
+                              sum(s.curves[family][setting][1] for s in sens.layers if s.name in choices)))
+    return plans, notes
+
+
+def default_runtime(model: nn.Module) -> str:
+    """Where a latency budget is timed by default: ONNX Runtime for a model that does not generate, when installed."""
+    import importlib.util
+
+    generates = bool(task_of(model).generates)
+    return "onnxruntime" if not generates and importlib.util.find_spec("onnxruntime") else "torch"
+
+
+def _latency_modes(model: nn.Module, runtime: str, batches: list[Any]) -> tuple[str, list[ProbePath], dict[str, Config]]:
+    """(fp32 label, the probe paths of ``runtime`` worth timing, the quantize step each non-fp32 path's plans use).
+
+    The paths and steps are advise's: its probe for a label times exactly the layer its
+    candidate of that label builds.
+    """
+    from slimkit.auto.advise import ORT_FP32, TORCH_FP32, build_candidates, probe_paths
+    from slimkit.auto.facts import machine_facts, model_facts
+
+    facts = model_facts(model, batches)
+    machine = machine_facts()
+    if runtime not in machine.runtimes:
+        raise ConfigError(f"runtime {runtime!r} is not installed here (installed: {', '.join(machine.runtimes)})")
+    if runtime == "onnxruntime" and facts.generates:
+        raise ConfigError("a model that generates is timed decoding token by token in torch: use --runtime torch")
+    fp32 = ORT_FP32 if runtime == "onnxruntime" else TORCH_FP32
+    steps = {c.path: c.steps[0] for c in build_candidates(facts, machine, keep_architecture=True)
+             if c.runtime == runtime and len(c.steps) == 1}
+    paths = [p for p in probe_paths(facts, machine)
+             if p.runtime == runtime and p.shape_change is None and (p.label == fp32 or p.label in steps)]
+    return fp32, paths, steps
+
+
+def _latency_plan(name: str, ratios: dict[str, float], allocated: bool, expected: float, cost: float, mode: str,
+                  quant: Config | None) -> Plan:
+    """A plan removing ``ratios`` of the named groups' units, its Linears then run on ``mode`` (``quant``'s step)."""
+    steps = ((prune_step(ratios),) if ratios else ()) + ((quant,) if quant is not None else ())
+    return Plan(name, {r: ("structured", k) for r, k in ratios.items()}, steps, allocated,
+                expected_divergence=cost, mode=mode, expected_ms=expected)
+
+
+def _latency_plans(groups: list[GroupSensitivity], timing: LatencyModel, steps: dict[str, Config],
+                   target_ms: float) -> tuple[list[Plan], list[str]]:
+    """Per mode (fp32 and each int8 path expected faster than fp32): the allocated plan, the mode alone, and
+    25% / 50% of every group removed."""
+    plans: list[Plan] = []
+    notes: list[str] = []
+    fp32_total = timing.expected_ms(timing.fp32_mode)
+    for mode in timing.times:
+        quant = steps.get(mode)
+        if mode != timing.fp32_mode and timing.expected_ms(mode) >= fp32_total:
+            notes.append(f"{mode}: not planned; the probes expect it slower than fp32 "
+                         f"({timing.expected_ms(mode):.2f} vs {fp32_total:.2f} ms)")
+            continue
+        try:
+            ratios, expected, cost = allocate_latency(groups, timing, mode, target_ms)
+            plans.append(_latency_plan(f"allocated: structured + {mode}", ratios, True, expected, cost, mode, quant))
+        except ConfigError as exc:
+            notes.append(f"allocated on {mode}: {exc}")
+        if quant is not None:
+            plans.append(_latency_plan(f"{mode} alone", {}, False, timing.expected_ms(mode), 0.0, mode, quant))
+        for r in (0.25, 0.5):
+            ratios, changed = uniform_shapes(groups, r)
+            cost = sum(g.options[r].divergence for g in groups if r in g.options)
+            plans.append(_latency_plan(f"{r:.0%} of every group + {mode}", ratios, False,
+                                       timing.expected_ms(mode, changed), cost, mode, quant))
+    return plans, notes
+
+
+def _with_recovery(plan: Plan, model: nn.Module, steps: int, calib: Any) -> Plan:
+    """``plan`` with a distillation recovery of ``steps`` steps after its pruning / factorization, before quantizing.
+
+    16 sequences a step for the built-in tasks (the shipped presets' recovery); a generic
+    task trains on its own calibration batches, whose row count is fixed.
+    """
+    rows = batch_rows(calib.batches[0]) if task_of(model).kind == "module" and calib.batches else 16
+    recovery = Distill(student="", steps=steps, lr=5e-4, warmup_steps=min(30, steps // 10), batch_size=rows,
+                       eval_every=max(1, steps // 3), features=tuple(recovery_features(model).items()),
+                       feature_loss="hint", feature_weight=1.0)
+    twin = copy.copy(plan)
+    twin.name = f"{plan.name} + {steps}-step recovery"
+    twin.steps = plan.steps + (recovery,)  # Plan.recipe orders the stages: the recovery lands before quantize
+    twin.note = f"{plan.name} (the winner before recovery) trained against the original; figures after training"
+    for attr in ("size_bytes", "bits", "quality", "drop", "seconds", "error", "latency_ms", "latency_ratio"):
+        setattr(twin, attr, None)
+    twin.on_front = False
+    return twin
+
+
+def _ordered(steps: tuple[Config, ...]) -> tuple[Config, ...]:
+    return tuple(s for family in STAGE_ORDER for s in steps if s.family == family)
 
 
 def auto(model: nn.Module, budget: Budget | str, max_drop: float | None = None, *, calibration: Any = None,
-         model_name: str | None = None, progress: Any = None) -> AutoResult:
-    """Allocate per-layer bits, sparsity and rank under ``budget``, measure the plans, return them ranked.
+         model_name: str | None = None, progress: Any = None, runtime: str | None = None, recover_steps: int = 0,
+         jobs: int = 1, ray_address: str | None = None) -> AutoResult:
+    """Allocate per-layer bits, sparsity and rank (or, for a latency budget, per-group structured ratios and
+    int8 kernels) under ``budget``, measure the plans, return them ranked.
 
     ``model`` is not modified. ``max_drop``: the winner's headline quality may fall at most this
-    fraction (0.01 = 1%) on the calibration split. See the module docstring for the method.
+    fraction (0.01 = 1%) on the calibration split. ``runtime``: where a latency budget is timed
+    ("onnxruntime" or "torch"; default: ONNX Runtime for a model that does not generate).
+    ``recover_steps``: distillation steps for the winner when it prunes or factorizes (0: none).
+    ``jobs`` / ``ray_address``: where trials run (``auto.trials``). See the module docstring.
     """
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     if max_drop is not None and not 0 <= max_drop < 1:
         raise ConfigError(f"max_drop {max_drop!r} must be a fraction in [0, 1), e.g. 0.01 for 1%")
+    if not isinstance(recover_steps, int) or recover_steps < 0:
+        raise ConfigError(f"recover_steps {recover_steps!r}: distillation steps for the winner, an integer >= 0")
+    if runtime is not None and runtime not in ("torch", "onnxruntime"):
+        raise ConfigError(f"runtime {runtime!r}: choose torch or onnxruntime")
+    if runtime is not None and budget.kind != "latency":
+        raise ConfigError(f"runtime {runtime!r} is where a latency budget is timed; a {budget.kind} budget needs none")
     say = progress or (lambda text: None)
     start = time.perf_counter()
     model.eval()
@@ -385,86 +570,125 @@ def auto(model: nn.Module, budget: Budget | str, max_drop: float | None = None, 
                           "task with a metric (GenericTask(metric=...))")
     metric, base_value = base
     lower_better = QUALITY_DIRECTIONS[metric] == "lower"
-    say("per-layer sensitivity")
-    sens = layer_sensitivity(model, calib.batches[:4],
-                             data_description=f"{min(4, len(calib.batches))} batch(es) of {calib.description}")
-    names = [s.name for s in sens.layers]
-    n_weights = sum(math.prod(s.shape) for s in sens.layers)
     with tempfile.TemporaryDirectory(prefix="slimkit-auto-") as tmp:
         fp32_bytes = size_on_disk(save(model, Path(tmp) / "fp32"))
-    layer_bytes = sum(s.dense_bytes for s in sens.layers)
-    if budget.kind == "size":
-        limit = int(budget.value * fp32_bytes)
-        target = limit - (fp32_bytes - layer_bytes)  # everything else (norms, biases, files) stays as it is
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    sens: Sensitivity | None = None
+    groups: list[GroupSensitivity] = []
+    judge: LatencyJudge | None = None
+    limit: int | None = None
+    notes: list[str] = []
+    sample = [trim_padding(b) for b in first_rows(calib.batches, MAX_ROWS)]
+    if budget.kind == "latency":
+        runtime = runtime or default_runtime(model)
+        fp32_label, paths, quant_steps = _latency_modes(model, runtime, sample)
+        say("structural sensitivity")
+        groups = structural_sensitivity(model, sample)
+        say(f"fp32 time in {runtime}")
+        judge = LatencyJudge(model, runtime, data)
+        shapes = linear_shapes(model)
+        times, failed = probe_modes(paths, possible_shapes(shapes, groups), judge.rows, say)
+        notes = [f"{label}: not planned; its probe failed ({why})" for label, why in failed.items()]
+        if fp32_label not in times:
+            raise ConfigError(f"{fp32_label}: the fp32 probe failed, so no plan can be timed in {runtime}")
+        timing = LatencyModel(runtime, judge.rows, judge.base_ms(), shapes, fp32_label, times)
+        plans, more = _latency_plans(groups, timing, quant_steps, budget.value * timing.base_ms)
+        notes += more
+        names = list(shapes)
+        n_weights = sum(math.prod(s) for s in shapes.values())
     else:
-        limit = None
-        target = int(budget.value / 8 * n_weights)
+        say("per-layer sensitivity")
+        sens = layer_sensitivity(model, calib.batches[:4],
+                                 data_description=f"{min(4, len(calib.batches))} batch(es) of {calib.description}")
+        names = [s.name for s in sens.layers]
+        n_weights = sum(math.prod(s.shape) for s in sens.layers)
+        layer_bytes = sum(s.dense_bytes for s in sens.layers)
+        if budget.kind == "size":
+            limit = int(budget.value * fp32_bytes)
+            target = limit - (fp32_bytes - layer_bytes)  # everything else (norms, biases, files) stays as it is
+        else:
+            target = int(budget.value / 8 * n_weights)
+        plans, notes = _size_plans(sens, model, target)
+    setup = TrialSetup(model, calib, data, reference, metric, names, n_weights, keep_model=judge is not None)
 
     def fits(p: Plan) -> bool:
         if p.error or p.size_bytes is None:
             return False
+        if budget.kind == "latency":
+            return p.latency_ratio is not None and p.latency_ratio <= budget.value
         return p.size_bytes <= limit if limit is not None else (p.bits is not None and p.bits <= budget.value)
 
-    def measure(p: Plan) -> None:
-        say(f"plan: {p.name}")
-        t = time.perf_counter()
-        work = copy.deepcopy(model)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for step in p.steps:
-                    apply_step(work, step, data=calib)
-            with tempfile.TemporaryDirectory(prefix="slimkit-auto-") as tmp:
-                folder = save(work, Path(tmp) / "m")
-                p.size_bytes = size_on_disk(folder)
-                p.bits = _measured_layer_bits(names, n_weights, folder)
-            value = float(task.measure_quality(work, data, reference)[0][metric])
-            p.quality = value
-            p.drop = relative_drop(metric, base_value, value)
-        except Exception as exc:  # noqa: BLE001 - a plan that cannot run is reported, the others still count
-            p.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
-        p.seconds = time.perf_counter() - t
+    def measure(batch: list[Plan]) -> None:
+        todo = [p for p in batch if not p.note.startswith("same as ")]
+        results = run_trials(setup, [_ordered(p.steps) for p in todo], jobs=jobs, ray_address=ray_address,
+                             progress=say)
+        for p, r in zip(todo, results):
+            p.size_bytes, p.bits, p.quality, p.error, p.seconds = (r["size_bytes"], r["bits"], r["quality"],
+                                                                   r["error"], r["seconds"])
+            if p.quality is not None:
+                p.drop = relative_drop(metric, base_value, p.quality)
+            if judge is not None and r["model"] is not None:  # timed here, one plan at a time
+                say(f"timing: {p.name}")
+                try:
+                    p.latency_ratio, p.latency_ms = judge.ratio(r["model"], f"plan{id(p)}")
+                except Exception as exc:  # noqa: BLE001 - a plan its runtime cannot run is reported
+                    p.error = f"timing in {judge.runtime} failed: {type(exc).__name__}: {str(exc)[:160]}"
+        for i, p in enumerate(batch):
+            if p.note.startswith("same as "):  # the extra families won no layer: the same plan, measured once
+                twin = next(q for q in batch if q.name == p.note[len("same as "):])
+                batch[i] = _same_as(twin, p.name)
 
-    plans: list[Plan] = []
-    notes: list[str] = []
-    for families in FAMILY_SETS:
-        label = "allocated: " + " + ".join(families)
-        try:
-            choices, nbytes, cost = allocate(sens, target, families)
-        except ConfigError as exc:
-            notes.append(f"{label}: {exc}")
-            continue
-        same = next((p for p in plans if p.allocated and p.choices == choices), None)
-        if same is not None:  # the extra families won no layer: the same plan, measured once
-            plans.append(_same_as(same, label))
-            continue
-        plan = Plan(label, choices, plan_steps(model, choices), True, nbytes, cost)
-        measure(plan)
-        if not plan.error and not fits(plan):  # the folder overshot (scales, files): once more, smaller by it
-            over = (plan.size_bytes - limit) if limit is not None else (plan.bits - budget.value) / 8 * n_weights
+    try:
+        measure(plans)
+        # an allocated plan that overshot (scales and files on disk; shared layers' time): once more, smaller
+        redo = []
+        for i, p in enumerate(plans):
+            if not p.allocated or p.error or fits(p) or p.size_bytes is None or p.note.startswith("the same choices"):
+                continue
             try:
+                if budget.kind == "latency":
+                    if p.latency_ratio is None:
+                        continue
+                    over_ms = (p.latency_ratio - budget.value) * timing.base_ms
+                    ratios, expected, cost = allocate_latency(groups, timing, p.mode,
+                                                              budget.value * timing.base_ms - over_ms * 1.02)
+                    redo.append((i, _latency_plan(p.name, ratios, True, expected, cost, p.mode,
+                                                  quant_steps.get(p.mode))))
+                    continue
+                over = (p.size_bytes - limit) if limit is not None else (p.bits - budget.value) / 8 * n_weights
+                families = next(f for f in FAMILY_SETS if "allocated: " + " + ".join(f) == p.name)
                 choices, nbytes, cost = allocate(sens, int(target - over * 1.02), families)
-                plan = Plan(label, choices, plan_steps(model, choices), True, nbytes, cost)
-                measure(plan)
+                redo.append((i, Plan(p.name, choices, plan_steps(model, choices), True, nbytes, cost)))
             except ConfigError as exc:
-                notes.append(f"{label}: {exc}")
-        plans.append(plan)
-    for label, family, setting in UNIFORM:
-        choices = uniform_choices(sens, family, setting)
-        if choices:
-            plan = Plan(label, choices, plan_steps(model, choices), False,
-                        sum(s.curves[family][setting][0] if s.name in choices else s.dense_bytes for s in sens.layers),
-                        sum(s.curves[family][setting][1] for s in sens.layers if s.name in choices))
-            measure(plan)
-            plans.append(plan)
-    _pareto(plans, lower_better)
-    ok = [p for p in plans if fits(p) and p.quality is not None and (max_drop is None or p.drop <= max_drop)]
-    winner = min(ok, key=lambda p: (p.quality if lower_better else -p.quality)) if ok else None
+                notes.append(f"{p.name}: {exc}")
+        measure([p for _, p in redo])
+        for i, p in redo:
+            p.note = (p.note + "; " if p.note else "") + "allocated again: the first allocation overshot the budget"
+            plans[i] = p
+        _pareto(plans, lower_better, (lambda p: p.latency_ratio) if budget.kind == "latency" else
+                (lambda p: p.size_bytes))
+        ok = [p for p in plans if fits(p) and p.quality is not None and (max_drop is None or p.drop <= max_drop)]
+        winner = min(ok, key=lambda p: (p.quality if lower_better else -p.quality)) if ok else None
+        if winner is not None and recover_steps and any(s.family in ("prune", "factorize") for s in winner.steps):
+            say(f"recovery: {recover_steps} distillation steps for {winner.name}")
+            recovered = _with_recovery(winner, model, recover_steps, calib)
+            measure([recovered])
+            plans.append(recovered)
+            if fits(recovered) and (max_drop is None or recovered.drop <= max_drop) and \
+                    (recovered.quality < winner.quality if lower_better else recovered.quality > winner.quality):
+                winner = recovered
+            else:
+                notes.append(f"the recovery did not give a better plan within the budget: {recovered.name} "
+                             f"measured {recovered.quality} ({recovered.error or 'see the table'})")
+    finally:
+        if judge is not None:
+            judge.close()
     if winner is None:
         notes.append("No plan fits the budget" + ("" if max_drop is None else " within max_drop") + ": raise it.")
     order = sorted(plans, key=lambda p: (p is not winner, not fits(p),
                                          math.inf if p.quality is None else (p.quality if lower_better else -p.quality)))
     result = AutoResult(budget, order, winner, sens, fp32_bytes, base_value, metric, limit, max_drop, model_name,
-                        notes=notes)
+                        notes=notes, groups=groups, runtime=runtime, fp32_ms=None if judge is None else timing.base_ms,
+                        time_unit="" if judge is None else judge.unit)
     result.seconds = time.perf_counter() - start
     return result

@@ -125,6 +125,13 @@ def _ort_ms(path: ProbePath, shape: tuple[int, int], rows: int) -> float:
         return fastest_ms(lambda: session.run(None, feed))
 
 
+def time_path(path: ProbePath, shape: tuple[int, int], rows: int) -> float:
+    """Milliseconds of one Linear of ``shape`` on ``path`` at ``rows`` input rows (its fastest of a few runs)."""
+    if path.runtime == "torch":
+        return _float_ms(shape, rows, path.shape_change) if path.step is None else _torch_ms(path, shape, rows)
+    return _ort_ms(path, shape, rows)  # ORT's float path too: the layer exported and run in a session
+
+
 def probe_shapes(shapes: list[tuple[tuple[int, int], int]], rows: int, paths: list[ProbePath],
                  runtimes: set[str]) -> list[ShapeTimes]:
     """Time every path of an installed runtime on every (shape, layer count); a failing path is recorded."""
@@ -135,12 +142,7 @@ def probe_shapes(shapes: list[tuple[tuple[int, int], int]], rows: int, paths: li
             if path.runtime not in runtimes:
                 continue
             try:
-                if path.runtime == "torch":
-                    ms = (_float_ms(shape, rows, path.shape_change) if path.step is None
-                          else _torch_ms(path, shape, rows))
-                else:  # smaller shapes are timed in torch only (expected_ms scales ORT by them)
-                    ms = _ort_ms(path, shape, rows)
-                times.ms[path.label] = ms
+                times.ms[path.label] = time_path(path, shape, rows)
             except Exception as exc:  # noqa: BLE001 - a path that cannot run is a fact to report, not a crash
                 times.ms[path.label] = None
                 times.failures[path.label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"

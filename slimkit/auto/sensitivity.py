@@ -178,7 +178,8 @@ def _options(linear: nn.Linear, grid: dict[str, Sequence[float]]) -> list[tuple[
 MAX_ROWS = 4
 
 
-def _rows(batch: Any) -> int:
+def batch_rows(batch: Any) -> int:
+    """The rows (samples, sequences) of a tensor, tuple or dict batch, batch first."""
     first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(first.shape[0])
 
@@ -197,7 +198,7 @@ def first_rows(batches: Sequence[Any], max_rows: int) -> list[Any]:
     for batch in batches:
         if left <= 0:
             break
-        n = _rows(batch)
+        n = batch_rows(batch)
         out.append(batch if n <= left else _head(batch, left))
         left -= min(n, left)
     return out

@@ -114,7 +114,8 @@ class LayerChoices:
     options: list[tuple[Any, int, Callable[[], nn.Module]]]
 
 
-def _predictions(model: nn.Module, batches: list[Any], task: Task) -> list[torch.Tensor]:
+def predictions(model: nn.Module, batches: list[Any], task: Task) -> list[torch.Tensor]:
+    """What ``task`` compares of ``model``'s output (logits, a pooled embedding), one tensor per batch."""
     out = []
     for batch in batches:
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
@@ -159,7 +160,7 @@ def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batche
         handles = [b.register_forward_hook(lambda _m, _a, out, i=i: recorded[i].append(out))
                    for i, b in enumerate(blocks)]
     try:
-        reference = _predictions(model, batches, task)
+        reference = predictions(model, batches, task)
     finally:
         for h in handles:
             h.remove()
@@ -167,7 +168,7 @@ def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batche
 
     def run(layer_name: str) -> list[torch.Tensor]:
         if found is None:
-            return _predictions(model, batches, task)
+            return predictions(model, batches, task)
         blocks_name, blocks, recorded = found
         prefix = blocks_name + "."
         first = int(layer_name[len(prefix):].split(".")[0]) if layer_name.startswith(prefix) else 0
@@ -178,7 +179,7 @@ def measure_sensitivity(model: nn.Module, layers: Sequence[LayerChoices], batche
             out = []
             for k, batch in enumerate(batches):
                 current[0] = k
-                out.extend(_predictions(model, [batch], task))
+                out.extend(predictions(model, [batch], task))
             return out
         finally:
             for i in range(first):
