@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import statistics
 import tempfile
 import warnings
@@ -51,6 +52,7 @@ from slimkit.core.errors import ConfigError, UnsupportedError
 from slimkit.core.linear_like import as_linear, is_linear_like, linear_problem
 from slimkit.core.measure import fastest_ms
 from slimkit.factorization.allocation import predictions
+from slimkit.pruning.group import OUT
 from slimkit.pruning.structured import StructuredPrune, find_groups
 from slimkit.recipe.steps import apply_step
 from slimkit.tasks import task_of
@@ -78,6 +80,7 @@ class GroupSensitivity:
     root: str
     unit: str
     units: int
+    outputs: tuple[str, ...] = ()  # the layers on its output side (what include names)
     shapes: dict[str, Shape] = field(default_factory=dict)
     options: dict[float, GroupOption] = field(default_factory=dict)
 
@@ -98,10 +101,18 @@ def linear_shapes(model: nn.Module) -> dict[str, Shape]:
     return out
 
 
-def prune_step(ratios: dict[str, float], importance: str = IMPORTANCE) -> StructuredPrune:
-    """StructuredPrune removing ``ratios[root]`` of each named group's units and nothing elsewhere."""
-    return StructuredPrune(ratio={**{k: float(v) for k, v in sorted(ratios.items())}, "default": 0.0},
-                           importance=importance, scope="layer")
+def prune_step(ratios: dict[str, float], outputs: dict[str, tuple[str, ...]],
+               importance: str = IMPORTANCE) -> StructuredPrune:
+    """StructuredPrune removing ``ratios[root]`` of each named group's units and nothing elsewhere.
+
+    ``outputs[root]``: the layers on the group's output side; ``include`` names them exactly,
+    so the step targets (and is checked to change) those layers alone. The map's ``default``
+    covers no group: include selects only the named ones.
+    """
+    roots = sorted(ratios)
+    include = tuple("re:" + re.escape(name) for root in roots for name in outputs[root])
+    return StructuredPrune(ratio={**{k: float(ratios[k]) for k in roots}, "default": 0.0}, importance=importance,
+                           scope="layer", include=include)
 
 
 def structural_sensitivity(model: nn.Module, batches: list[Any], ratios: tuple[float, ...] = RATIOS,
@@ -122,13 +133,14 @@ def structural_sensitivity(model: nn.Module, batches: list[Any], ratios: tuple[f
     before = linear_shapes(model)
     out = []
     for group in groups:
-        sens = GroupSensitivity(group.root, group.unit, group.units)
+        outputs = tuple(dict.fromkeys(m.name for m in group.members if m.dim == OUT))
+        sens = GroupSensitivity(group.root, group.unit, group.units, outputs)
         for ratio in ratios:
             work = copy.deepcopy(model)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    apply_step(work, prune_step({group.root: ratio}, importance))
+                    apply_step(work, prune_step({group.root: ratio}, {group.root: outputs}, importance))
             except (ConfigError, UnsupportedError):
                 continue  # the group is too small for this ratio
             after = linear_shapes(work)

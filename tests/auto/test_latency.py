@@ -57,7 +57,7 @@ def test_structural_sensitivity_equals_zeroing_the_removed_units():
         work = P.copy.deepcopy(model)
         from slimkit.recipe.steps import apply_step
 
-        apply_step(work, L.prune_step({"0": ratio}))
+        apply_step(work, L.prune_step({"0": ratio}, {"0": g.outputs}))
         rows = [int(torch.where((model[0].weight == r).all(1))[0][0]) for r in work[0].weight]
         mask = torch.zeros(128)
         mask[rows] = 1
@@ -80,7 +80,7 @@ def _timing(groups: list[L.GroupSensitivity], base: float = 10.0) -> L.LatencyMo
 
 
 def test_latency_model_replaces_each_linear_time():
-    g = L.GroupSensitivity("a", "neuron", 4, {"a.up": (1000, 1000), "a.down": (1000, 1000)},
+    g = L.GroupSensitivity("a", "neuron", 4, ("a.up",), {"a.up": (1000, 1000), "a.down": (1000, 1000)},
                            {0.5: L.GroupOption(0.5, 0.1, {"a.up": (500, 1000), "a.down": (1000, 500)})})
     t = _timing([g], base=5.0)
     assert t.expected_ms("fp32") == pytest.approx(5.0)
@@ -97,7 +97,7 @@ def test_latency_allocation_is_the_brute_force_optimum(spec, fraction, mode):
     for i, (k, divs) in enumerate(spec):
         n = 1000 * k
         opts = {r: L.GroupOption(r, d, {f"g{i}": (round(n * (1 - r)), 1000)}) for r, d in zip(L.RATIOS, divs)}
-        groups.append(L.GroupSensitivity(f"g{i}", "neuron", 4, {f"g{i}": (n, 1000)}, opts))
+        groups.append(L.GroupSensitivity(f"g{i}", "neuron", 4, (f"g{i}",), {f"g{i}": (n, 1000)}, opts))
     timing = _timing(groups, base=sum(1000 * k for k, _ in spec) / 1e3 + 0.5)
     target = fraction * timing.base_ms
     best = math.inf
@@ -276,3 +276,57 @@ def test_cli_refuses_bad_latency_options(tmp_path):
     assert r.returncode == 2 and "needs none" in r.stderr
     r = slimkit_cli("auto", "stdlib-coder", "--budget", "size=0.5", "--jobs", "0", "--out", tmp_path / "a")
     assert r.returncode == 2 and "jobs" in r.stderr
+
+
+def test_ray_missing_or_unreachable_is_a_config_error(monkeypatch):
+    import sys
+
+    setup = _setup(_mlp())
+    monkeypatch.setitem(sys.modules, "ray", None)  # not installed
+    with pytest.raises(ConfigError, match=r"pip install 'slimkit\[ray\]'"):
+        T.run_trials(setup, PLANS[:1], ray_address="local")
+    monkeypatch.delitem(sys.modules, "ray")
+    ray = pytest.importorskip("ray")
+
+    def refuse(**kw):
+        raise ConnectionError("could not reach the GCS at 10.9.9.9:6379")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(ConfigError, match="cannot connect .*ConnectionError.*ray start --head"):
+        T.run_trials(setup, PLANS[:1], ray_address="10.9.9.9:6379")
+
+
+def test_shared_linears_take_the_smaller_side_of_each_group_and_the_allocation_still_fits():
+    a = {"fc": (64, 128), "up": (64, 32)}
+    b = {"fc": (128, 96), "down": (16, 64)}
+    assert L.merge_shapes(a, b) == {"fc": (64, 96), "up": (64, 32), "down": (16, 64)}
+    model = _mlp(width=256)
+    groups = L.structural_sensitivity(model, [torch.randn(8, 64)])
+    timing = _timing(groups, base=sum(math.prod(s) for s in L.linear_shapes(model).values()) / 1e6 + 0.01)
+    shared = L.possible_shapes(L.linear_shapes(model), groups)
+    assert (64, 64) in shared and (256, 256) in shared  # layer 2 pruned on both sides
+    for fraction in (0.3, 0.5, 0.8):
+        ratios, expected, _ = L.allocate_latency(groups, timing, "fp32", fraction * timing.base_ms)
+        changed = L.merge_shapes(*(g.options[ratios[g.root]].shapes for g in groups if g.root in ratios))
+        assert expected == pytest.approx(timing.expected_ms("fp32", changed)) and expected <= fraction * timing.base_ms
+
+
+def test_a_plan_far_under_its_expected_time_is_allocated_again_with_the_time_model_rescaled(monkeypatch):
+    _fake_timing(monkeypatch)
+
+    class Faster(_FakeJudge):  # the runtime does 30% better than the probes say, on every plan
+        def ratio(self, model, tag):
+            r, ms = super().ratio(model, tag)
+            return 0.7 * r, 0.7 * ms
+
+    monkeypatch.setattr(P, "LatencyJudge", Faster)
+    r = P.auto(_mlp(width=256), "latency=0.4", runtime="torch")
+    first = {p.name: p for p in r.plans if p.allocated and "time model" not in p.name}
+    again = [p for p in r.plans if "(time model ×0.70)" in p.name]
+    assert again and all("allocated again" in p.note for p in again)
+    for p in again:
+        before = first[p.name.split(" (time model")[0]]
+        assert before.latency_ratio < 0.36  # it had room left
+        assert before.latency_ratio < p.latency_ratio <= 0.4 + 1e-9  # the second one uses it
+        assert p.quality >= before.quality
