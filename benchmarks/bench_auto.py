@@ -76,6 +76,11 @@ def _shipped_for(model: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml") if resolve_recipe(p.stem).model == model)
 
 
+def plans_markdown(result: Any) -> str:
+    """auto's own table without its title line: the blank lines around its tables kept (markdown needs them)."""
+    return "\n".join(result.to_markdown().splitlines()[2:]).strip()
+
+
 def _run_recipe(row: Row, base: torch.nn.Module, recipe: Any) -> None:
     from slimkit.recipe.runner import run_recipe
 
@@ -170,7 +175,7 @@ def render(rows: list[Row], result: Any, auto_seconds: float, env: dict[str, Any
                      + ("" if not beaten else "; better or equal: " + ", ".join(r.label for r in beaten)) + ".")
     lines.append(f"- P8: auto took {auto_seconds:.0f} s on {THREADS} threads (target ≤ {MAX_SECONDS} s: "
                  f"{'met' if auto_seconds <= MAX_SECONDS else 'MISSED'}).")
-    plans = "\n".join(line for line in result.to_markdown().splitlines()[2:] if line.strip())
+    plans = plans_markdown(result)
     return "\n".join([
         "## A1/P8 — `slimkit auto` on stdlib-coder at size ≤ 0.20× fp32, beside every shipped recipe", "",
         f"The whole run took {seconds:.0f} s. {harness.environment_line(env)}", "",

@@ -171,7 +171,9 @@ def render(rows: list[Row], result: Any, auto_seconds: float, env: dict[str, Any
             lines.append("- Just over the budget (within 10%): " + ", ".join(
                 f"{r.label} {r.cosine:.4f} at {r.ratio:.3f}×" for r in near) + ".")
     lines.append(f"- auto took {auto_seconds:.0f} s on {THREADS} threads, the {RECOVER}-step recovery included.")
-    plans = "\n".join(line for line in result.to_markdown().splitlines()[2:] if line.strip())
+    from benchmarks.bench_auto import plans_markdown
+
+    plans = plans_markdown(result)
     return "\n".join([
         "## A2 — `slimkit auto` on MiniLM at latency ≤ 0.5× ONNX Runtime fp32, beside every shipped recipe", "",
         (f"The whole run took {seconds:.0f} s. {harness.environment_line(env)}; other processes took "
