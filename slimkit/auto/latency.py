@@ -15,7 +15,9 @@ instead of bytes:
    ``probes.time_path``), at the rows the model feeds its Linears. A plan's expected time is
    the model's measured fp32 time with each Linear's fp32 time replaced by its time in the
    plan's mode at its new shape (``LatencyModel.expected_ms``): what advise's ``expected_ms``
-   does, per layer.
+   does, per layer. The rest of the measured time (convolutions, attention scores, norms)
+   is taken to shrink with its FLOPs: each option's copy is FLOP-counted on the timing
+   inputs (``rest_flops``), so pruning a CNN's filters or a layer's heads is seen too.
 3. **Allocation.** For each mode, the exact multiple-choice knapsack (``plan.knapsack``) picks
    one ratio per group minimising the summed divergence with the groups' summed time within
    what the budget leaves them. Where two groups share a Linear (a plain MLP or CNN: one
@@ -28,8 +30,9 @@ instead of bytes:
    (``LatencyJudge.ratio``): the budget is a ratio, and measuring it as one keeps the machine's
    drift out of it.
 
-Removing heads also shrinks the attention-score products, which the Linear probes do not
-time: expectations err on the slow side, and the measurement decides.
+The rest's time is assumed proportional to its FLOPs, which element-wise work and the
+runtime's fusions are not: the measurement decides, and a plan far from its expectation is
+allocated again with its path's times rescaled (``plan._rescaled``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class GroupOption:
     ratio: float
     divergence: float
     shapes: dict[str, Shape]
+    rest_saved: float = 0.0  # FLOPs outside the Linears it removes (convolutions, attention over fewer heads)
 
 
 @dataclass
@@ -101,6 +105,30 @@ def linear_shapes(model: nn.Module) -> dict[str, Shape]:
     return out
 
 
+def rest_flops(model: nn.Module, inputs: Any) -> float:
+    """FLOPs of one forward on ``inputs`` outside the Linear-like layers (convolutions, attention scores, ...).
+
+    The Linears' share is taken out exactly: a forward hook counts the rows each one sees,
+    and a Linear costs 2 · rows · out · in; the rest is ``count_flops``' total minus that.
+    """
+    from slimkit.core.measure import count_flops
+
+    shapes = linear_shapes(model)
+    rows: dict[str, int] = {}
+    hooks = []
+    for name in shapes:
+        def count(_m: nn.Module, args: tuple, name: str = name) -> None:
+            rows[name] = rows.get(name, 0) + args[0].numel() // shapes[name][1]
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(count))
+    try:
+        total = count_flops(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    linear = sum(2 * rows.get(n, 0) * o * i for n, (o, i) in shapes.items())
+    return max(0.0, float(total - linear))
+
+
 def prune_step(ratios: dict[str, float], outputs: dict[str, tuple[str, ...]],
                importance: str = IMPORTANCE) -> StructuredPrune:
     """StructuredPrune removing ``ratios[root]`` of each named group's units and nothing elsewhere.
@@ -116,8 +144,9 @@ def prune_step(ratios: dict[str, float], outputs: dict[str, tuple[str, ...]],
 
 
 def structural_sensitivity(model: nn.Module, batches: list[Any], ratios: tuple[float, ...] = RATIOS,
-                           importance: str = IMPORTANCE) -> list[GroupSensitivity]:
-    """Each prunable group of ``model`` pruned alone at each ratio, on a copy: divergence and new shapes.
+                           importance: str = IMPORTANCE, timing_inputs: Any = None) -> list[GroupSensitivity]:
+    """Each prunable group of ``model`` pruned alone at each ratio, on a copy: divergence and new shapes
+    (and, given ``timing_inputs``, the FLOPs outside the Linears it removes on them: ``rest_flops``).
 
     A ratio the group cannot take (it would leave fewer units than ``min_units``) is skipped;
     a model with no prunable group is refused (a latency budget needs one).
@@ -131,6 +160,7 @@ def structural_sensitivity(model: nn.Module, batches: list[Any], ratios: tuple[f
     with torch.no_grad():
         reference = predictions(model, batches, task)
     before = linear_shapes(model)
+    dense_rest = rest_flops(model, timing_inputs) if timing_inputs is not None else 0.0
     out = []
     for group in groups:
         outputs = tuple(dict.fromkeys(m.name for m in group.members if m.dim == OUT))
@@ -148,7 +178,8 @@ def structural_sensitivity(model: nn.Module, batches: list[Any], ratios: tuple[f
             with torch.no_grad():
                 new = predictions(work, batches, task)
             divergence = sum(task.divergence(a, b) for a, b in zip(reference, new)) / len(batches)
-            sens.options[ratio] = GroupOption(ratio, float(divergence), changed)
+            saved = dense_rest - rest_flops(work, timing_inputs) if timing_inputs is not None else 0.0
+            sens.options[ratio] = GroupOption(ratio, float(divergence), changed, max(0.0, saved))
             sens.shapes.update({n: before[n] for n in changed})
         if sens.options:
             out.append(sens)
@@ -195,13 +226,27 @@ class LatencyModel:
     shapes: dict[str, Shape]
     fp32_mode: str
     times: dict[str, dict[Shape, float]] = field(default_factory=dict)
+    rest_flops: float = 0.0  # FLOPs outside the Linears, dense (0: the rest is taken as fixed)
 
-    def expected_ms(self, mode: str, changed: dict[str, Shape] | None = None) -> float:
-        """The model's time with every Linear on ``mode``, those in ``changed`` at their new shapes."""
+    @property
+    def rest_ms(self) -> float:
+        """The measured fp32 time the Linears' probes do not account for (convolutions, attention, norms)."""
+        fp32 = self.times[self.fp32_mode]
+        return max(0.0, self.base_ms - sum(fp32[s] for s in self.shapes.values()))
+
+    def rest_saving_ms(self, saved_flops: float) -> float:
+        """The rest's time saved by removing ``saved_flops`` of its FLOPs (taken as proportional)."""
+        if self.rest_flops <= 0:
+            return 0.0
+        return self.rest_ms * min(1.0, saved_flops / self.rest_flops)
+
+    def expected_ms(self, mode: str, changed: dict[str, Shape] | None = None, rest_saved: float = 0.0) -> float:
+        """The model's time with every Linear on ``mode``, those in ``changed`` at their new shapes, and
+        ``rest_saved`` FLOPs removed outside the Linears."""
         changed = changed or {}
         fp32, new = self.times[self.fp32_mode], self.times[mode]
         total = self.base_ms + sum(new[changed.get(n, s)] - fp32[s] for n, s in self.shapes.items())
-        return max(total, 0.0)
+        return max(total - self.rest_saving_ms(rest_saved), 0.0)
 
     def group_ms(self, mode: str, shapes: dict[str, Shape]) -> float:
         """The summed time of the Linears ``shapes`` (name → shape) on ``mode``."""
@@ -233,11 +278,14 @@ def allocate_latency(groups: list[GroupSensitivity], timing: LatencyModel, mode:
     """
     from slimkit.auto.plan import knapsack
 
-    fixed = timing.expected_ms(mode) - sum(timing.group_ms(mode, g.shapes) for g in groups)
+    # a group's weight in the knapsack: its Linears' time, less the rest's time its option removes,
+    # offset by the most that group can remove so no weight is negative
+    offset = [max((timing.rest_saving_ms(o.rest_saved) for o in g.options.values()), default=0.0) for g in groups]
+    fixed = timing.expected_ms(mode) - sum(timing.group_ms(mode, g.shapes) + c for g, c in zip(groups, offset))
     scale = 1000.0  # microseconds: the knapsack counts integer units
-    dense = [math.ceil(timing.group_ms(mode, g.shapes) * scale) for g in groups]
-    options = [[(math.ceil(timing.group_ms(mode, {**g.shapes, **o.shapes}) * scale), o.divergence)
-                for o in g.options.values()] for g in groups]
+    dense = [math.ceil((timing.group_ms(mode, g.shapes) + c) * scale) for g, c in zip(groups, offset)]
+    options = [[(math.ceil((timing.group_ms(mode, {**g.shapes, **o.shapes}) + c - timing.rest_saving_ms(o.rest_saved))
+                           * scale), o.divergence) for o in g.options.values()] for g, c in zip(groups, offset)]
     room = target_ms - fixed
     # Exact when no Linear is shared between groups; otherwise the summed savings overstate a shared layer's
     # (its time is a product of both sides), so the true expectation is checked and the room narrowed.
@@ -245,26 +293,29 @@ def allocate_latency(groups: list[GroupSensitivity], timing: LatencyModel, mode:
         picked = knapsack(dense, options, max(0, math.floor(room * scale + 1e-6))) if room > 0 else None  # float fuzz
         if picked is None:
             break
-        ratios, changes, cost = {}, [], 0.0
+        ratios, changes, cost, saved = {}, [], 0.0, 0.0
         for g, j in zip(groups, picked):
             if j is not None:
                 option = list(g.options.values())[j]
                 ratios[g.root] = option.ratio
                 changes.append(option.shapes)
                 cost += option.divergence
-        expected = timing.expected_ms(mode, merge_shapes(*changes))
+                saved += option.rest_saved
+        expected = timing.expected_ms(mode, merge_shapes(*changes), saved)
         if expected <= target_ms + 1e-9:
             return ratios, expected, cost
         room -= (expected - target_ms) + 1.0 / scale
-    fastest = timing.expected_ms(mode, merge_shapes(*(g.options[max(g.options)].shapes for g in groups)))
+    fastest = timing.expected_ms(mode, merge_shapes(*(g.options[max(g.options)].shapes for g in groups)),
+                                 sum(g.options[max(g.options)].rest_saved for g in groups))
     raise ConfigError(f"{mode}: the budget is {target_ms:.2f} ms, and removing {max(RATIOS):.0%} of every "
                       f"group is expected to take {fastest:.2f} ms: raise the budget")
 
 
-def uniform_shapes(groups: list[GroupSensitivity], ratio: float) -> tuple[dict[str, float], dict[str, Shape]]:
-    """Every group that has ``ratio`` at it: (ratios, changed shapes)."""
+def uniform_shapes(groups: list[GroupSensitivity], ratio: float) -> tuple[dict[str, float], dict[str, Shape], float]:
+    """Every group that has ``ratio`` at it: (ratios, changed shapes, FLOPs removed outside the Linears)."""
     picked = [g for g in groups if ratio in g.options]
-    return {g.root: ratio for g in picked}, merge_shapes(*(g.options[ratio].shapes for g in picked))
+    return ({g.root: ratio for g in picked}, merge_shapes(*(g.options[ratio].shapes for g in picked)),
+            sum(g.options[ratio].rest_saved for g in picked))
 
 
 def recovery_features(model: nn.Module) -> dict[str, str]:
@@ -293,10 +344,12 @@ class LatencyJudge:
         if self.generates:
             self.prompt = task.generation_prompt(model, data, 64)
             self.inputs, self.rows = None, 1
+            self.flops_inputs = None  # decoding: the Linears' weights dominate; the rest is taken as fixed
             self.unit = "ms per decoded token (batch 1, KV cache)"
         else:
             self.inputs, batch, seq = task.latency_inputs(model, data)
             self.rows = batch * (seq or 1)
+            self.flops_inputs = self.inputs  # what the rest's FLOPs are counted on
             self.unit = f"ms per batch of {batch}" + (f" × {seq} tokens" if seq else "")
         self._tmp = tempfile.TemporaryDirectory(prefix="slimkit-auto-time-")
         self.fp32 = self.runner(model, "fp32")

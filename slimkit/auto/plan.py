@@ -56,6 +56,7 @@ from slimkit.auto.latency import (
     probe_modes,
     prune_step,
     recovery_features,
+    rest_flops,
     structural_sensitivity,
     uniform_shapes,
 )
@@ -507,10 +508,10 @@ def _latency_plans(groups: list[GroupSensitivity], timing: LatencyModel, steps: 
         if quant is not None:
             plans.append(_latency_plan(f"{mode} alone", {}, False, timing.expected_ms(mode), 0.0, mode, quant, outputs))
         for r in (0.25, 0.5):
-            ratios, changed = uniform_shapes(groups, r)
+            ratios, changed, saved = uniform_shapes(groups, r)
             cost = sum(g.options[r].divergence for g in groups if r in g.options)
             plans.append(_latency_plan(f"{r:.0%} of every group + {mode}", ratios, False,
-                                       timing.expected_ms(mode, changed), cost, mode, quant, outputs))
+                                       timing.expected_ms(mode, changed, saved), cost, mode, quant, outputs))
     return plans, notes
 
 
@@ -618,16 +619,17 @@ def auto(model: nn.Module, budget: Budget | str, max_drop: float | None = None, 
     if budget.kind == "latency":
         runtime = runtime or default_runtime(model)
         fp32_label, paths, quant_steps = _latency_modes(model, runtime, sample)
-        say("structural sensitivity")
-        groups = structural_sensitivity(model, sample)
         say(f"fp32 time in {runtime}")
         judge = LatencyJudge(model, runtime, data)
+        say("structural sensitivity")
+        groups = structural_sensitivity(model, sample, timing_inputs=judge.flops_inputs)
         shapes = linear_shapes(model)
         times, failed = probe_modes(paths, possible_shapes(shapes, groups), judge.rows, say)
         notes = [f"{label}: not planned; its probe failed ({why})" for label, why in failed.items()]
         if fp32_label not in times:
             raise ConfigError(f"{fp32_label}: the fp32 probe failed, so no plan can be timed in {runtime}")
-        timing = LatencyModel(runtime, judge.rows, judge.base_ms(), shapes, fp32_label, times)
+        timing = LatencyModel(runtime, judge.rows, judge.base_ms(), shapes, fp32_label, times,
+                              rest_flops=0.0 if judge.flops_inputs is None else rest_flops(model, judge.flops_inputs))
         plans, more = _latency_plans(groups, timing, quant_steps, budget.value * timing.base_ms)
         notes += more
         names = list(shapes)

@@ -119,7 +119,7 @@ class _FakeJudge:
     """Time proportional to the Linear weights (int8 layers at half): what the budget logic sees, without noise."""
 
     def __init__(self, model, runtime, data, rounds=3):
-        self.runtime, self.rows, self.unit = runtime, 1, "units"
+        self.runtime, self.rows, self.unit, self.flops_inputs = runtime, 1, "units", None
         self.base = self.cost(model)
 
     @staticmethod
@@ -330,3 +330,23 @@ def test_a_plan_far_under_its_expected_time_is_allocated_again_with_the_time_mod
         assert before.latency_ratio < 0.36  # it had room left
         assert before.latency_ratio < p.latency_ratio <= 0.4 + 1e-9  # the second one uses it
         assert p.quality >= before.quality
+
+
+def test_the_rest_of_the_model_is_counted_in_flops_and_shrinks_with_pruned_filters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    set_task(model, GenericTask(example_inputs=x, calibration=CalibrationData.from_tensors(torch.randn(8, 3, 8, 8),
+                                                                                           batch_size=4)))
+    conv = lambda cin, cout: 2 * 2 * 8 * 8 * cout * cin * 9  # 2 FLOPs per MAC, batch 2, 8 × 8 outputs
+    assert L.rest_flops(model, x) == conv(3, 16) + conv(16, 8)  # the Linear's 2·2·10·512 left out
+    groups = L.structural_sensitivity(model, [x], timing_inputs=x)
+    first = next(g for g in groups if g.root == "0")
+    kept = 16 - math.ceil(0.5 * 16)
+    assert first.options[0.5].rest_saved == conv(3, 16) + conv(16, 8) - conv(3, kept) - conv(kept, 8)
+    timing = L.LatencyModel("torch", 2, 10.0, {"5": (10, 512)}, "fp32", {"fp32": {(10, 512): 1.0}},
+                            rest_flops=L.rest_flops(model, x))
+    assert timing.rest_ms == pytest.approx(9.0)
+    half = timing.rest_flops / 2
+    assert timing.expected_ms("fp32", rest_saved=half) == pytest.approx(10.0 - 4.5)
