@@ -76,6 +76,18 @@ def _shipped_for(model: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml") if resolve_recipe(p.stem).model == model)
 
 
+def run_auto(base: torch.nn.Module, budget: str, model: str, **kw: Any) -> tuple[Any, float]:
+    """``auto`` on a copy of ``base`` as the CLI runs it, its progress printed with seconds: (result, seconds)."""
+    from slimkit.auto.plan import auto
+
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = auto(copy.deepcopy(base), budget, model_name=model,
+                      progress=lambda text: print(f"  {time.perf_counter() - t:6.1f} s  {text}", flush=True), **kw)
+    return result, time.perf_counter() - t
+
+
 def plans_markdown(result: Any) -> str:
     """auto's own table without its title line: the blank lines around its tables kept (markdown needs them)."""
     return "\n".join(result.to_markdown().splitlines()[2:]).strip()
@@ -103,17 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment()
     start = time.perf_counter()
     import slimkit as sk
-    from slimkit.auto.plan import auto
     from slimkit.evaluation.suite import resolve_eval_data
     from slimkit.recipe.schema import Recipe
 
     base = sk.load(MODEL).eval()
     fp32 = Row("fp32", "fp32", model=base)
     print("auto:", flush=True)
-    t = time.perf_counter()
-    result = auto(copy.deepcopy(base), BUDGET, model_name=MODEL,
-                  progress=lambda text: print(f"  {time.perf_counter() - t:6.1f} s  {text}", flush=True))
-    auto_seconds = time.perf_counter() - t
+    result, auto_seconds = run_auto(base, BUDGET, MODEL)
     print(result.to_markdown(), flush=True)
     ours = Row(f"auto {BUDGET}: {result.winner.name if result.winner else 'no plan fitted'}", "slimkit")
     if result.winner is None:

@@ -23,10 +23,8 @@ plan has a higher mean cosine than every shipped recipe within 0.5× the fp32 la
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     import slimkit as sk
-    from benchmarks.bench_auto import _recipe, _run_recipe, _shipped_for
+    from benchmarks.bench_auto import _recipe, _run_recipe, _shipped_for, run_auto
     from benchmarks.bench_int8_minilm import (
         SHAPE,
         _embed,
@@ -78,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         _ort_runner,
         _tokenize,
     )
-    from slimkit.auto.plan import auto
     from slimkit.export.onnx import export_onnx
     from slimkit.recipe.schema import Recipe
     from slimkit.tasks.metrics import embedding_fidelity
@@ -87,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     base = sk.load(MODEL).eval()
     fp32 = Row("fp32", "fp32", model=base)
     print("auto:", flush=True)
-    t = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = auto(copy.deepcopy(base), BUDGET, model_name=MODEL, recover_steps=8 if args.quick else RECOVER,
-                      progress=lambda text: print(f"  {time.perf_counter() - t:6.1f} s  {text}", flush=True))
-    auto_seconds = time.perf_counter() - t
+    result, auto_seconds = run_auto(base, BUDGET, MODEL, recover_steps=8 if args.quick else RECOVER)
     print(result.to_markdown(), flush=True)
     ours = Row(f"auto {BUDGET}: {result.winner.name if result.winner else 'no plan fitted'}", "slimkit")
     if result.winner is None:

@@ -21,19 +21,12 @@ from slimkit.pruning.structured import StructuredPrune
 from slimkit.quantization.weight_only import RTN
 from slimkit.recipe.runner import run_recipe
 from slimkit.tasks import GenericTask, set_task, task_of
+from tests.auto.test_plan import _model
 from tests.test_cli import slimkit_cli
 
 
 def _mlp(seed: int = 0, width: int = 128) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
-                          nn.Linear(width, 10)).eval()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(96, 64, generator=gen)
-    y = model(x).argmax(-1).detach()
-    metric = lambda m, data: {"accuracy": float((m(data[0]).argmax(-1) == data[1]).float().mean())}
-    return set_task(model, GenericTask(example_inputs=x[:4], calibration=CalibrationData.from_tensors(x, batch_size=24),
-                                       eval_data=(x, y), metric=metric))
+    return _model(seed, width)
 
 
 def _kl64(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

@@ -81,9 +81,11 @@ def test_knapsack_is_the_brute_force_optimum(options, budget):
     assert sum(0.0 if j is None else options[i][j][1] for i, j in enumerate(got)) == pytest.approx(best, abs=1e-9)
 
 
-def _model(seed: int = 0) -> nn.Module:
+def _model(seed: int = 0, width: int = 128) -> nn.Module:
+    """A 64 → width → width → 10 MLP whose task scores accuracy against its own predictions."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 10)).eval()
+    model = nn.Sequential(nn.Linear(64, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                          nn.Linear(width, 10)).eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(96, 64, generator=gen)
     y = model(x).argmax(-1).detach()
